@@ -1,0 +1,95 @@
+"""Per-token log-probs without the N×V log-softmax: `token_logprobs` dispatches
+to the Triton kernels (kernels/logsoftmax_gather.py) or the chunked PyTorch
+reference (kernels/reference.py).
+
+inplace_backward=True tells the op that the logits are a temporary nobody reads
+after this op (e.g. the lm_head output): its backward then overwrites the logits
+buffer with their gradient instead of allocating a second N×V tensor. Any other
+autograd user of those logits fails loudly (version-counter error) rather than
+reading the overwritten values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import chunked_token_logprobs, naive_token_logprobs
+
+try:  # triton is absent on e.g. macOS; the reference path must still work there.
+    from . import logsoftmax_gather as _triton_impl
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    _triton_impl = None
+    _TRITON_IMPORT_ERROR: ImportError | None = exc
+else:
+    _TRITON_IMPORT_ERROR = None
+
+__all__ = ["token_logprobs", "naive_token_logprobs", "chunked_token_logprobs", "triton_available"]
+
+_IMPLS = ("auto", "triton", "reference")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def triton_available() -> bool:
+    return _triton_impl is not None
+
+
+def _check_inputs(logits, targets, ignore_index: int) -> None:
+    where = "kernels.token_logprobs"
+    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{where}: logits and targets must be torch.Tensors, got "
+                        f"{type(logits).__name__} and {type(targets).__name__}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{where}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: logits dtype must be one of float32/bfloat16/float16/float64, got {logits.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{where}: targets must be an integer tensor (token ids), got {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{where}: targets shape {tuple(targets.shape)} must equal logits.shape[:-1] = "
+                         f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})")
+    if targets.device != logits.device:
+        raise ValueError(f"{where}: logits on {logits.device} but targets on {targets.device}")
+    vocab = logits.shape[-1]
+    if 0 <= ignore_index < vocab:
+        raise ValueError(f"{where}: ignore_index={ignore_index} is a valid token id for V={vocab}; "
+                         "use a negative value such as -100")
+    if targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):  # one host sync; an out-of-range id would read out of bounds in the kernel
+            first = int(targets[bad].flatten()[0])
+            raise ValueError(f"{where}: {int(bad.sum())} target(s) outside [0, {vocab}) that are not "
+                             f"ignore_index={ignore_index}, e.g. {first}")
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                   inplace_backward: bool = False, impl: str = "auto") -> torch.Tensor:
+    """log softmax(logits)[targets] per token.
+
+    logits [..., V] (fp32/bf16/fp16; fp64 on the reference path), targets [...]
+    integer ids -> float32 [...] (float64 for float64 logits, reference only), 0 where targets == ignore_index (and no
+    gradient there). impl: "auto" (Triton for CUDA tensors when triton
+    imports, else the reference), "triton", or "reference".
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"kernels.token_logprobs: impl must be one of {_IMPLS}, got {impl!r}")
+    _check_inputs(logits, targets, ignore_index)
+    if impl == "auto":
+        impl = "triton" if (logits.is_cuda and _triton_impl is not None and logits.dtype != torch.float64) \
+            else "reference"
+    lead = targets.shape
+    vocab = logits.shape[-1]
+    # [N, V] view when the logits are contiguous (a copy otherwise: in place then
+    # targets the copy, which is still correct).
+    flat_logits = logits.reshape(-1, vocab)
+    if flat_logits.stride(-1) != 1:
+        flat_logits = flat_logits.contiguous()
+    flat_targets = targets.reshape(-1).long()
+    if impl == "reference":
+        out = chunked_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward)
+    else:
+        if _triton_impl is None:
+            raise RuntimeError(f"kernels.token_logprobs(impl='triton'): triton failed to import "
+                               f"({_TRITON_IMPORT_ERROR}); use impl='reference'")
+        _triton_impl.check_device(flat_logits)
+        out = _triton_impl.triton_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward)
+    return out.reshape(lead)

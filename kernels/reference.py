@@ -1,0 +1,109 @@
+"""Pure-PyTorch per-token log-probs: the CPU path and the test oracle.
+
+Two implementations of the same quantity
+
+    out[i] = log softmax(x_i)[t_i] = x_i[t_i] - logsumexp(x_i)      (1)
+
+for logits x: [N, V] and targets t: [N] (0 where t_i == ignore_index):
+
+* `naive_token_logprobs` is the textbook formula. In float64 it is the ground
+  truth the tests compare against; in the input dtype it is the "same-dtype
+  PyTorch error" a kernel must not be worse than. It materialises the N×V
+  log-softmax and, in backward, two more N×V tensors.
+* `chunked_token_logprobs` streams the rows in chunks with its own autograd
+  Function, so neither pass ever holds an N×V float32 tensor. The backward
+  recomputes softmax per chunk from the saved log-sum-exp:
+
+    d out[i] / d x_i[v] = 1[v == t_i] - exp(x_i[v] - lse_i)       (2)
+
+  and, with inplace_backward=True, writes g_i * (2) into the logits' own buffer,
+  exactly as the Triton kernel does, so forward + backward allocate nothing of
+  size N×V beyond the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk are chosen so one chunk's float32 temporaries stay near this
+# many elements (2^21 floats = 8 MiB): small against N×V at real sizes, large
+# enough that the per-chunk Python overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def _rows_per_chunk(n_rows: int, vocab: int, chunk_elements: int | None) -> int:
+    budget = _CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    return max(1, min(n_rows, budget // max(vocab, 1)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 accumulation and output for fp32/bf16/fp16; float64 logits (gradcheck) stay float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def naive_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Equation (1) via a full log_softmax in `dtype` (default: the logits' dtype).
+
+    logits [..., V], targets [...] -> [...] in `dtype`, 0 where ignored.
+    """
+    x = logits if dtype is None else logits.to(dtype)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Equation (1) forward and g * (2) backward over [N, V] logits, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                inplace_backward: bool, chunk_elements: int | None):
+        n, v = logits.shape
+        acc = _acc_dtype(logits.dtype)
+        out = torch.empty(n, dtype=acc, device=logits.device)
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        step = _rows_per_chunk(n, v, chunk_elements)
+        for s in range(0, n, step):
+            x = logits[s:s + step].to(acc)                               # [c, V] f32
+            lse[s:s + step] = torch.logsumexp(x, dim=-1)
+            picked = x.gather(1, safe[s:s + step, None]).squeeze(1)      # [c]
+            out[s:s + step] = torch.where(valid[s:s + step], picked - lse[s:s + step], 0.0)
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.inplace_backward = inplace_backward
+        ctx.chunk_elements = chunk_elements
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, safe, valid, lse = ctx.saved_tensors
+        n, v = logits.shape
+        # Ignored rows get g = 0, so their gradient row is written as zeros
+        # (needed in place: the buffer still holds the logits).
+        acc = _acc_dtype(logits.dtype)
+        g = torch.where(valid, grad_out.to(acc), 0.0)                    # [N]
+        grad = logits if ctx.inplace_backward else torch.empty_like(logits)
+        step = _rows_per_chunk(n, v, ctx.chunk_elements)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            x = logits[s:e].to(acc)                                      # [c, V] f32
+            # (2): p = exp(x - lse); grad = g * (onehot(t) - p), built in one
+            # [c, V] f32 buffer. .to(acc) of fp32 logits is the logits
+            # themselves, which must not be modified before they are read.
+            p = x - lse[s:e, None] if logits.dtype == acc else x.sub_(lse[s:e, None])
+            p.exp_().mul_(-g[s:e, None])
+            p.scatter_add_(1, safe[s:e, None], g[s:e, None])
+            # An ignored row (e.g. all -inf padding) may give exp(nan); its gradient is 0.
+            p.masked_fill_(~valid[s:e, None], 0.0)
+            grad[s:e] = p
+        return grad, None, None, None, None
+
+
+def chunked_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                           inplace_backward: bool = False,
+                           chunk_elements: int | None = None) -> torch.Tensor:
+    """logits [N, V], targets [N] long -> float32 [N] (float64 for float64 logits)."""
+    return ChunkedLogprobs.apply(logits, targets, ignore_index, inplace_backward, chunk_elements)
