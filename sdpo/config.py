@@ -1,0 +1,465 @@
+"""Typed run configuration: dataclass sections, TOML files, `--section.key=value` overrides.
+
+A config is one `Config` made of sections (`[model]`, `[data]`, `[loss]`, `[optim]`,
+`[train]`, `[sft]`, `[eval]`). Each field has one type; TOML values and command-line
+overrides are checked against it, so a typo or a wrong type fails before any work:
+
+    cfg = load_config("configs/tiny.toml", overrides=["--loss.beta=0.2"])
+    save_config(cfg, "runs/tiny/config.toml")    # the resolved config, reloadable
+
+TOML has no null, so every optional field defaults to None and a None value is
+written as an omitted key (commented out), which reads back as None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    # HF-format directory of the base model S (M_0). None: a random-init model built from
+    # the sizes below (vocab from the tokenizer), usually followed by the [sft] stage.
+    path: str | None = None
+    tokenizer: str | None = None        # tokenizer directory; None -> model.path
+    chat_template: str | None = None    # None -> tokenizer_config.json's; else a name in CHAT_TEMPLATES or jinja text
+    # Random-init sizes (used only when path is None).
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    # dtype of the exported M_t directories; None -> the base config's torch_dtype.
+    export_dtype: str | None = None
+
+
+@dataclass
+class DataSection:
+    # One entry per source dataset (a file or a directory of files). With split = "natural"
+    # dataset t is D_t; other strategies pool them and cut by `fractions`.
+    datasets: list[str] = field(default_factory=list)
+    split: str = "natural"              # natural | random | stratified | easy_to_hard | all
+    fractions: list[float] | None = None
+    schema: str = "auto"
+    on_error: str = "fail"              # fail | skip
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    truncation: str = "keep_end"
+    max_examples: int | None = None     # cap per sDPO step after the split (smoke runs)
+    group_by_length: bool = False
+    # Held-out sets (one per sDPO step, same order) for the end-of-run summary table.
+    test_datasets: list[str] = field(default_factory=list)
+    max_test_examples: int | None = None
+
+
+@dataclass
+class LossSection:
+    type: str = "sigmoid"               # see sdpo.loss.preference_loss
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"                 # adamw | rmsprop
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    alpha: float = 0.99                 # RMSprop smoothing constant
+    schedule: str = "linear"            # constant | linear | cosine (after warmup), restarted per sDPO step
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = None  # None: no clipping
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    global_batch_size: int = 32         # pairs per optimizer step, summed over ranks and accumulation
+    micro_batch_size: int = 1           # pairs per forward on one rank
+    epochs: int = 1                     # passes over D_t per sDPO step
+    max_steps: int | None = None        # cap on optimizer steps per sDPO step (smoke runs)
+    init: str = "previous"              # previous: policy starts from M_{t-1}; base: from S (Figure 3)
+    precision: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"                # auto | cpu | cuda
+    save_every: int | None = None       # resumable state every N optimizer steps; None: only at step ends
+    log_every: int = 1
+    resume: bool = False                # also `--resume`
+    ref_cache_dir: str | None = None    # None -> <output_dir>/ref_cache
+    ref_batch_size: int | None = None   # pairs per no-grad reference forward; None -> micro_batch_size
+    reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
+    # Fault injection for tests: exit with code 3 after this many optimizer steps in
+    # total, as a kill would (no state saved beyond the last save_every checkpoint).
+    stop_after: int | None = None
+
+
+@dataclass
+class SFTSection:
+    # Optional first stage: NLL on the chosen responses of the training data, making S.
+    enabled: bool = False
+    lr: float = 1e-3
+    epochs: int = 1
+    max_steps: int | None = None
+    global_batch_size: int = 16
+    micro_batch_size: int = 16
+    warmup_ratio: float = 0.0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalSection:
+    # After training: preference accuracy and mean gamma of S, M_1..M_T on data.test_datasets.
+    summary: bool = False
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+SPLIT_STRATEGIES = ("natural", "random", "stratified", "easy_to_hard", "all")
+OPTIMIZERS = ("adamw", "rmsprop")
+SCHEDULES = ("constant", "linear", "cosine")
+INITS = ("previous", "base")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _sections() -> dict[str, type]:
+    return _hints(Config)   # section name -> its dataclass
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "none"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return tp.__name__
+
+
+def _check(value, tp, where: str):
+    """Return `value` as type `tp` (int widens to float) or raise naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check(value, args[0], where) if len(args) == 1 else value
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp)
+            return [_check(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_scalar(text: str, tp, where: str):
+    if tp is str:
+        return text
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+    elif tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    elif tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {text!r}")
+
+
+def _parse_text(text: str, tp, where: str):
+    """Parse an override's text as `tp`: `none` for optional fields, a TOML array or a
+    comma-separated list for lists."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null"):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _parse_text(text, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if text.strip().startswith("["):
+            try:
+                value = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{where}: expected a TOML array like [1, 2], got {text!r} ({e})") from None
+            return _check(value, tp, where)
+        if not text.strip():
+            return []
+        return [_parse_text(part.strip(), inner, f"{where}[{i}]") for i, part in enumerate(text.split(","))]
+    return _parse_scalar(text, tp, where)
+
+
+def _unknown(kind: str, name: str, valid) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}")
+
+
+def _set(cfg: Config, section: str, key: str, value, *, source: str, from_text: bool) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{source}: " + str(_unknown("section", section, sections)))
+    sec = getattr(cfg, section)
+    hints = _hints(type(sec))
+    if key not in hints:
+        raise ConfigError(f"{source}: " + str(_unknown(f"key in [{section}]", key, hints)))
+    where = f"{source}: {section}.{key}"
+    tp = hints[key]
+    setattr(sec, key, _parse_text(value, tp, where) if from_text else _check(value, tp, where))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` (or `section.key=value`) strings in order."""
+    for item in overrides:
+        body = item[2:] if item.startswith("--") else item
+        if "=" not in body or "." not in body.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        name, value = body.split("=", 1)
+        section, key = name.split(".", 1)
+        _set(cfg, section.strip(), key.strip().replace("-", "_"), value, source=f"override {item!r}", from_text=True)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), *, validate: bool = True) -> Config:
+    """Defaults <- TOML file <- overrides, then `validate_config`."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table; "
+                                  f"valid sections: {', '.join(_sections())}")
+            for key, value in table.items():
+                _set(cfg, section, key, value, source=str(path), from_text=False)
+    apply_overrides(cfg, list(overrides))
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Check values (not paths: see trainer.check_paths). All problems in one error."""
+    problems = []
+
+    def need(cond, msg):
+        if not cond:
+            problems.append(msg)
+
+    m, d, lo, o, t, s, e = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.train, cfg.sft, cfg.eval
+    if m.path is None:
+        need(m.tokenizer is not None, "model.tokenizer is required when model.path is unset (random init)")
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            need(getattr(m, k) > 0, f"model.{k} must be > 0, got {getattr(m, k)}")
+        need(m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
+        kv = m.num_key_value_heads
+        need(kv is None or (kv > 0 and m.num_attention_heads % kv == 0),
+             f"model.num_key_value_heads ({kv}) must divide model.num_attention_heads ({m.num_attention_heads})")
+    need(m.export_dtype is None or m.export_dtype in DTYPES, f"model.export_dtype must be one of {DTYPES}, got {m.export_dtype!r}")
+
+    need(len(d.datasets) > 0, "data.datasets is empty: give at least one preference file or directory")
+    need(d.split in SPLIT_STRATEGIES, f"data.split must be one of {SPLIT_STRATEGIES}, got {d.split!r}")
+    if d.fractions is not None:
+        need(len(d.fractions) > 0 and all(f > 0 for f in d.fractions), f"data.fractions must be positive, got {d.fractions}")
+        need(abs(sum(d.fractions) - 1.0) < 1e-6, f"data.fractions must sum to 1, got {d.fractions} (sum {sum(d.fractions):g})")
+        need(d.split not in ("natural", "all"), f"data.fractions is only used by split random/stratified/easy_to_hard, not {d.split!r}")
+    else:
+        need(d.split in ("natural", "all"), f"data.split = {d.split!r} needs data.fractions (e.g. [0.5, 0.5])")
+    need(d.on_error in ("fail", "skip"), f"data.on_error must be 'fail' or 'skip', got {d.on_error!r}")
+    need(d.max_length > 0, f"data.max_length must be > 0, got {d.max_length}")
+    need(0 < d.max_prompt_length < d.max_length,
+         f"data.max_prompt_length ({d.max_prompt_length}) must be in (0, data.max_length = {d.max_length})")
+    need(d.max_examples is None or d.max_examples > 0, f"data.max_examples must be > 0, got {d.max_examples}")
+    need(d.max_test_examples is None or d.max_test_examples > 0, f"data.max_test_examples must be > 0, got {d.max_test_examples}")
+
+    need(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
+    need(0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+
+    need(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    need(0 <= o.alpha < 1, f"optim.alpha must be in [0, 1), got {o.alpha}")
+    need(o.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 (or unset), got {o.max_grad_norm}")
+
+    need(t.global_batch_size > 0, f"train.global_batch_size must be > 0, got {t.global_batch_size}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
+    need(t.micro_batch_size <= t.global_batch_size,
+         f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.global_batch_size ({t.global_batch_size})")
+    need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
+    need(t.max_steps is None or t.max_steps > 0, f"train.max_steps must be > 0 (or unset), got {t.max_steps}")
+    need(t.init in INITS, f"train.init must be one of {INITS}, got {t.init!r}")
+    need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
+    need(t.device in DEVICES, f"train.device must be one of {DEVICES}, got {t.device!r}")
+    need(t.save_every is None or t.save_every > 0, f"train.save_every must be > 0 (or unset), got {t.save_every}")
+    need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    need(t.ref_batch_size is None or t.ref_batch_size > 0, f"train.ref_batch_size must be > 0, got {t.ref_batch_size}")
+    need(t.stop_after is None or t.stop_after > 0, f"train.stop_after must be > 0, got {t.stop_after}")
+    need(bool(t.output_dir), "train.output_dir is empty")
+
+    if s.enabled:
+        need(s.lr > 0, f"sft.lr must be > 0, got {s.lr}")
+        need(s.epochs > 0, f"sft.epochs must be > 0, got {s.epochs}")
+        need(s.max_steps is None or s.max_steps > 0, f"sft.max_steps must be > 0 (or unset), got {s.max_steps}")
+        need(0 < s.micro_batch_size <= s.global_batch_size,
+             f"sft.micro_batch_size ({s.micro_batch_size}) must be in (0, sft.global_batch_size = {s.global_batch_size}]")
+        need(0 <= s.warmup_ratio < 1, f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+        need(s.schedule in SCHEDULES, f"sft.schedule must be one of {SCHEDULES}, got {s.schedule!r}")
+    elif m.path is None:
+        problems.append("model.path is unset and sft.enabled = false: a random-init base needs the SFT stage "
+                        "(set sft.enabled = true) or give model.path")
+    need(e.batch_size > 0, f"eval.batch_size must be > 0, got {e.batch_size}")
+    if e.summary:
+        need(len(d.test_datasets) > 0, "eval.summary = true needs data.test_datasets")
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        # JSON string escapes (\" \\ \n \uXXXX) are valid TOML basic-string escapes.
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            # TOML has no null; an omitted optional key reads back as its default None.
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as TOML (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str], default_config: str | os.PathLike | None = None) -> Config:
+    """`[--config FILE] [--resume] [--section.key=value | --section.key value ...]`."""
+    config_path, overrides, resume = default_config, [], False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(_usage())
+        if arg == "--config" or arg.startswith("--config="):
+            if "=" in arg:
+                config_path = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                i += 1
+                config_path = argv[i]
+            else:
+                raise ConfigError("--config needs a file")
+        elif arg == "--resume":
+            resume = True
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            if "=" not in arg:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value (--section.key=value)")
+                i += 1
+                arg = f"{arg}={argv[i]}"
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}\n{_usage()}")
+        i += 1
+    if resume:
+        overrides.append("--train.resume=true")
+    return load_config(config_path, overrides)
+
+
+def _usage() -> str:
+    lines = ["usage: train.py [--config FILE] [--resume] [--section.key=value ...]", "", "sections and keys:"]
+    for name, cls in _sections().items():
+        lines.append(f"  [{name}] " + ", ".join(_hints(cls)))
+    return "\n".join(lines)
