@@ -1,0 +1,258 @@
+"""The DPO loss family as pure functions of per-sequence log-probs.
+
+Notation used throughout (all tensors are [B], one entry per preference pair):
+
+    ρ_w = log π_θ(y_w|x) - log π_ref(y_w|x)      chosen log-ratio
+    ρ_l = log π_θ(y_l|x) - log π_ref(y_l|x)      rejected log-ratio
+    h   = ρ_w - ρ_l                               the DPO "logits"
+
+Every per-type function below takes (ρ_w, ρ_l, β, ε) and returns per-pair losses
+[B]; `preference_loss` validates inputs, builds ρ_w/ρ_l, combines types and adds
+the optional NLL term. The loss knows nothing of models: log-probs come from
+sdpo.logprobs.
+
+Numerics: only F.logsigmoid / torch.sigmoid / relu / squares of the inputs are
+used, so h = ±1e4 gives finite losses and gradients (log(sigmoid(x)) would give
+log(0) = -inf at x = -1e4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sigmoid_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """DPO (ε = 0) and conservative DPO (ε > 0)."""
+    h = chosen_logratios - rejected_logratios
+    # DPO, Rafailov et al. 2023, Eq. 7: -log σ(β h).
+    # cDPO, Mitchell 2023 ("A note on DPO with noisy preferences"): the label is
+    # flipped with probability ε, so the target is the ε-smoothed BCE
+    # -(1-ε) log σ(βh) - ε log σ(-βh); ε = 0 is exactly DPO.
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def robust_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """rDPO: an unbiased estimate of the clean-label DPO loss under flip rate ε."""
+    h = chosen_logratios - rejected_logratios
+    # Chowdhury et al. 2024, "Provably Robust DPO", the rDPO loss (§3):
+    # [(1-ε)·ℓ(βh) - ε·ℓ(-βh)] / (1-2ε) with ℓ(z) = -log σ(z). Unlike cDPO the
+    # ε-term enters with a minus sign, so the loss can go below 0; needs ε < 1/2.
+    return ((1 - label_smoothing) * -F.logsigmoid(beta * h) - label_smoothing * -F.logsigmoid(-beta * h)) / (
+        1 - 2 * label_smoothing
+    )
+
+
+def ipo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """IPO; minimum 0 at h = 1/(2β). Pass length-normalised log-ratios for the usual practice."""
+    h = chosen_logratios - rejected_logratios
+    # Azar et al. 2023, "A General Theoretical Paradigm ...", Eq. 17 with τ = β:
+    # (h - 1/(2τ))². The paper states it for sequence log-probs; Zephyr/TRL apply it to
+    # per-token means (see `chosen_lengths` in preference_loss).
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """SLiC-HF calibration loss on reference log-ratios."""
+    h = chosen_logratios - rejected_logratios
+    # Zhao et al. 2023, "SLiC-HF", rank-calibration loss max(0, δ - log π(y_w) + log π(y_l)).
+    # Here (as in TRL) on log-ratios and scaled: relu(1 - βh) = β·max(0, 1/β - h), i.e.
+    # δ = 1/β; with reference_free=True it is the paper's loss with δ = 1/β, times β.
+    return torch.relu(1 - beta * h)
+
+
+def exo_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """EXO for pairs: reverse KL from the policy's pair distribution to the smoothed labels."""
+    h = chosen_logratios - rejected_logratios
+    # Ji et al. 2024, "Towards Efficient Exact Optimization of LM Alignment" (EXO, §4, pairwise
+    # case K = 2): KL(p_θ || p_label) with p_θ = (σ(βh), σ(-βh)) the softmax of β·ρ over the
+    # pair and p_label = (1-ε, ε). log ε must be finite, so ε = 0 is replaced by 1e-3 (the
+    # value TRL uses; documented in preference_loss).
+    eps = label_smoothing if label_smoothing > 0 else 1e-3
+    p_w, p_l = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
+    return p_w * (F.logsigmoid(beta * h) - math.log(1 - eps)) + p_l * (F.logsigmoid(-beta * h) - math.log(eps))
+
+
+def nca_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """NCA for pairs: absolute (not relative) rewards, so the chosen likelihood cannot fall freely."""
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    # Chen et al. 2024, "Noise Contrastive Alignment of LMs with Explicit Rewards", NCA with
+    # binary preference data (K = 2): -log σ(r_w) - ½·Σ_{y ∈ {y_w, y_l}} log σ(-r_y).
+    return -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+
+
+def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """SPPO with hard win probabilities P(y_w ≻ π) = 1, P(y_l ≻ π) = 0."""
+    # Wu et al. 2024, "Self-Play Preference Optimization", the SPPO objective
+    # (log π_θ/π_t(y) - η(P̂(y ≻ π_t) - ½))² summed over the pair. With hard labels the
+    # targets are ±η/2. The paper's η is its own step size; following TRL we set η = 1/β
+    # so β keeps its "inverse KL strength" meaning across types.
+    return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+
+
+def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """APO-zero: push chosen likelihood up and rejected likelihood down (for chosen better than the model)."""
+    # D'Oosterlinck et al. 2024, "Anchored Preference Optimization" (§4), APO-zero:
+    # -σ(βρ_w) + σ(βρ_l). Range (-1, 1); TRL writes it as 1 - σ(βρ_w) + σ(βρ_l), a
+    # constant +1 that changes no gradient. We keep the paper's form.
+    return -torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+
+
+def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """APO-down: push both likelihoods down, the rejected one more (for outputs worse than the model)."""
+    # D'Oosterlinck et al. 2024 (§4), APO-down: σ(βρ_w) - σ(β(ρ_w - ρ_l)). Range (-1, 1);
+    # TRL adds the same constant +1 as for APO-zero.
+    return torch.sigmoid(beta * chosen_logratios) - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+
+
+_PAIR_LOSSES = {
+    "sigmoid": sigmoid_loss,
+    "robust": robust_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+}
+# "sft" is the chosen-response NLL alone (the caller's `policy_chosen_nll`), for mixing with
+# a preference term, e.g. loss_type=("sigmoid", "sft") as in MPO-style recipes.
+LOSS_TYPES: tuple[str, ...] = (*_PAIR_LOSSES, "sft")
+_USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair"})
+
+
+def _check_logps(name: str, x: Tensor | None, shape: torch.Size | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sdpo/loss.py: {name} must be a Tensor of shape [B], got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"sdpo/loss.py: {name} must have shape [B] (one value per pair), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"sdpo/loss.py: {name} must be a floating tensor, got {x.dtype}")
+    if shape is not None and x.shape != shape:
+        raise ValueError(
+            f"sdpo/loss.py: {name} has shape {tuple(x.shape)} but policy_chosen_logps has {tuple(shape)}"
+        )
+
+
+def preference_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    reference_free: bool = False,
+    policy_chosen_nll: Tensor | None = None,
+    rpo_alpha: float | None = None,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference losses and implicit rewards.
+
+    Args (B = number of pairs):
+        policy_chosen_logps, policy_rejected_logps: [B] summed log π_θ(y|x) over response tokens.
+        ref_chosen_logps, ref_rejected_logps: [B] the same for π_ref; may be None when
+            reference_free=True (the reference log-probs are then taken as 0 everywhere).
+        loss_type: one name from LOSS_TYPES, or a sequence of names whose losses are summed
+            with `loss_weights` (default weight 1 each).
+        beta: β > 0, the inverse strength of the KL anchor.
+        label_smoothing: ε ∈ [0, 0.5), the assumed label-flip rate. Used by "sigmoid" (cDPO),
+            "robust" (rDPO) and "exo_pair" (smoothed target; ε = 0 means 1e-3 there). Passing
+            ε > 0 when none of the chosen types uses it is an error rather than a silent no-op.
+        policy_chosen_nll: [B] mean per-token NLL of the chosen response under π_θ (grad flows);
+            needed by "sft" and by rpo_alpha.
+        rpo_alpha: α; adds α·policy_chosen_nll to every pair's loss (RPO, Pang et al. 2024,
+            "Iterative Reasoning Preference Optimization", L_DPO + α·L_NLL with the NLL
+            normalised by length).
+        chosen_lengths, rejected_lengths: [B] response token counts. When given, the "ipo"
+            term uses per-token mean log-ratios ρ/|y| (length-normalised IPO, as in the Zephyr
+            recipe and TRL); when absent, IPO uses the summed log-probs as in Azar et al. They
+            affect "ipo" only and must be passed together.
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each [B]. losses is not reduced. The
+        rewards are β·(policy - reference) on the summed log-probs as passed (whatever the
+        loss type, so metrics compare across types), detached.
+    """
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    if not types:
+        raise ValueError(f"sdpo/loss.py: loss_type is empty; expected one or more of {list(LOSS_TYPES)}")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"sdpo/loss.py: unknown loss_type {t!r}; valid types are {list(LOSS_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"sdpo/loss.py: loss_type {list(types)} names a type twice; use loss_weights instead")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(
+            f"sdpo/loss.py: loss_weights has {len(weights)} entries but loss_type has {len(types)} ({list(types)})"
+        )
+    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"sdpo/loss.py: beta must be a finite number > 0, got {beta!r}")
+    if not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"sdpo/loss.py: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing > 0 and not _USES_LABEL_SMOOTHING.intersection(types):
+        raise ValueError(
+            f"sdpo/loss.py: label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
+            f"it is used by {sorted(_USES_LABEL_SMOOTHING)}"
+        )
+
+    _check_logps("policy_chosen_logps", policy_chosen_logps, None)
+    shape = policy_chosen_logps.shape
+    _check_logps("policy_rejected_logps", policy_rejected_logps, shape)
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
+        ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("sdpo/loss.py: ref_chosen_logps/ref_rejected_logps are None; pass them or set reference_free=True")
+        _check_logps("ref_chosen_logps", ref_chosen_logps, shape)
+        _check_logps("ref_rejected_logps", ref_rejected_logps, shape)
+
+    needs_nll = "sft" in types or rpo_alpha is not None
+    if needs_nll:
+        if policy_chosen_nll is None:
+            why = "loss_type 'sft'" if "sft" in types else f"rpo_alpha={rpo_alpha}"
+            raise ValueError(f"sdpo/loss.py: {why} needs policy_chosen_nll ([B] mean NLL of the chosen response)")
+        _check_logps("policy_chosen_nll", policy_chosen_nll, shape)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("sdpo/loss.py: pass both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:
+        for name, n in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+            if not isinstance(n, Tensor) or n.shape != shape:
+                got = tuple(n.shape) if isinstance(n, Tensor) else type(n).__name__
+                raise ValueError(f"sdpo/loss.py: {name} must be a Tensor of shape {tuple(shape)}, got {got}")
+            if bool((n <= 0).any()):
+                raise ValueError(f"sdpo/loss.py: {name} must be > 0 (a response with no tokens has no log-prob)")
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # ρ_w [B]
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # ρ_l [B]
+
+    losses = torch.zeros_like(chosen_logratios)
+    for t, w in zip(types, weights):
+        if t == "sft":
+            term = policy_chosen_nll
+        elif t == "ipo" and chosen_lengths is not None:
+            term = ipo_loss(
+                chosen_logratios / chosen_lengths.to(chosen_logratios.dtype),
+                rejected_logratios / rejected_lengths.to(rejected_logratios.dtype),
+                beta,
+                label_smoothing,
+            )
+        else:
+            term = _PAIR_LOSSES[t](chosen_logratios, rejected_logratios, beta, label_smoothing)
+        losses = losses + w * term
+    if rpo_alpha is not None:
+        losses = losses + rpo_alpha * policy_chosen_nll  # RPO, Pang et al. 2024: L_DPO + α·L_NLL
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
