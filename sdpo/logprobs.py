@@ -1,0 +1,143 @@
+"""Sequence log-probs of responses, the fused chosen/rejected forward, response-only logits.
+
+For a row x_0 .. x_{T-1} with labels l_0 .. l_{T-1} (labels == input ids on response
+tokens, ignore_index elsewhere, NOT shifted; see sdpo.data.collate):
+
+    log π(y|x) = Σ_{t : l_{t+1} ≠ ignore} log softmax(z_t)[l_{t+1}]        (1)
+
+where z_t = lm_head(h_t) are the logits at position t, which has seen x_0..x_t. The
+shift happens here and only here: targets[t] = labels[t+1], the last column has no
+target. Positions without a target (prompt, padding, the last column) contribute
+exactly 0 to (1) and send exactly 0 gradient into their logits.
+
+Response-only logits: on real data prompts are most tokens, and V ≈ 32K-128K makes
+z the biggest activation in the step. So we run the model to the final hidden states
+[N, T, H], gather the rows that have a target ([R, H], R = response tokens), and apply
+lm_head only to those: the [N, T, V] logits are never materialised, only [R, V].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import kernels
+
+
+@dataclass
+class SequenceLogps:
+    logps: Tensor  # [N] Σ log p over response tokens, eq. (1); gradient flows
+    counts: Tensor  # [N] long, number of response tokens (targets that are not ignored)
+    mean_logits: Tensor  # [N] float32 mean logit over response positions and vocab (detached, metrics)
+
+    @property
+    def mean_logps(self) -> Tensor:
+        """[N] per-token mean log-prob (length-normalised; 0 for a row with no response tokens)."""
+        return self.logps / self.counts.clamp(min=1).to(self.logps.dtype)
+
+
+def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
+    """labels [N, T] -> targets [N, T]: targets[:, t] = labels[:, t+1], last column ignored."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def _check_inputs(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> None:
+    where = "sdpo/logprobs.py: sequence_logps"
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"{where}: input_ids must be a [N, T] tensor, got {got}")
+    if input_ids.dtype.is_floating_point or labels.dtype.is_floating_point:
+        raise TypeError(f"{where}: input_ids and labels must be integer token ids, got {input_ids.dtype}, {labels.dtype}")
+    for name, x in (("labels", labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if x is not None and tuple(x.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}, expected input_ids' {tuple(input_ids.shape)}")
+
+
+def sequence_logps(
+    model,
+    input_ids: Tensor,
+    labels: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    response_only: bool = True,
+) -> SequenceLogps:
+    """Eq. (1) for every row of a [N, T] batch.
+
+    response_only=True needs `model.hidden_states(input_ids, attention_mask, position_ids)`
+    -> [N, T, H] and `model.lm_head` (H -> V); False calls `model(...)` -> [N, T, V]
+    (the reference path for tests and benchmarks).
+    """
+    _check_inputs(input_ids, labels, attention_mask, position_ids)
+    N, T = input_ids.shape
+    targets = _shifted_targets(labels, ignore_index)  # [N, T]
+    has_target = targets != ignore_index  # [N, T] bool
+    counts = has_target.sum(dim=1)  # [N]
+
+    if response_only:
+        if not (hasattr(model, "hidden_states") and hasattr(model, "lm_head")):
+            raise TypeError(
+                f"sdpo/logprobs.py: response_only=True needs model.hidden_states() and model.lm_head; "
+                f"{type(model).__name__} lacks them (pass response_only=False)"
+            )
+        hidden = model.hidden_states(input_ids, attention_mask, position_ids)  # [N, T, H]
+        flat_idx = has_target.reshape(-1).nonzero().squeeze(1)  # [R] positions in N*T (one host sync)
+        rows = flat_idx // T  # [R] which sequence each response token belongs to
+        h = hidden.reshape(N * T, -1).index_select(0, flat_idx)  # [R, H]
+        logits = model.lm_head(h)  # [R, V], the only logits ever built
+        # The logits are a temporary: lm_head's backward needs h and its weight, not its
+        # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).
+        token_logps = kernels.token_logprobs(
+            logits, targets.reshape(-1).index_select(0, flat_idx), ignore_index, inplace_backward=True
+        )  # [R]
+        # Mean over V per row now, before backward reuses the buffer; [R] float32.
+        logit_means = logits.detach().mean(dim=-1, dtype=torch.float32)
+        logps = token_logps.new_zeros(N).index_add_(0, rows, token_logps)  # segment sums, [N]
+        logit_sums = logit_means.new_zeros(N).index_add_(0, rows, logit_means)
+    else:
+        logits = model(input_ids, attention_mask, position_ids)  # [N, T, V]
+        token_logps = kernels.token_logprobs(logits, targets, ignore_index)  # [N, T], 0 where no target
+        logps = token_logps.sum(dim=1)
+        logit_means = logits.detach().mean(dim=-1, dtype=torch.float32)  # [N, T]
+        logit_sums = torch.where(has_target, logit_means, 0.0).sum(dim=1)
+
+    mean_logits = logit_sums / counts.clamp(min=1).to(logit_sums.dtype)
+    return SequenceLogps(logps=logps, counts=counts, mean_logits=mean_logits)
+
+
+def concatenated_forward(
+    model, batch: dict, *, ignore_index: int = -100, response_only: bool = True
+) -> tuple[SequenceLogps, SequenceLogps]:
+    """One forward over the collated [2B, T] batch -> (chosen, rejected), each with [B] fields.
+
+    batch: "input_ids" and "labels" [2B, T], optional "attention_mask" and "position_ids";
+    rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (sdpo.data.collate).
+    One forward instead of two halves the number of weight reads and kernel launches, and
+    with FSDP the number of parameter all-gathers.
+    """
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise KeyError(f"sdpo/logprobs.py: concatenated_forward: batch has no {key!r} (keys: {sorted(batch)})")
+    n = batch["input_ids"].shape[0]
+    if n % 2:
+        raise ValueError(
+            f"sdpo/logprobs.py: concatenated_forward: batch has {n} rows; expected 2B (B chosen then B rejected)"
+        )
+    out = sequence_logps(
+        model,
+        batch["input_ids"],
+        batch["labels"],
+        batch.get("attention_mask"),
+        batch.get("position_ids"),
+        ignore_index=ignore_index,
+        response_only=response_only,
+    )
+    b = n // 2
+    chosen = SequenceLogps(out.logps[:b], out.counts[:b], out.mean_logits[:b])
+    rejected = SequenceLogps(out.logps[b:], out.counts[b:], out.mean_logits[b:])
+    return chosen, rejected
