@@ -1,0 +1,449 @@
+"""Hugging Face model directories in and out: config.json, (sharded) safetensors, tokenizer files.
+
+A directory written by save_model loads in transformers' AutoModelForCausalLM.from_pretrained
+with the same logits, and one written by transformers' save_pretrained(safe_serialization=True)
+loads here (tools/make_hf_fixtures.py checks both ways).
+
+Tensor names: HF's are ours with a "model." prefix, except "lm_head.weight".
+Only safetensors are read: pickle-based .bin/.pt files can run code on load, so they are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdpo.model import ModelConfig, Transformer
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Buffers some old conversions stored; we recompute them, so they are skipped on load.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _dtype(value, where: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise CheckpointError(f"{where}: dtype {value} is not supported; expected one of {list(DTYPES)}")
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(f"{where}: dtype {value!r} is not supported; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_family(config: ModelConfig, where: str) -> None:
+    """Combinations transformers' classes can't express would silently change the numbers there."""
+    if config.model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: unknown model_type {config.model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+    if config.sliding_window is not None and config.model_type != "mistral":
+        raise CheckpointError(f"{where}: sliding_window is only supported for model_type 'mistral'")
+    if config.model_type == "mistral" and config.attention_bias:
+        raise CheckpointError(f"{where}: mistral has no attention biases (attention_bias must be false)")
+    if config.model_type == "qwen2" and not config.attention_bias:
+        raise CheckpointError(f"{where}: qwen2 always has q/k/v biases (attention_bias must be true)")
+
+
+def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
+    """Parse an HF config dict; `where` names the file in error messages."""
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: unknown model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
+
+    def get(key, kind, default=...):
+        if key not in raw or raw[key] is None:
+            if default is ...:
+                raise CheckpointError(f"{where}: required field {key!r} is missing")
+            return default
+        value = raw[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise CheckpointError(f"{where}: field {key!r} should be {kind.__name__}, got {value!r}")
+        return float(value) if kind is float else value
+
+    if raw.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported; expected 'silu'")
+    if raw.get("mlp_bias"):
+        raise CheckpointError(f"{where}: mlp_bias=true is not supported")
+
+    # transformers >= 5 writes rope_parameters = {"rope_type", "rope_theta", scaling keys...};
+    # older versions write rope_theta and rope_scaling at the top level.
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{where}: rope_scaling should be an object, got {rope!r}")
+    rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
+        rope_scaling = None
+
+    sliding_window = None
+    if model_type == "mistral":
+        sliding_window = get("sliding_window", int, None)
+    elif model_type == "qwen2" and raw.get("use_sliding_window"):
+        # Qwen2 applies the window only to layers >= max_window_layers; no released model uses it.
+        raise CheckpointError(f"{where}: qwen2 with use_sliding_window=true is not supported")
+
+    try:
+        return ModelConfig(
+            vocab_size=get("vocab_size", int),
+            hidden_size=get("hidden_size", int),
+            intermediate_size=get("intermediate_size", int),
+            num_hidden_layers=get("num_hidden_layers", int),
+            num_attention_heads=get("num_attention_heads", int),
+            num_key_value_heads=get("num_key_value_heads", int, None),
+            head_dim=get("head_dim", int, None),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=get("max_position_embeddings", int, 4096),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
+            # Qwen2's config has no attention_bias field: its q/k/v biases are always there.
+            attention_bias=True if model_type == "qwen2" else get("attention_bias", bool, False),
+            sliding_window=sliding_window,
+            model_type=model_type,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+            torch_dtype=_dtype_name(_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32", where)),
+        )
+    except (ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def config_to_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict:
+    """The config.json transformers needs (legacy rope_theta/rope_scaling keys, read by 4.x and 5.x)."""
+    c = config
+    out = {
+        "architectures": [ARCHITECTURES[c.model_type]],
+        "model_type": c.model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": torch_dtype or c.torch_dtype,
+    }
+    if c.model_type == "llama":
+        out.update(attention_bias=c.attention_bias, mlp_bias=False, pretraining_tp=1)
+    elif c.model_type == "mistral":
+        out["sliding_window"] = c.sliding_window
+    elif c.model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_hidden_layers)
+    return out
+
+
+def load_config(path) -> ModelConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found; a Hugging Face model directory needs a config.json")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return config_from_dict(raw, str(file))
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor names
+
+
+def to_hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def from_hf_name(name: str) -> str | None:
+    if name == "lm_head.weight":
+        return name
+    return name[len("model."):] if name.startswith("model.") else None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names -> shapes, without allocating (a meta-device model); tied lm_head left out."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' should map tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (root / shard).is_file():
+                names = [k for k, v in weight_map.items() if v == shard]
+                raise CheckpointError(
+                    f"{index}: points at shard {shard!r} (tensors {names[:5]}{'...' if len(names) > 5 else ''}) "
+                    f"but {root / shard} does not exist"
+                )
+        return [root / s for s in shards]
+    if (root / SINGLE_FILE).is_file():
+        return [root / SINGLE_FILE]
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{root}: only pickle checkpoints found ({', '.join(pickles)}); sdpo reads safetensors only, since "
+            "unpickling can run arbitrary code. Convert once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE} found (files: {sorted(p.name for p in root.iterdir())})")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError (header/size checks)
+        raise CheckpointError(f"{file}: cannot read safetensors file, it is truncated or corrupt ({e})") from e
+
+
+def _shard_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF tensor name -> (file, shape), from the headers only."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                if key in found:
+                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {found[key][0]}")
+                found[key] = (file, tuple(f.get_slice(key).get_shape()))
+    return found
+
+
+def load_model(path, dtype=None, device=None) -> Transformer:
+    """Build on the meta device, then assign tensors shard by shard: host memory holds the model once.
+
+    dtype None keeps the checkpoint's torch_dtype; device None means CPU.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    config = load_config(root)
+    dtype = _dtype(dtype if dtype is not None else config.torch_dtype, f"load_model({root})")
+    device = torch.device(device if device is not None else "cpu")
+    files = _weight_files(root)
+    found = _shard_shapes(files)
+
+    expected = expected_shapes(config)
+    names = {}  # HF name -> ours
+    unexpected = []
+    for key in found:
+        ours = from_hf_name(key)
+        if ours in expected:
+            names[key] = ours
+        elif key.endswith(IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # tied checkpoints sometimes also store lm_head.weight (a copy of the embedding)
+        else:
+            unexpected.append(key)
+    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings}); missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'}"
+        )
+    for key, ours in names.items():
+        file, shape = found[key]
+        if shape != expected[ours]:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[ours])}")
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    for file in files:
+        with _open(file) as f:
+            shard = {}
+            for key in f.keys():
+                if key in names:
+                    try:
+                        shard[names[key]] = f.get_tensor(key).to(device=device, dtype=dtype)
+                    except Exception as e:
+                        raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from e
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    model.tie_weights()  # assign=True replaced embed_tokens.weight; point lm_head at the new one
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{root}: no data was loaded for {left}")
+    model.config.torch_dtype = _dtype_name(dtype)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def parse_size(size) -> int:
+    """5GB / 500MB / 10KB (powers of 1000, as transformers) or 5GiB (powers of 1024) or an int of bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"max_shard_size {size!r}: expected an int of bytes or a string like '5GB' or '500MB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in order: start a new shard when the next tensor would push this one past the limit."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_state_dict(state_dict, config: ModelConfig, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None) -> None:
+    """Write an HF model directory from a state dict in our parameter names (model.state_dict()).
+
+    dtype None keeps each tensor's dtype. The directory is built beside `path` and renamed into
+    place, so `path` is never half-written; an existing `path` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    _check_family(config, f"save to {path}")
+    limit = parse_size(max_shard_size)
+    dtype = _dtype(dtype, f"save to {path}") if dtype is not None else None
+
+    expected = expected_shapes(config)
+    names = [k for k in state_dict if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in names if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"save to {path}: state dict does not match the config; missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'}"
+        )
+    tensors = {}
+    for name in expected:  # canonical order: embeddings, layer by layer, norm, lm_head
+        t = state_dict[name].detach()
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"save to {path}: tensor {name!r} has shape {list(t.shape)}, expected {list(expected[name])}")
+        t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage
+        tensors[to_hf_name(name)] = t
+    out_dtype = tensors["model.embed_tokens.weight"].dtype
+
+    tok_files = []
+    if tokenizer_dir is not None:
+        tok_root = Path(tokenizer_dir)
+        if not tok_root.is_dir():
+            raise CheckpointError(f"tokenizer_dir {tok_root}: not a directory")
+        tok_files = [tok_root / n for n in TOKENIZER_FILES if (tok_root / n).is_file()]
+        if not tok_files:
+            raise CheckpointError(f"tokenizer_dir {tok_root}: none of {TOKENIZER_FILES} found")
+
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        shards = _shards(tensors, limit)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        cfg = config_to_dict(config, _dtype_name(out_dtype))
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        for f in tok_files:
+            shutil.copyfile(f, tmp / f.name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model: Transformer, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None) -> None:
+    save_state_dict(
+        model.state_dict(), model.config, path, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir, dtype=dtype
+    )

@@ -1,0 +1,170 @@
+"""Reference fixtures from Hugging Face transformers, and the reverse check (sdpo -> transformers).
+
+Needs transformers, which sdpo itself never imports. Keep it out of the main environment:
+    python -m venv --system-site-packages /tmp/hfenv && /tmp/hfenv/bin/pip install transformers
+    /tmp/hfenv/bin/python tools/make_hf_fixtures.py                   # writes tests/fixtures/hf_reference/
+    /tmp/hfenv/bin/python tools/make_hf_fixtures.py --check-roundtrip # sdpo-saved dirs load in transformers
+
+For each tiny config: a random HF model (fixed seed, weights re-drawn at scales that give O(1)
+logits so a 1e-4 tolerance means something), saved with save_pretrained into <name>/, plus
+<name>/reference.safetensors holding its float32 logits for fixed inputs, unpadded and padded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "fixtures" / "hf_reference"
+
+COMMON = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+)
+CONFIGS = {
+    # GQA 4:2, default RoPE, untied
+    "llama": dict(model_type="llama", **COMMON),
+    # Llama-3.1 RoPE scaling with a tiny original context so every frequency band (kept, smoothed,
+    # divided) occurs; head_dim 16 != hidden/heads = 8; one kv head (4:1 GQA)
+    "llama3": dict(
+        model_type="llama", **{**COMMON, "num_key_value_heads": 1, "rope_theta": 500000.0}, head_dim=16,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+    ),
+    # window 4 < sequence length 10
+    "mistral": dict(model_type="mistral", **COMMON, sliding_window=4),
+    # q/k/v biases, tied embeddings
+    "qwen2": dict(model_type="qwen2", **COMMON, tie_word_embeddings=True, use_sliding_window=False),
+}
+SEQ = 10
+
+
+def inputs(vocab: int) -> dict[str, torch.Tensor]:
+    """Fixed input ids [2, SEQ] and a padded batch [3, SEQ]: left-padded, right-padded, unpadded."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, vocab, (2, SEQ), generator=g)
+    pad = 0
+    left, right = 3, 4
+    padded = torch.stack([
+        torch.cat([torch.full((left,), pad), ids[0, : SEQ - left]]),
+        torch.cat([ids[1, : SEQ - right], torch.full((right,), pad)]),
+        ids[0],
+    ])
+    mask = torch.ones_like(padded)
+    mask[0, :left] = 0
+    mask[1, SEQ - right:] = 0
+    # positions count from each row's first real token (sdpo's default); transformers would count
+    # from the row start, so they are passed to it explicitly.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    return dict(input_ids=ids, padded_input_ids=padded, padded_attention_mask=mask, padded_position_ids=pos)
+
+
+def randomize(model, seed: int) -> None:
+    """Re-draw all weights so activations and logits are O(1) (HF's std=0.02 init gives near-uniform logits)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * r)
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * r)
+            elif "embed_tokens" in name:
+                p.copy_(r)
+            else:  # [out, in]: unit-variance outputs for unit-variance inputs
+                p.copy_(r / p.shape[1] ** 0.5)
+
+
+def hf_logits(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        unpadded = model(input_ids=t["input_ids"]).logits
+        padded = model(input_ids=t["padded_input_ids"], attention_mask=t["padded_attention_mask"],
+                       position_ids=t["padded_position_ids"]).logits
+    return dict(logits=unpadded.float().contiguous(), padded_logits=padded.float().contiguous())
+
+
+def save_hf(model, path: Path) -> None:
+    kwargs = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
+    model.save_pretrained(path, **kwargs)  # transformers >= 5 always writes safetensors
+
+
+def make_fixtures() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        cfg = dict(cfg)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+        randomize(model, seed=100 + i)
+        t = inputs(config.vocab_size)
+        ref = hf_logits(model, t)
+        eager = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        eager.load_state_dict(model.state_dict())
+        ref_eager = hf_logits(eager, t)
+        d = max((ref[k] - ref_eager[k])[_valid(k, t)].abs().max().item() for k in ref)
+        target = OUT / name
+        save_hf(model, target)
+        save_file({**t, **ref}, str(target / "reference.safetensors"), metadata={"format": "pt"})
+        print(f"{name}: wrote {target} ({type(model).__name__}); HF sdpa vs eager max|dlogit| {d:.2e}")
+    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"total fixture size {size / 1024:.0f} KiB")
+
+
+def _valid(key: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return t["padded_attention_mask"].bool() if key == "padded_logits" else torch.ones_like(t["input_ids"], dtype=torch.bool)
+
+
+def check_roundtrip() -> int:
+    """sdpo model -> save_model -> transformers from_pretrained; logits must agree."""
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoModelForCausalLM
+
+    from sdpo.checkpoint import config_from_dict, save_model
+
+    worst = 0.0
+    for i, (name, cfg) in enumerate(CONFIGS.items()):
+        ours_cfg = config_from_dict(dict(cfg), f"CONFIGS[{name!r}]")
+        from sdpo.model import Transformer
+
+        model = Transformer(ours_cfg).eval()
+        randomize(model, seed=200 + i)
+        t = inputs(ours_cfg.vocab_size)
+        for dtype, shard in ((torch.float32, "5GB"), (torch.bfloat16, "20KB")):
+            m = model.to(dtype)
+            with torch.no_grad():
+                ours = dict(
+                    logits=m(t["input_ids"]).float(),
+                    padded_logits=m(t["padded_input_ids"], t["padded_attention_mask"]).float(),
+                )
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model(m, Path(tmp) / "out", max_shard_size=shard)
+                files = sorted(p.name for p in (Path(tmp) / "out").iterdir())
+                hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", torch_dtype=dtype).eval()
+                ref = hf_logits(hf, t)
+            diffs = {k: (ours[k] - ref[k])[_valid(k, t)].abs().max().item() for k in ours}
+            if dtype == torch.float32:
+                worst = max(worst, *diffs.values())
+            print(f"{name:8s} {str(dtype):15s} {type(hf).__name__:18s} files={files}")
+            print(f"{'':8s} max|dlogit| unpadded {diffs['logits']:.3e}  padded (real tokens) {diffs['padded_logits']:.3e}")
+        model.float()
+    ok = worst <= 1e-4
+    print(f"float32 worst max|dlogit| = {worst:.3e} -> {'OK' if ok else 'FAIL'} (tolerance 1e-4)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check-roundtrip", action="store_true", help="save with sdpo, load with transformers, compare logits")
+    args = ap.parse_args()
+    if args.check_roundtrip:
+        sys.exit(check_roundtrip())
+    make_fixtures()
