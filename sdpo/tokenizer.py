@@ -27,6 +27,12 @@ Rules this module follows (each one matches what transformers does unless said):
   post-processor (whatever BOS/EOS it adds); the sentencepiece backend prepends
   BOS when `add_bos_token` (default true, LlamaTokenizer's default) and appends EOS
   when `add_eos_token` (default false).
+* decode: runs of ordinary ids go through the backend's decoder; for sentencepiece
+  each run between special tokens is decoded on its own (so its leading "▁" is
+  dropped, undoing the dummy prefix) and special tokens are inserted verbatim.
+  transformers' slow decode can also add a space before a special token (legacy)
+  and `clean_up_tokenization_spaces` rewrites " ." to "."; we do neither, so
+  decode(encode(text)) == text for text sentencepiece's normaliser leaves alone.
 * pad_id: the pad token's id; without one, eos_id; without that, 0. Padding
   positions are masked everywhere in sdpo, so the fallback only needs a valid id.
 * vocab_size is max id + 1 over the base vocabulary and all added tokens, i.e. the
@@ -337,7 +343,7 @@ class _SentencePieceBackend:
                 continue
             elif self.legacy:
                 ids.extend(self.sp.encode(part))
-            elif k == 0 and part == "\u2581" and len(parts) > 1:
+            elif k == 0 and part == "\u2581" and len(parts) > 1 and by_text[parts[1]].special:
                 continue  # the added prefix alone before a special token: transformers drops it
             else:
                 ids.extend(self._encode_no_prefix(part))
