@@ -1,0 +1,595 @@
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.data import (
+    IGNORE_INDEX,
+    DataError,
+    PreferenceExample,
+    TokenizedPair,
+    batch_schedule,
+    collate,
+    main,
+    read_preferences,
+    split_steps,
+    tokenize_pairs,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+# ---------------------------------------------------------------------------
+# A contract-following fake tokenizer: one id per character, except the pair "\nA" which
+# becomes ONE token (as SentencePiece merges "▁word"), so joint tokenization of a prompt
+# ending in "\n" with a response starting with "A" differs from separate tokenization.
+# ---------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    SPECIALS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|user|>": 3, "<|assistant|>": 4, "<|system|>": 5}
+    MERGE = ("\nA", 7)
+
+    def __init__(self, bos=True, template_bos=1):
+        self.bos_id = 1 if bos else None
+        self.bos_token = "<s>" if bos else None
+        self.eos_id, self.eos_token, self.pad_id = 2, "</s>", 0
+        self.template_bos = template_bos  # how many "<s>" the template writes in front
+
+    def encode(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            for tok, tid in self.SPECIALS.items():
+                if text.startswith(tok, i):
+                    ids.append(tid)
+                    i += len(tok)
+                    break
+            else:
+                if text.startswith(self.MERGE[0], i):
+                    ids.append(self.MERGE[1])
+                    i += 2
+                else:
+                    ids.append(100 + ord(text[i]))
+                    i += 1
+        return ids
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        out = "<s>" * self.template_bos
+        for m in messages:
+            out += f"<|{m['role']}|>\n{m['content']}</s>"
+        return out + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def chars(s):
+    return [100 + ord(c) for c in s]
+
+
+def example(prompt="hi", chosen="Abc", rejected="Abd", source="s", origin="x:1", system=None):
+    msgs = ({"role": "user", "content": prompt},)
+    if system:
+        msgs = ({"role": "system", "content": system},) + msgs
+    return PreferenceExample(msgs, chosen, rejected, source, origin)
+
+
+# ---------------------------------------------------------------------------
+# Readers: each schema in its exact HF layout
+# ---------------------------------------------------------------------------
+
+
+def test_orca_schema():
+    path = FIXTURES / "orca_dpo_pairs" / "orca_rlhf.jsonl"
+    exs, report = read_preferences(path)
+    assert report.files[str(path)]["schema"] == "orca"
+    assert [e.origin for e in exs] == [f"{path}:1", f"{path}:2", f"{path}:4"]  # line 3 is blank
+    assert exs[0].prompt == ({"role": "user", "content": 'Translate "Guten Morgen" to English.'},)  # empty system dropped
+    assert exs[1].prompt[0]["role"] == "system" and exs[1].prompt[0]["content"].startswith("You are an AI")
+    assert exs[1].prompt[1] == {"role": "user", "content": "What is the capital of France?\nOptions:\n- Paris\n- Lyon"}
+    assert (exs[1].chosen, exs[1].rejected) == ("The capital of France is Paris.", "The capital of France is Lyon.")
+    assert {e.source for e in exs} == {"orca_rlhf"}
+    assert report.kept == 3 and report.ok
+
+
+def test_ultrafeedback_schema():
+    path = FIXTURES / "ultrafeedback_binarized_cleaned" / "train_prefs.jsonl"
+    exs, report = read_preferences(path)
+    assert report.files[str(path)]["schema"] == "ultrafeedback"
+    assert [e.source for e in exs] == ["evol_instruct", "flan_v2_niv2", "evol_instruct"]
+    assert exs[0].prompt == ({"role": "user", "content": "How many legs does a spider have?"},)
+    assert (exs[0].chosen, exs[0].rejected) == ("A spider has eight legs.", "A spider has six legs.")
+    assert [m["role"] for m in exs[2].prompt] == ["system", "user"]
+    assert exs[1].origin == f"{path}:2"
+
+
+def test_h4_ultrafeedback_without_source_column_uses_dataset_name():
+    exs, _ = read_preferences(FIXTURES / "h4_test_prefs.jsonl")
+    assert exs[0].source == "h4_test_prefs"
+    assert exs[0].chosen == "Red."
+
+
+def test_split_named_file_takes_dataset_name_from_directory(tmp_path):
+    d = tmp_path / "my_dataset" / "data"
+    d.mkdir(parents=True)
+    (d / "train-00000-of-00001.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    exs, _ = read_preferences(d)
+    assert exs[0].source == "my_dataset"
+
+
+def test_generic_json_list():
+    path = FIXTURES / "generic.json"
+    exs, report = read_preferences(path)
+    assert report.files[str(path)]["schema"] == "generic"
+    assert exs[0].origin == f"{path}:row 0" and exs[1].origin == f"{path}:row 1"
+    assert exs[0].prompt == ({"role": "user", "content": "2+2=?"},)
+    assert exs[1].prompt == ({"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Say yes."})
+
+
+def test_conversational_shared_prefix():
+    exs, report = read_preferences(FIXTURES / "conversational.jsonl")
+    assert [m["content"] for m in exs[0].prompt] == ["Hi", "Hello!", "What is 3*3?"]
+    assert [m["role"] for m in exs[0].prompt] == ["user", "assistant", "user"]
+    assert (exs[0].chosen, exs[0].rejected) == ("9", "6")
+    assert exs[1].prompt == ({"role": "user", "content": "Spell 'dog'."},)  # TRL-style prompt list
+    assert (exs[1].chosen, exs[1].rejected) == ("d-o-g", "d-o-t")
+    assert report.files[str(FIXTURES / "conversational.jsonl")]["schema"] == "conversational"
+
+
+def test_directory_detects_each_file():
+    exs, report = read_preferences(FIXTURES)
+    schemas = {Path(p).name: info["schema"] for p, info in report.files.items()}
+    assert schemas == {"conversational.jsonl": "conversational", "generic.json": "generic",
+                       "h4_test_prefs.jsonl": "ultrafeedback", "orca_rlhf.jsonl": "orca",
+                       "train_prefs.jsonl": "ultrafeedback"}
+    assert len(exs) == 2 + 2 + 1 + 3 + 3
+
+
+def test_schema_override_applies_to_every_file():
+    with pytest.raises(DataError, match=r"orca_rlhf.jsonl:1: field 'prompt': missing"):
+        read_preferences(FIXTURES / "orca_dpo_pairs", schema="generic")
+
+
+def test_parquet_without_pyarrow_gives_clear_message(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow is installed")
+    except ImportError:
+        pass
+    p = tmp_path / "train.parquet"
+    p.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"train.parquet: reading .parquet files needs pyarrow"):
+        read_preferences(p)
+
+
+def test_parquet_roundtrip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(l) for l in (FIXTURES / "ultrafeedback_binarized_cleaned" / "train_prefs.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train_prefs-00000-of-00001.parquet")
+    exs, _ = read_preferences(tmp_path)
+    assert [e.chosen for e in exs] == ["A spider has eight legs.", "tac", "Hi!"]
+    assert exs[1].origin.endswith(":row 1")
+
+
+# ---------------------------------------------------------------------------
+# Validation: every malformed input gives its own error with file, line and field
+# ---------------------------------------------------------------------------
+
+GOOD = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
+ORCA_GOOD = '{"system": "", "question": "q", "chosen": "a", "rejected": "b"}'
+UF = ('{{"prompt": "q", "chosen": [{{"role": "user", "content": "q"}}, {{"role": "assistant", "content": {c}}}], '
+      '"rejected": [{{"role": "user", "content": "q"}}, {{"role": "assistant", "content": "b"}}]{extra}}}')
+UF_GOOD = UF.format(c='"a"', extra="")
+
+# (first line that fixes the schema, bad second line, reason, text the error must contain)
+MALFORMED = [
+    ("invalid_json", GOOD, '{"prompt": "p", "chosen": "a", "rejected": }', "invalid JSON"),
+    ("not_an_object", GOOD, '["p", "a", "b"]', "expected a JSON object, got list"),
+    ("missing_chosen", GOOD, '{"prompt": "p", "rejected": "b"}', "field 'chosen': missing"),
+    ("missing_rejected", ORCA_GOOD, '{"system": "", "question": "q", "chosen": "a"}', "field 'rejected': missing"),
+    ("missing_question", ORCA_GOOD, '{"system": "", "chosen": "a", "rejected": "b"}', "field 'question': missing"),
+    ("chosen_not_string", GOOD, '{"prompt": "p", "chosen": 3, "rejected": "b"}', "field 'chosen': expected a string, got int"),
+    ("null_prompt", GOOD, '{"prompt": null, "chosen": "a", "rejected": "b"}', "field 'prompt': expected a string, got null"),
+    ("system_not_string", ORCA_GOOD, '{"system": ["x"], "question": "q", "chosen": "a", "rejected": "b"}',
+     "field 'system': expected a string, got list"),
+    ("empty_prompt", GOOD, '{"prompt": "  \\n", "chosen": "a", "rejected": "b"}', "field 'prompt': is empty"),
+    ("empty_rejected", GOOD, '{"prompt": "p", "chosen": "a", "rejected": ""}', "field 'rejected': is empty"),
+    ("identical", GOOD, '{"prompt": "p", "chosen": "same", "rejected": "same"}', "field 'rejected': is identical to chosen"),
+    ("lone_surrogate", GOOD, '{"prompt": "p", "chosen": "a\\ud800", "rejected": "b"}', "field 'chosen': contains text that is not valid Unicode"),
+    ("messages_not_list", UF_GOOD, '{"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}',
+     "field 'chosen': expected a list of {role, content} messages, got str"),
+    ("message_not_object", UF_GOOD, '{"prompt": "q", "chosen": ["q", "a"], "rejected": [{"role": "assistant", "content": "b"}]}',
+     "field 'chosen[0]': expected a {role, content} object, got str"),
+    ("message_missing_content", UF_GOOD, UF.format(c='"a"', extra="").replace('"role": "user", "content": "q"', '"role": "user"', 1),
+     "field 'chosen[0].content': missing"),
+    ("bad_role", UF_GOOD, UF_GOOD.replace('"role": "assistant", "content": "b"', '"role": "bot", "content": "b"'),
+     "field 'rejected[1].role': expected one of system, user, assistant, got 'bot'"),
+    ("last_not_assistant", UF_GOOD, UF_GOOD.replace('"role": "assistant", "content": "a"', '"role": "user", "content": "a"'),
+     "field 'chosen[1].role': the last message must be the assistant's response, got 'user'"),
+    ("prefix_mismatch", UF_GOOD, UF_GOOD.replace('[{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]',
+                                                 '[{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]'),
+     "field 'rejected[0]': differs from chosen[0]"),
+    ("content_not_string", UF_GOOD, UF.format(c="42", extra=""), "field 'chosen[1].content': expected a string, got int"),
+    ("bad_score", UF_GOOD, UF.format(c='"a"', extra=', "score_chosen": "high"'), "field 'score_chosen': expected a finite number"),
+    ("source_not_string", UF_GOOD, UF.format(c='"a"', extra=', "source": 7'), "field 'source': expected a string, got int"),
+    ("system_not_first", '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
+     '"rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}',
+     '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], '
+     '"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+     "field 'prompt[1].role': a system message may only come first"),
+    ("prompt_ends_with_assistant", '{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], '
+     '"rejected": [{"role": "assistant", "content": "b"}]}',
+     '{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], '
+     '"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+     "field 'prompt': the prompt must end with a user turn, got assistant"),
+]
+
+
+@pytest.mark.parametrize("name,first,bad,expected", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_record_names_file_line_and_field(tmp_path, name, first, bad, expected):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text(first + "\n" + bad + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_preferences(path)
+    errors = err.value.report.errors
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{path}:2: ")
+    assert expected in errors[0]
+
+
+def test_malformed_cases_are_distinct():
+    assert len(MALFORMED) >= 15
+    assert len({m[3] for m in MALFORMED}) == len(MALFORMED)
+
+
+def test_invalid_utf8_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "p\xff", "chosen": "a", "rejected": "b"}\n')
+    _, report = read_preferences(path, on_error="skip")
+    assert report.errors == [f"{path}:2: not valid UTF-8 at byte column 14"]
+    assert report.dropped == {"undecodable_text": 1}
+
+
+def test_unknown_schema_record(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"input": "p", "output": "a"}\n')
+    _, report = read_preferences(path, on_error="skip")
+    assert report.dropped == {"unknown_schema": 1}
+    assert "cannot tell the schema from keys ['input', 'output']" in report.errors[0]
+
+
+def test_file_level_errors(tmp_path):
+    (tmp_path / "obj.json").write_text('{"prompt": "p"}')
+    with pytest.raises(DataError, match=r"obj.json: expected a JSON list of records, got dict"):
+        read_preferences(tmp_path / "obj.json")
+    (tmp_path / "broken.json").write_text('[\n{"prompt": "p",\n]')
+    with pytest.raises(DataError, match=r"broken.json:3: invalid JSON"):
+        read_preferences(tmp_path / "broken.json")
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match=r"unsupported file type '.csv'"):
+        read_preferences(tmp_path / "x.csv")
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
+        read_preferences(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="unknown schema 'alpaca'"):
+        read_preferences(FIXTURES, schema="alpaca")
+    with pytest.raises(DataError, match="on_error"):
+        read_preferences(FIXTURES, on_error="ignore")
+
+
+def test_skip_keeps_every_good_record_and_counts_reasons(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"prompt": f"p{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) for i in range(5)]
+    lines = [good[0], MALFORMED[0][2], good[1], MALFORMED[2][2], MALFORMED[5][2], good[2], good[3],
+             MALFORMED[10][2], good[4]]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="4 invalid record"):
+        read_preferences(path)
+    exs, report = read_preferences(path, on_error="skip")
+    assert [e.prompt[0]["content"] for e in exs] == [f"p{i}" for i in range(5)]
+    assert [e.origin for e in exs] == [f"{path}:{n}" for n in (1, 3, 6, 7, 9)]
+    assert report.kept == 5 and report.num_dropped == 4
+    assert report.dropped == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1, "identical_responses": 1}
+    summary = report.summary()
+    assert "kept 5, dropped 4" in summary and f"{path}:2: invalid JSON" in summary
+
+
+def test_check_command(tmp_path, capsys):
+    assert main(["check", str(FIXTURES)]) == 0
+    out = capsys.readouterr().out
+    assert "total: kept 11, dropped 0" in out and "evol_instruct=2" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD + "\n" + MALFORMED[5][2] + "\n")
+    assert main(["check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:2: field 'chosen': expected a string, got int" in out
+    assert main(["check", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_check_module_entry_point(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD + "\n{oops\n")
+    proc = subprocess.run([sys.executable, "-m", "sdpo.data", "check", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{bad}:2: invalid JSON" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------
+
+
+def test_prompt_response_boundary_never_merges():
+    tok = FakeTokenizer()
+    ex = example(prompt="hi", chosen="Abc", rejected="Abd")
+    [pair], _ = tokenize_pairs([ex], tok)
+    # rendered: <s><|user|>\nhi</s><|assistant|>\n   — ends in "\n", the response starts with "A"
+    assert pair.prompt_ids == [1, 3] + chars("\nhi") + [2, 4] + chars("\n")
+    assert pair.chosen_ids == chars("Abc") + [2]
+    assert pair.rejected_ids == chars("Abd") + [2]
+    joint = tok.encode("<s><|user|>\nhi</s><|assistant|>\nAbc</s>")
+    assert 7 in joint  # the joint encoding would have merged "\nA" into one token
+    assert joint != pair.prompt_ids + pair.chosen_ids
+
+
+@pytest.mark.parametrize("template_bos", [0, 1, 2])
+def test_bos_exactly_once(template_bos):
+    tok = FakeTokenizer(template_bos=template_bos)
+    [pair], _ = tokenize_pairs([example()], tok)
+    assert pair.prompt_ids[:2] == [1, 3]
+    assert (pair.prompt_ids + pair.chosen_ids).count(1) == 1
+
+
+def test_no_bos_when_tokenizer_has_none():
+    tok = FakeTokenizer(bos=False, template_bos=0)
+    [pair], _ = tokenize_pairs([example()], tok)
+    assert pair.prompt_ids[0] == 3
+
+
+def test_eos_exactly_once_at_end():
+    tok = FakeTokenizer()
+    [pair], _ = tokenize_pairs([example(chosen="Abc</s>", rejected="xy")], tok)
+    assert pair.chosen_ids == chars("Abc") + [2]
+    assert pair.rejected_ids == chars("xy") + [2]
+
+
+def test_no_truncation_when_it_fits():
+    tok = FakeTokenizer()
+    ex = example(prompt="p" * 10, chosen="a" * 5, rejected="b" * 8)
+    [pair], stats = tokenize_pairs([ex], tok, max_length=8 + 10 + 9, max_prompt_length=4)
+    # prompt = <s> <|user|> \n p*10 </s> <|assistant|> \n = 16 tokens; 16 + 9 = 25 <= 27
+    assert len(pair.prompt_ids) == 16 and pair.rejected_ids == chars("b" * 8) + [2]
+    assert stats["truncated_prompts"] == 0 and stats["truncated_rejected"] == 0
+
+
+def test_prompt_truncation_keep_end_and_keep_start():
+    tok = FakeTokenizer()
+    ex = example(prompt="0123456789", chosen="ab", rejected="abc")
+    full = [1, 3] + chars("\n0123456789") + [2, 4] + chars("\n")  # 16 tokens
+    [pair], stats = tokenize_pairs([ex], tok, max_length=12, max_prompt_length=6)
+    assert pair.prompt_ids == [1] + full[-5:]  # BOS kept in front, then the last 5 tokens
+    assert stats["truncated_prompts"] == 1
+    assert pair.chosen_ids == chars("ab") + [2] and pair.rejected_ids == chars("abc") + [2]
+    [pair], _ = tokenize_pairs([ex], tok, max_length=12, max_prompt_length=6, truncation="keep_start")
+    assert pair.prompt_ids == full[:6]
+
+
+def test_response_truncation_drops_eos():
+    tok = FakeTokenizer()
+    ex = example(prompt="p", chosen="abcdefgh", rejected="xy")
+    # prompt: <s> <|user|> \n p </s> <|assistant|> \n = 7 tokens; room = 12 - 7 = 5
+    [pair], stats = tokenize_pairs([ex], tok, max_length=12, max_prompt_length=10)
+    assert len(pair.prompt_ids) == 7  # prompt shorter than max_prompt_length: untouched
+    assert pair.chosen_ids == chars("abcde")  # cut, and no EOS
+    assert pair.rejected_ids == chars("xy") + [2]  # fits: keeps its EOS
+    assert stats["truncated_chosen"] == 1 and stats["truncated_rejected"] == 0
+
+
+def test_both_rules_in_order():
+    tok = FakeTokenizer()
+    ex = example(prompt="0123456789", chosen="abcdefghij", rejected="abcXefghij")
+    [pair], stats = tokenize_pairs([ex], tok, max_length=10, max_prompt_length=4)
+    assert pair.prompt_ids == [1, 2, 4] + chars("\n")  # prompt first: BOS + its last 3 tokens
+    assert pair.chosen_ids == chars("abcdef")  # then responses: room = 10 - 4 = 6
+    assert pair.rejected_ids == chars("abcXef")
+    assert (stats["truncated_prompts"], stats["truncated_chosen"], stats["truncated_rejected"]) == (1, 1, 1)
+
+
+def test_pairs_without_signal_or_room_are_dropped_and_counted():
+    tok = FakeTokenizer()
+    exs = [example(chosen="abcdefghij", rejected="abcdefghiX"),  # identical after the cut
+           example(chosen="Xb", rejected="Yb"),
+           example(prompt="a much longer prompt", chosen="Xb", rejected="Yb")]
+    pairs, stats = tokenize_pairs(exs, tok, max_length=12, max_prompt_length=8)
+    # prompt "hi": 8 tokens -> room 4: "abcd" vs "abcd" -> dropped
+    assert [p.index for p in pairs] == [1, 2]
+    assert stats["dropped_identical_after_truncation"] == 1 and stats["dropped_indices"] == [0]
+    assert stats["pairs_in"] == 3 and stats["pairs_kept"] == 2
+    # max_prompt_length == max_length: a long prompt fills the window, leaving no room
+    pairs, stats = tokenize_pairs(exs[2:], tok, max_length=8, max_prompt_length=8)
+    assert pairs == [] and stats["dropped_no_room"] == 1
+
+
+def test_tokenize_argument_errors():
+    tok = FakeTokenizer()
+    with pytest.raises(DataError, match="truncation"):
+        tokenize_pairs([example()], tok, truncation="middle")
+    with pytest.raises(DataError, match="max_prompt_length"):
+        tokenize_pairs([example()], tok, max_length=8, max_prompt_length=9)
+    tok.eos_id = None
+    with pytest.raises(DataError, match="no EOS"):
+        tokenize_pairs([example()], tok)
+
+
+# ---------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------
+
+
+def test_collate_layout():
+    pairs = [TokenizedPair([1, 11, 12], [21, 2], [31, 32, 33, 2], index=5),
+             TokenizedPair([1, 13], [22, 23, 24, 25, 26, 2], [34, 2], index=9)]
+    b = collate(pairs, pad_id=0)
+    assert b["input_ids"].shape == (4, 8)  # longest row: 2 + 6
+    assert b["input_ids"].tolist() == [
+        [1, 11, 12, 21, 2, 0, 0, 0],
+        [1, 13, 22, 23, 24, 25, 26, 2],
+        [1, 11, 12, 31, 32, 33, 2, 0],
+        [1, 13, 34, 2, 0, 0, 0, 0],
+    ]
+    X = IGNORE_INDEX
+    assert b["labels"].tolist() == [
+        [X, X, X, 21, 2, X, X, X],
+        [X, X, 22, 23, 24, 25, 26, 2],
+        [X, X, X, 31, 32, 33, 2, X],
+        [X, X, 34, 2, X, X, X, X],
+    ]
+    assert b["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8, [1] * 7 + [0], [1] * 4 + [0] * 4]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0], list(range(8)), [0, 1, 2, 3, 4, 5, 6, 0],
+                                          [0, 1, 2, 3, 0, 0, 0, 0]]
+    assert b["index"].tolist() == [5, 9]
+    assert all(t.dtype == torch.long for t in b.values())
+
+
+def test_collate_pad_to_multiple_and_pad_equal_to_eos():
+    pairs = [TokenizedPair([1, 11], [21, 2], [22, 23, 2], index=0)]
+    b = collate(pairs, pad_id=2, pad_to_multiple_of=8, ignore_index=-1)
+    assert b["input_ids"].shape == (2, 8)
+    assert b["labels"][0].tolist() == [-1, -1, 21, 2, -1, -1, -1, -1]  # padding EOS-ids are never labels
+    assert b["input_ids"][0, 4:].tolist() == [2, 2, 2, 2]
+
+
+# ---------------------------------------------------------------------------
+# Batch schedule
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_global_batch_is_the_same_for_any_world_size(group):
+    n, G = 53, 8
+    lengths = [(i * 7919) % 31 for i in range(n)]
+    single = batch_schedule(n, G, seed=3, lengths=lengths, group_by_length=group)
+    assert len(single) == n // G and all(len(b) == G for b in single)
+    for W in (2, 4, 8):
+        per_rank = [batch_schedule(n, G, seed=3, rank=r, world_size=W, lengths=lengths, group_by_length=group)
+                    for r in range(W)]
+        for step in range(len(single)):
+            shares = [per_rank[r][step] for r in range(W)]
+            assert all(len(s) == G // W for s in shares)
+            assert sum(shares, []) == single[step]  # rank r holds the r-th slice, disjoint
+
+
+def test_schedule_covers_every_example_once():
+    n, G = 37, 8
+    for W in (1, 2, 4):
+        seen = Counter()
+        for r in range(W):
+            for b in batch_schedule(n, G, seed=0, rank=r, world_size=W, drop_last=False):
+                seen.update(b)
+        assert seen == Counter(range(n))
+    kept = [i for b in batch_schedule(n, G, seed=0) for i in b]
+    assert len(kept) == 32 and len(set(kept)) == 32
+
+
+def test_schedule_deterministic_by_seed_and_epoch():
+    a = batch_schedule(100, 10, seed=1)
+    assert a == batch_schedule(100, 10, seed=1)
+    assert a != batch_schedule(100, 10, seed=2)
+    assert a != batch_schedule(100, 10, seed=1, epoch=1)
+
+
+def test_group_by_length_reduces_padding():
+    n, G = 512, 8
+    lengths = [int(x) for x in torch.randint(5, 500, (n,), generator=torch.Generator().manual_seed(0))]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = batch_schedule(n, G, seed=0, lengths=lengths)
+    grouped = batch_schedule(n, G, seed=0, lengths=lengths, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(n))
+    assert padding(grouped) < padding(plain) / 5
+
+
+def test_schedule_errors():
+    with pytest.raises(DataError, match="not divisible by world_size 3"):
+        batch_schedule(100, 8, seed=0, world_size=3)
+    with pytest.raises(DataError, match="rank"):
+        batch_schedule(100, 8, seed=0, rank=2, world_size=2)
+    with pytest.raises(DataError, match="group_by_length needs"):
+        batch_schedule(100, 8, seed=0, group_by_length=True)
+
+
+# ---------------------------------------------------------------------------
+# sDPO step splits
+# ---------------------------------------------------------------------------
+
+
+def _pool(counts: dict[str, int]):
+    return [example(prompt=f"{s}{i}", source=s, origin=f"{s}:{i}") for s, n in counts.items() for i in range(n)]
+
+
+def _check_partition(chunks, pool):
+    flat = [e.origin for c in chunks for e in c]
+    assert len(flat) == len(set(flat)) == len(pool)
+    assert set(flat) == {e.origin for e in pool}
+
+
+def test_natural_and_all():
+    d1, d2 = _pool({"orca": 5}), _pool({"uf": 7})
+    steps = split_steps([d1, d2], "natural")
+    assert steps == [d1, d2]
+    assert split_steps([d1, d2], "all") == [d1 + d2]
+    with pytest.raises(DataError, match="empty"):
+        split_steps([d1, []], "natural")
+
+
+def test_random_split():
+    pool = _pool({"a": 50, "b": 47})
+    chunks = split_steps([pool], "random", fractions=[0.3, 0.7], seed=4)
+    _check_partition(chunks, pool)
+    assert [len(c) for c in chunks] == [29, 68]  # round(0.3 * 97) = 29
+    assert chunks == split_steps([pool], "random", fractions=[0.3, 0.7], seed=4)
+    assert chunks != split_steps([pool], "random", fractions=[0.3, 0.7], seed=5)
+    assert [len(c) for c in split_steps([pool], "random", fractions=3)] == [32, 33, 32]
+
+
+def test_stratified_keeps_source_shares_within_one():
+    counts = {"evol": 61, "flan": 29, "sharegpt": 13, "ultrachat": 3}
+    pool = _pool(counts)
+    fr = [1 / 6, 5 / 6]  # the paper's 16.67% / 83.33% ablation
+    for seed in range(5):
+        chunks = split_steps([pool], "stratified", fractions=fr, seed=seed)
+        _check_partition(chunks, pool)
+        for k, chunk in enumerate(chunks):
+            got = Counter(e.source for e in chunk)
+            for s, n in counts.items():
+                assert abs(got[s] - fr[k] * n) <= 1, (seed, k, s, got[s])
+    assert split_steps([pool], "stratified", fractions=fr, seed=1) != split_steps([pool], "stratified", fractions=fr, seed=2)
+
+
+def test_easy_to_hard():
+    pool = _pool({"x": 6})
+    scores = [0.5, 3.0, -1.0, 3.0, 2.0, -4.0]  # higher = easier
+    chunks = split_steps([pool[:3], pool[3:]], "easy_to_hard", fractions=[0.5, 0.5], scores=scores)
+    assert [[e.origin for e in c] for c in chunks] == [["x:1", "x:3", "x:4"], ["x:0", "x:2", "x:5"]]
+    with pytest.raises(DataError, match="needs scores"):
+        split_steps([pool], "easy_to_hard", fractions=2)
+    with pytest.raises(DataError, match="got 2 scores for 6 pairs"):
+        split_steps([pool], "easy_to_hard", fractions=2, scores=[1.0, 2.0])
+
+
+def test_split_errors():
+    pool = _pool({"a": 4})
+    with pytest.raises(DataError, match="needs fractions"):
+        split_steps([pool], "random")
+    with pytest.raises(DataError, match="sum to 1"):
+        split_steps([pool], "random", fractions=[0.5, 0.6])
+    with pytest.raises(DataError, match="unknown split strategy"):
+        split_steps([pool], "curriculum")
+    with pytest.raises(DataError, match="empty step"):
+        split_steps([pool], "random", fractions=[0.01, 0.99])
