@@ -1,0 +1,294 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdpo.model import (
+    Attention,
+    ModelConfig,
+    RMSNorm,
+    Transformer,
+    apply_rope,
+    build_attention_mask,
+    default_position_ids,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def make_model(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(tiny(**kw)).eval()
+    model.init_weights(seed, std=0.3)  # large enough that logits vary by O(1) across positions
+    return model
+
+
+CONFIGS = {
+    "llama": {},
+    "qwen2": dict(model_type="qwen2", attention_bias=True, tie_word_embeddings=True),
+    "mistral": dict(model_type="mistral", sliding_window=3),
+    "llama3": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8)),
+}
+
+
+def ids(B, T, seed=1, vocab=50):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def close(a, b, atol=1e-5):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_causality(name, masked):
+    model = make_model(**CONFIGS[name])
+    x = ids(2, 12)
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] + 1) % 50
+    mask = torch.ones_like(x) if masked else None
+    with torch.no_grad():
+        a, b = model(x, mask), model(y, mask)
+    close(a[:, :7], b[:, :7])
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-2  # the change is visible from position 7 on
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padding_invariance_left_and_right(name):
+    model = make_model(**CONFIGS[name])
+    seq = ids(1, 9)
+    with torch.no_grad():
+        alone = model(seq)[0]
+        # row 0: 3 left pads, row 1: 3 right pads; pad ids deliberately differ per row
+        batch = torch.cat([torch.cat([torch.full((1, 3), 7), seq], 1), torch.cat([seq, torch.full((1, 3), 11)], 1)])
+        mask = torch.tensor([[0] * 3 + [1] * 9, [1] * 9 + [0] * 3])
+        out = model(batch, mask)
+    assert torch.isfinite(out).all()  # pad query rows attend to themselves, never an empty softmax
+    close(out[0, 3:], alone)
+    close(out[1, :9], alone)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packing_invariance(name):
+    model = make_model(**CONFIGS[name])
+    a, b = ids(1, 5, seed=2), ids(1, 6, seed=3)
+    packed = torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], 1)  # [1, 13]
+    segments = torch.tensor([[1] * 5 + [2] * 6 + [0] * 2])
+    with torch.no_grad():
+        out = model(packed, segments)
+        explicit = model(packed, segments, torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 0]]))
+        alone_a, alone_b = model(a)[0], model(b)[0]
+    close(out[0, :5], alone_a)
+    close(out[0, 5:11], alone_b)
+    assert torch.equal(out, explicit)
+    assert torch.isfinite(out).all()
+
+
+def test_default_position_ids():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0, 0, 0], [3, 3, 1, 1, 1, 1, 1, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0, 0, 0], [0, 1, 0, 1, 2, 3, 4, 5]])
+    assert torch.equal(default_position_ids(mask), expected)
+
+
+def test_bool_mask_equals_int_mask():
+    model = make_model()
+    x = ids(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(model(x, mask), model(x, mask.bool()))
+
+
+def test_fully_padded_row_is_finite():
+    model = make_model()
+    with torch.no_grad():
+        out = model(ids(2, 5), torch.tensor([[0] * 5, [1] * 5]))
+    assert torch.isfinite(out).all()
+
+
+def test_rope_hand_computed():
+    # head_dim 4, theta 10000: θ = [10000^0, 10000^(-2/4)] = [1, 0.01]. Pairs are (x0, x2) and
+    # (x1, x3) (half-split layout), each rotated by position · θ_i.
+    cfg = tiny(hidden_size=8, num_attention_heads=2, num_key_value_heads=2)  # head_dim 4
+    assert cfg.head_dim == 4
+    torch.testing.assert_close(rope_inv_freq(cfg), torch.tensor([1.0, 0.01]))
+    cos, sin = rope_cos_sin(cfg, torch.tensor([[3]]), torch.float64)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
+    out = apply_rope(x, cos, sin).flatten()
+    a, b = 3 * 1.0, 3 * 0.01
+    expected = torch.tensor([
+        1 * math.cos(a) - 3 * math.sin(a),
+        2 * math.cos(b) - 4 * math.sin(b),
+        3 * math.cos(a) + 1 * math.sin(a),
+        4 * math.cos(b) + 2 * math.sin(b),
+    ], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cfg = tiny()
+    q, k = torch.randn(1, 1, 1, cfg.head_dim), torch.randn(1, 1, 1, cfg.head_dim)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(cfg, torch.tensor([[pq]]), torch.float32)
+        ck, sk = rope_cos_sin(cfg, torch.tensor([[pk]]), torch.float32)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=0)
+    assert (score(5, 2) - score(5, 4)).abs() > 1e-3
+
+
+def test_llama3_scaling_hand_computed():
+    # head_dim 8, theta 10000: θ = [1, 0.1, 0.01, 0.001], wavelengths 2π/θ = [6.28, 62.8, 628.3, 6283].
+    # old context 1024, low 1, high 4 -> keep wavelengths < 256, divide those > 1024 by 8,
+    # interpolate 628.3 with s = (1024/628.3 - 1)/(4 - 1): θ' = (1 - s)·θ/8 + s·θ.
+    cfg = tiny(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=1024))
+    s = (1024 / (2 * math.pi / 0.01) - 1) / 3
+    expected = torch.tensor([1.0, 0.1, (1 - s) * 0.01 / 8 + s * 0.01, 0.001 / 8])
+    torch.testing.assert_close(rope_inv_freq(cfg), expected, rtol=1e-6, atol=0)
+
+
+def test_linear_and_dynamic_scaling_hand_computed():
+    lin = tiny(hidden_size=16, num_attention_heads=2, rope_scaling=dict(rope_type="linear", factor=4.0))
+    torch.testing.assert_close(rope_inv_freq(lin), torch.tensor([1.0, 0.1, 0.01, 0.001]) / 4)
+    # dynamic NTK: base' = base·(f·L/M − (f − 1))^(d/(d−2)) once L > M; unchanged below
+    dyn = tiny(hidden_size=16, num_attention_heads=2, max_position_embeddings=16,
+               rope_scaling=dict(type="dynamic", factor=2.0))
+    torch.testing.assert_close(rope_inv_freq(dyn, seq_len=16), torch.tensor([1.0, 0.1, 0.01, 0.001]))
+    base = 10000 * (2 * 32 / 16 - 1) ** (8 / 6)
+    expected = torch.tensor([base ** (-i / 8) for i in (0, 2, 4, 6)])
+    torch.testing.assert_close(rope_inv_freq(dyn, seq_len=32), expected, rtol=1e-5, atol=0)
+
+
+def test_gqa_equals_repeated_kv():
+    cfg = tiny(num_attention_heads=6, num_key_value_heads=2, hidden_size=24)  # 3 query heads per kv head
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    B, T, d = 2, 5, cfg.head_dim
+    x = torch.randn(B, T, cfg.hidden_size)
+    cos, sin = torch.ones(B, T, d), torch.zeros(B, T, d)  # position 0 everywhere: RoPE is the identity
+    out = attn(x, cos, sin, None)
+
+    q = (x @ attn.q_proj.weight.T).view(B, T, 6, d)
+    k = (x @ attn.k_proj.weight.T).view(B, T, 2, d)
+    v = (x @ attn.v_proj.weight.T).view(B, T, 2, d)
+    causal = torch.ones(T, T).tril().bool()
+    heads = []
+    for h in range(6):
+        g = h // 3  # query heads 0-2 read kv head 0, 3-5 read kv head 1
+        scores = q[:, :, h] @ k[:, :, g].transpose(1, 2) / math.sqrt(d)  # [B, T, T]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, :, g])  # [B, T, d]
+    expected = torch.cat(heads, -1) @ attn.o_proj.weight.T
+    close(out, expected)
+
+
+def test_sliding_window_mask_exact():
+    got = build_attention_mask(None, 6, 3, "cpu")[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 1, 1, 1],
+    ]).bool()
+    assert torch.equal(got, expected)
+
+
+def test_sliding_window_receptive_field():
+    # One layer, window 3: a change at position 2 reaches exactly positions 2, 3, 4.
+    model = make_model(model_type="mistral", sliding_window=3, num_hidden_layers=1)
+    x = ids(1, 10)
+    y = x.clone()
+    y[0, 2] = (y[0, 2] + 1) % 50
+    with torch.no_grad():
+        changed = (model(x) - model(y)).abs().amax(-1)[0] > 1e-6
+    assert changed.tolist() == [False, False, True, True, True, False, False, False, False, False]
+
+
+def test_segment_and_pad_mask_exact():
+    got = build_attention_mask(torch.tensor([[0, 1, 1, 2, 2]]), 5, None, "cpu")[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0],  # pad query: itself only
+        [0, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]).bool()
+    assert torch.equal(got, expected)
+
+
+def test_hidden_states_then_lm_head_is_forward():
+    model = make_model(**CONFIGS["qwen2"])
+    x = ids(2, 7)
+    with torch.no_grad():
+        h = model.hidden_states(x)
+        assert h.shape == (2, 7, 32)
+        assert torch.equal(model.lm_head(h), model(x))
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_rmsnorm_matches_formula_and_keeps_dtype():
+    norm = RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    expected = norm.weight.double() * x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x.float()).double(), expected, atol=1e-6, rtol=1e-5)
+    xb = x.to(torch.bfloat16)
+    normb = RMSNorm(8).to(torch.bfloat16)
+    assert normb(xb).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_gradient_checkpointing_same_gradients(name):
+    model = make_model(**CONFIGS[name]).train()
+    x = ids(2, 8)
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+
+    def grads(flag):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        loss = F.cross_entropy(model(x, mask).flatten(0, 1), ids(2, 8, seed=9).flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss0, g0 = grads(False)
+    loss1, g1 = grads(True)
+    assert torch.equal(loss0, loss1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert any(g.abs().sum() > 0 for g in g0.values())
+
+
+def test_init_weights_deterministic():
+    a, b, c = Transformer(tiny()), Transformer(tiny()), Transformer(tiny())
+    a.init_weights(3, 0.02)
+    b.init_weights(3, 0.02)
+    c.init_weights(4, 0.02)
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+        if "norm" in n:
+            assert torch.equal(pa, torch.ones_like(pa))
+        else:
+            assert not torch.equal(pa, pc), n
+            assert abs(pa.std().item() - 0.02) < 0.01, n
+
+
+def test_bad_config_errors():
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        tiny(num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="yarn"):
+        tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        make_model()(ids(2, 5), torch.ones(2, 4, dtype=torch.long))
