@@ -260,6 +260,18 @@ class _HFTokenizersBackend:
             for i, t in sorted(self.tok.get_added_tokens_decoder().items())
         ]
 
+    def register_specials(self, texts):
+        # transformers' fast tokenizers register the config's special tokens as added
+        # tokens, so "<s>" in text matches even when tokenizer.json only has it as an
+        # ordinary vocabulary entry. Strings absent from the vocabulary are left out
+        # (transformers would append new ids; bos/eos/pad then fail in Tokenizer).
+        from tokenizers import AddedToken
+
+        have = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        new = [t for t in dict.fromkeys(texts) if t not in have and self.tok.token_to_id(t) is not None]
+        if new:
+            self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+
     def token_to_id(self, text):
         return self.tok.token_to_id(text)
 
@@ -287,7 +299,9 @@ class _SentencePieceBackend:
         self.file = file
         self.legacy = legacy
         self.add_prefix_space = add_prefix_space
-        self._added = added  # filled by Tokenizer with every special/added token it knows
+        # Every added/special token; load_tokenizer sets it before the first encode
+        # (_split_re is built from it once).
+        self._added = added
         unk = self.sp.unk_id()
         self._unk_piece = self.sp.id_to_piece(unk) if 0 <= unk < self.sp.get_piece_size() else "<unk>"
 
@@ -478,6 +492,7 @@ def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
 
     if os.path.isfile(tj):
         backend = _HFTokenizersBackend(tj)
+        backend.register_specials([v for v in specials.values() if v] + additional)
     else:
         legacy = cfg.get("legacy")
         backend = _SentencePieceBackend(
@@ -502,6 +517,7 @@ def _sentencepiece_added_tokens(path, cfg, cfg_file, backend, specials, addition
     # Every string that must not go through sentencepiece: added tokens (with ids,
     # possibly past the sp vocabulary) and the special tokens that are sp pieces.
     found: dict[str, _AddedToken] = {}
+    special_texts = {v for v in specials.values() if v} | set(additional)
     decoder = cfg.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise TokenizerError(f"{cfg_file}: added_tokens_decoder must be an object of id -> token")
@@ -512,13 +528,14 @@ def _sentencepiece_added_tokens(path, cfg, cfg_file, backend, specials, addition
             raise TokenizerError(f"{cfg_file}: added_tokens_decoder key {key!r} is not an integer id") from None
         content = _token_text(tok, f"{cfg_file}: added_tokens_decoder[{key}]")
         flags = tok if isinstance(tok, dict) else {}
-        found[content] = _AddedToken(content, i, bool(flags.get("special", True)),
+        special = bool(flags.get("special", False)) or content in special_texts
+        found[content] = _AddedToken(content, i, special,
                                      bool(flags.get("lstrip", False)), bool(flags.get("rstrip", False)))
     at_file = os.path.join(path, "added_tokens.json")
     for content, i in _read_json(at_file).items():
         if not isinstance(i, int):
             raise TokenizerError(f"{at_file}: id of {content!r} must be an integer, got {i!r}")
-        found.setdefault(content, _AddedToken(content, i, special=content in additional))
+        found.setdefault(content, _AddedToken(content, i, special=content in special_texts))
     for content in [v for v in specials.values() if v] + additional:
         if content not in found:
             i = backend.sp.piece_to_id(content)

@@ -77,6 +77,7 @@ def _train_sp(model_type="bpe", vocab_size=120):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size, model_type=model_type,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        remove_extra_whitespaces=False,  # as in Llama's tokenizer.model: spaces survive
     )
     return buf.getvalue()
 
@@ -178,6 +179,19 @@ def test_bpe_added_token_past_vocab_counts_in_vocab_size(tmp_path, bpe_dir):
     assert tok.encode("<|tool|>") == [BPE_VOCAB]
 
 
+def test_config_special_token_that_is_a_plain_vocab_entry(tmp_path):
+    # tokenizer.json knows "<s>" only as an ordinary word; the config's bos_token
+    # makes it a special token, so "<s>" in text maps to its id (as in transformers).
+    raw = RawTokenizer(models.WordLevel({"<s>": 0, "hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    assert raw.encode("<s>hi").ids == [2, 2, 2, 1]
+    write_json(tmp_path / "tokenizer_config.json", {"bos_token": "<s>"})
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("<s>hi") == [0, 1]
+    assert tok.decode([0, 1], skip_special_tokens=True) == "hi"
+
+
 def test_pad_falls_back_to_zero_without_eos(tmp_path, bpe_dir):
     shutil.copy(bpe_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     tok = load_tokenizer(tmp_path)  # no tokenizer_config.json at all
@@ -201,7 +215,7 @@ def test_tokenizer_json_preferred_over_model(tmp_path, bpe_dir, sp_proto):
 # ------------------------------------------------------------------ sentencepiece backend
 
 
-@pytest.mark.parametrize("text", ["the quick brown fox.", "hello world models learn", "data, step! policy?"])
+@pytest.mark.parametrize("text", ["the quick brown fox.", "hello  world models learn ", "data, step! policy?"])
 def test_sp_plain_text_matches_sentencepiece_and_round_trips(sp_dir, sp, text):
     tok = load_tokenizer(sp_dir)
     # legacy (transformers' default): plain text is exactly sp.encode, dummy prefix included.
@@ -272,6 +286,20 @@ def test_sp_added_tokens_json(tmp_path, sp_proto, sp):
     assert tok.encode("<tool>hello") == [n] + sp.encode("hello")
     assert tok.vocab_size == n + 1
     assert tok.decode([n] + sp.encode("hello"), skip_special_tokens=True) == "hello"
+
+
+def test_sp_added_token_flags(tmp_path, sp_proto, sp):
+    n = sp.get_piece_size()
+    cfg = sp_config(n)
+    cfg["added_tokens_decoder"][str(n + 2)] = {"content": "<x>", "special": False}
+    cfg["added_tokens_decoder"][str(n + 3)] = {"content": "<y>", "special": True, "lstrip": True, "rstrip": True}
+    tok = load_tokenizer(make_sp_dir(tmp_path / "flags", sp_proto, cfg))
+    ids = [n + 2] + sp.encode("hello") + [n + 3, 2]
+    assert tok.decode(ids, skip_special_tokens=True) == "<x>hello"  # non-special added tokens stay
+    # lstrip/rstrip swallow the spaces around <y>, as transformers' AddedToken does.
+    assert tok.encode("hello <y> world") == sp.encode("hello") + [n + 3] + sp.encode("world")
+    assert tok.encode("hello <x> world") == sp.encode("hello ") + [n + 2] + sp.encode(" world")
+    assert sp.encode("hello ") != sp.encode("hello") and sp.encode(" world") != sp.encode("world")
 
 
 def test_sp_unigram_model(tmp_path):
