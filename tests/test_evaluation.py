@@ -387,3 +387,28 @@ def test_hf_shard_names_and_json_lists_are_found(tmp_path):
 def test_format_table():
     assert ev.format_table(["a", "bb"], [["x", 0.5], ["yyy", None]]) == (
         "| a   | bb     |\n|-----|--------|\n| x   | 0.5000 |\n| yyy | —      |")
+
+
+class UnigramModel(torch.nn.Module):
+    """hidden_states are a constant 1, lm_head's weight is the logit of each token:
+    log p(token | anything) = UNIGRAM[token] by construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(1, len(UNIGRAM), bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5])[:, None])
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        return torch.ones(*input_ids.shape, 1)
+
+
+def test_model_score_fn_through_the_fused_logprob_path():
+    score = ev.model_score_fn(UnigramModel(), "cpu")
+    pairs = [([1, 2], [3, 3]), ([4], [0]), ([2, 2, 2, 2], [5])]
+    got = ev.batched_loglikelihoods(score, pairs, batch_size=2, pad_id=0)
+    assert got == pytest.approx([2 * UNIGRAM[3].item(), UNIGRAM[0].item(), UNIGRAM[5].item()], rel=1e-6)
+    # the runner: strings -> ids via a tokenizer -> the same sums; "x" and "y" map to ids 4 and 5
+    runner = ev.LoglikelihoodRunner(score, lambda s: [{"x": 4, "y": 5, " ": 2}[c] for c in s], progress=False)
+    assert runner([("xx ", "y"), ("x", " y")]) == pytest.approx(
+        [UNIGRAM[2].item() + UNIGRAM[5].item()] * 2, rel=1e-6)

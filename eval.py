@@ -1,0 +1,308 @@
+"""Evaluate sDPO models: preference metrics, γ_πref (the paper's Figure 2), H4 (Table 2).
+
+    python eval.py preference --model M --ref R --data FILE...
+    python eval.py gamma --models S M1 M2 --data FILE...
+    python eval.py h4 --model M --data-dir DIR [--tasks arc,hellaswag,mmlu,truthfulqa] [--limit N]
+    python eval.py report RESULT.json...
+
+Each writes its results to --out (JSON; markdown for report) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from sdpo import evaluation as ev
+
+class UsageError(ValueError):
+    """Arguments that parse but do not fit together."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(name: str, device: torch.device):
+    # auto: the checkpoint's own dtype on a GPU; float32 on CPU (bf16 matmuls there are slow and lossy)
+    if name == "auto":
+        return None if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _load_model(path: str, args):
+    from sdpo.checkpoint import load_model
+
+    device = _device(args.device)
+    model = load_model(path, dtype=_dtype(args.dtype, device), device=device)
+    model.eval()
+    return model
+
+
+def _load_tokenizer(path: str, args, model_config=None):
+    from sdpo.tokenizer import check_vocab, load_tokenizer
+
+    tok = load_tokenizer(path, chat_template=getattr(args, "chat_template", None))
+    if model_config is not None:
+        check_vocab(tok, model_config)
+    return tok
+
+
+def _name(path: str) -> str:
+    return Path(path).resolve().name or str(path)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _out_path(args, default: str) -> Path:
+    return Path(args.out) if args.out else Path("results") / default
+
+
+def _read_pairs(args, tok):
+    from sdpo.data import read_preferences, tokenize_pairs
+
+    examples, _ = read_preferences(args.data, schema=args.schema)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
+                                  max_prompt_length=args.max_prompt_length)
+    if not pairs:
+        raise ev.H4DataError(f"{', '.join(args.data)}: no pairs left after tokenization ({stats})")
+    return examples, pairs, stats
+
+
+def _model_logps(path: str, pairs, tok, args, label: str):
+    model = _load_model(path, args)
+    from sdpo.tokenizer import check_vocab
+
+    check_vocab(tok, model.config)
+    bar = ev.Progress(label, len(pairs))
+    chosen, rejected = ev.pair_logps(model, pairs, pad_id=tok.pad_id, batch_size=args.batch_size,
+                                     device=_device(args.device), progress=bar)
+    bar.close()
+    del model  # the next model can reuse the memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- subcommands
+
+def cmd_preference(args) -> int:
+    from sdpo.loss import preference_loss
+
+    tok = _load_tokenizer(args.tokenizer or args.model, args)
+    examples, pairs, stats = _read_pairs(args, tok)
+    pc, pr = _model_logps(args.model, pairs, tok, args, "policy")
+    rc, rr = _model_logps(args.ref, pairs, tok, args, "reference")
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta)
+    metrics = ev.preference_metrics(pc, pr, rc, rr, beta=args.beta, losses=losses)
+    result = {
+        "kind": "preference", "model": args.model, "ref": args.ref, "data": args.data,
+        "beta": args.beta, "loss_type": args.loss_type, "metrics": metrics,
+        "tokenization": {k: v for k, v in stats.items() if k != "dropped_indices"},
+        "pairs": [{"origin": examples[p.index].origin,
+                   "policy_chosen": pc[i].item(), "policy_rejected": pr[i].item(),
+                   "ref_chosen": rc[i].item(), "ref_rejected": rr[i].item()} for i, p in enumerate(pairs)],
+    }
+    out = _out_path(args, f"preference-{_name(args.model)}.json")
+    _write_json(out, result)
+    print(f"preference: {_name(args.model)} against {_name(args.ref)}, β={args.beta}, {metrics['n']} pairs")
+    print(ev.format_table(["metric", "value"], [[k, v] for k, v in metrics.items() if k != "n"]))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_gamma(args) -> int:
+    names = args.names or [_name(m) for m in args.models]
+    if len(names) != len(args.models) or len(set(names)) != len(names):
+        raise UsageError(f"--names needs {len(args.models)} distinct names (one per --models entry), got {names}")
+    tok = _load_tokenizer(args.tokenizer or args.models[0], args)
+    examples, pairs, _ = _read_pairs(args, tok)
+    gammas, stats = {}, {}
+    for name, path in zip(names, args.models):
+        chosen, rejected = _model_logps(path, pairs, tok, args, name)
+        gammas[name] = (chosen - rejected).tolist()  # γ = log π(y_w|x) − log π(y_l|x), per pair
+        stats[name] = ev.gamma_stats(gammas[name])
+    hist = ev.histogram(gammas, bins=args.bins)
+    out = _out_path(args, "gamma.json")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    means = {n: s["mean"] for n, s in stats.items()}
+    if ev.plot_gamma_histogram(hist, means, plot):
+        figure, note = str(plot), f"wrote {plot}"
+    else:
+        csv = plot.with_suffix(".csv")
+        ev.write_histogram_csv(hist, csv)
+        figure = None
+        note = (f"note: matplotlib is not installed, so no PNG; the histogram bins are in {csv} and in "
+                f"{out} ('histogram'). pip install matplotlib for the figure.")
+    result = {"kind": "gamma", "models": dict(zip(names, args.models)), "data": args.data,
+              "stats": stats, "histogram": hist, "figure": figure,
+              "pairs": {"origin": [examples[p.index].origin for p in pairs], "gamma": gammas}}
+    _write_json(out, result)
+    print(f"γ = log π(y_w|x) − log π(y_l|x) over {len(pairs)} pairs")
+    print(ev.format_table(["model", "n", "mean", "std", "q1", "median", "q3", "min", "max"],
+                          [[n, s["n"], s["mean"], s["std"], s["q1"], s["median"], s["q3"], s["min"], s["max"]]
+                           for n, s in stats.items()]))
+    print(note)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_h4(args) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ev.TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks: unknown {unknown or tasks}; choose from {','.join(ev.TASKS)}")
+    model = _load_model(args.model, args)
+    tok = _load_tokenizer(args.tokenizer or args.model, args, model.config)
+    prefix = [tok.bos_id] if args.add_bos and tok.bos_id is not None else []
+    runner = ev.LoglikelihoodRunner(
+        ev.model_score_fn(model, _device(args.device)), lambda s: tok.encode(s, add_special_tokens=False),
+        batch_size=args.batch_size, max_length=args.max_length or model.config.max_position_embeddings,
+        pad_id=tok.pad_id, prefix_ids=prefix)
+    result = ev.evaluate_h4(runner, args.data_dir, tasks=tasks, num_fewshot=args.num_fewshot,
+                            seed=args.seed, limit=args.limit)
+    result.update(kind="h4", model=args.model, name=args.name or _name(args.model),
+                  data_dir=str(args.data_dir), add_bos=bool(prefix))
+    out = _out_path(args, f"h4-{_name(args.model)}.json")
+    _write_json(out, result)
+    rows = [[t, r["metric"], r["num_fewshot"], r["n"], 100 * r["score"]] for t, r in result["tasks"].items()]
+    print(ev.format_table(["task", "metric", "shots", "n", "score (%)"], rows))
+    if result["h4"] is not None:
+        print(f"H4 = {100 * result['h4']:.2f}")
+    else:
+        print(f"mean of {len(tasks)} task(s) = {100 * result['mean']:.2f} (H4 needs all four)")
+    print(f"wrote {out}")
+    return 0
+
+
+REPORT_COLUMNS = [("arc", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa", "TruthfulQA")]
+
+
+def report_table(results: list[tuple[str, dict]]) -> str:
+    """Table 2 of the paper: Model | H4 | ARC | HellaSwag | MMLU | TruthfulQA, in percent."""
+    rows = []
+    for origin, r in results:
+        if r.get("kind") != "h4" or not isinstance(r.get("tasks"), dict):
+            raise ev.H4DataError(f"{origin}: not an `eval.py h4` result (field 'kind' is {r.get('kind')!r}, "
+                                 "expected 'h4' with a 'tasks' object)")
+        cells = []
+        for key, _ in REPORT_COLUMNS:
+            t = r["tasks"].get(key)
+            cells.append(f"{100 * t['score']:.2f}" if t else "—")
+        h4 = f"{100 * r['h4']:.2f}" if r.get("h4") is not None else "—"
+        rows.append([r.get("name") or r.get("model", origin), h4, *cells])
+    return ev.format_table(["Model", "H4", *(title for _, title in REPORT_COLUMNS)], rows)
+
+
+def cmd_report(args) -> int:
+    results = []
+    for path in args.results:
+        try:
+            results.append((path, json.loads(Path(path).read_text())))
+        except OSError as e:
+            raise ev.H4DataError(f"{path}: cannot read ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ev.H4DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    table = report_table(results)
+    out = _out_path(args, "report.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, out_help):
+        sp.add_argument("--out", help=out_help)
+        sp.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+        sp.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: the checkpoint's dtype on GPU, float32 on CPU")
+        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--tokenizer", help="tokenizer directory (default: the (first) model's)")
+
+    def pairs_args(sp):
+        sp.add_argument("--data", nargs="+", required=True, help="preference files or directories")
+        sp.add_argument("--schema", default="auto", help="auto | generic | orca | ultrafeedback | conversational")
+        sp.add_argument("--chat-template", help="a built-in template name or jinja text (default: the tokenizer's)")
+        sp.add_argument("--max-length", type=int, default=1024)
+        sp.add_argument("--max-prompt-length", type=int, default=512)
+        sp.add_argument("--limit", type=int, help="use only the first N pairs")
+
+    sp = sub.add_parser("preference", help="reward accuracy/margins of --model against --ref on held-out pairs")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--ref", required=True)
+    sp.add_argument("--beta", type=float, default=0.1)
+    sp.add_argument("--loss-type", default="sigmoid")
+    pairs_args(sp)
+    common(sp, "JSON results (default: results/preference-<model>.json)")
+    sp.set_defaults(func=cmd_preference)
+
+    sp = sub.add_parser("gamma", help="γ = log π(y_w|x) − log π(y_l|x) per model: statistics and histogram")
+    sp.add_argument("--models", nargs="+", required=True)
+    sp.add_argument("--names", nargs="+", help="labels for the models (default: directory names)")
+    sp.add_argument("--bins", type=int, default=40)
+    sp.add_argument("--plot", help="PNG path (default: --out with .png); needs matplotlib, else a .csv")
+    pairs_args(sp)
+    common(sp, "JSON results (default: results/gamma.json)")
+    sp.set_defaults(func=cmd_gamma)
+
+    sp = sub.add_parser("h4", help="ARC, HellaSwag, MMLU, TruthfulQA as the Open LLM Leaderboard v1 scored them")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--data-dir", required=True, help="task files in the HF layouts (see sdpo/evaluation.py)")
+    sp.add_argument("--tasks", default=",".join(ev.H4_TASKS))
+    sp.add_argument("--limit", type=int, help="at most N documents per task (per subject for MMLU)")
+    sp.add_argument("--num-fewshot", type=int, help="override the shots of ARC/HellaSwag/MMLU (TruthfulQA stays 0)")
+    sp.add_argument("--seed", type=int, default=1234, help="document shuffle and few-shot sampling")
+    sp.add_argument("--max-length", type=int, help="context window in tokens (default: max_position_embeddings)")
+    sp.add_argument("--add-bos", action="store_true", help="prefix every request with BOS (the harness did not)")
+    sp.add_argument("--name", help="the model's name in the results and report")
+    common(sp, "JSON results (default: results/h4-<model>.json)")
+    sp.set_defaults(func=cmd_h4)
+
+    sp = sub.add_parser("report", help="a Table-2-style markdown table from h4 result files")
+    sp.add_argument("results", nargs="+")
+    sp.add_argument("--out", help="markdown file (default: results/report.md)")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from sdpo.checkpoint import CheckpointError
+    from sdpo.data import DataError
+    from sdpo.tokenizer import TokenizerError
+
+    try:
+        return args.func(args)
+    except (UsageError, ev.H4DataError, DataError, CheckpointError, TokenizerError) as e:
+        print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

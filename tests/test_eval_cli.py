@@ -1,0 +1,190 @@
+"""eval.py's four subcommands, in-process, on tiny random models saved with save_model."""
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import eval as eval_cli  # noqa: E402
+from sdpo import evaluation as ev  # noqa: E402
+from sdpo.checkpoint import save_model  # noqa: E402
+from sdpo.model import ModelConfig, Transformer  # noqa: E402
+from sdpo.tokenizer import CHAT_TEMPLATES, load_tokenizer  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures" / "h4"
+
+
+def _corpus():
+    # the fixture task texts plus some filler, so the BPE merges cover the prompts
+    texts = []
+    for f in sorted(FIX.rglob("*.jsonl")):
+        texts += f.read_text().splitlines()
+    texts.append(ev.TRUTHFULQA_PREAMBLE)
+    rng = random.Random(0)
+    words = "the a model answer question chosen rejected good bad yes no".split()
+    texts += [" ".join(rng.choice(words) for _ in range(8)) for _ in range(100)]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("evalcli")
+    tokdir = root / "tok"
+    tokdir.mkdir()
+    tok = Tokenizer(tmodels.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.save(str(tokdir / "tokenizer.json"))
+    (tokdir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATES["chatml"]}))
+    vocab = load_tokenizer(tokdir).vocab_size
+    paths = {}
+    for name, seed in (("S", 0), ("M1", 1)):
+        cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+        model = Transformer(cfg)
+        model.init_weights(seed=seed, std=0.2)  # a larger std: log-probs differ visibly between models
+        save_model(model, root / name, tokenizer_dir=tokdir)
+        paths[name] = root / name
+    prefs = root / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Is the answer good?", "chosen": "yes the answer is good", "rejected": "no"},
+        {"prompt": "Pick a model.", "chosen": "the chosen model", "rejected": "the rejected model answer"},
+        {"prompt": "Say no.", "chosen": "no", "rejected": "yes yes yes"},
+    ]))
+    return {"root": root, "prefs": prefs, **paths}
+
+
+def run(argv, capsys):
+    rc = eval_cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_h4_end_to_end_matches_a_direct_forward(models, tmp_path, capsys):
+    out = tmp_path / "h4.json"
+    rc, stdout, stderr = run(["h4", "--model", models["S"], "--data-dir", FIX, "--num-fewshot", "1",
+                              "--batch-size", "3", "--out", out], capsys)
+    assert rc == 0, stderr
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"arc", "hellaswag", "mmlu", "truthfulqa"}
+    assert res["tasks"]["arc"]["n"] == 3 and res["tasks"]["mmlu"]["n"] == 3
+    assert res["h4"] == pytest.approx(sum(t["score"] for t in res["tasks"].values()) / 4)
+    assert "| arc " in stdout and "H4 = " in stdout
+    assert "truthfulqa: " in stderr  # progress line
+
+    # Recompute TruthfulQA's mc2 with a plain full-logits forward of the same model
+    from sdpo.checkpoint import load_model
+
+    model = load_model(models["S"], dtype=torch.float32).eval()
+    tok = load_tokenizer(models["S"])
+    items = ev.load_task_items(FIX, "truthfulqa")
+    mc2 = []
+    for item in items:
+        lls = []
+        for ctx, cont in item.requests():
+            ctx_ids = tok.encode(ctx)
+            whole = tok.encode(ctx + cont)
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).double(), -1)[0]
+            n = len(ctx_ids)
+            lls.append(sum(logp[t - 1, whole[t]].item() for t in range(n, len(whole))))
+        p = [math.exp(x) for x in lls]
+        mc2.append(sum(pi for pi, lab in zip(p, item.doc.labels) if lab) / sum(p))
+    assert res["tasks"]["truthfulqa"]["mc2"] == pytest.approx(sum(mc2) / len(mc2), rel=1e-4)
+
+
+def test_h4_bad_data_dir_is_a_clear_error(models, tmp_path, capsys):
+    rc, _, err = run(["h4", "--model", models["S"], "--data-dir", tmp_path, "--tasks", "arc",
+                      "--out", tmp_path / "x.json"], capsys)
+    assert rc == 2
+    assert "eval.py h4: error: arc: no 'test' split file" in err
+    rc, _, err = run(["h4", "--model", models["S"], "--data-dir", FIX, "--tasks", "arc,squad"], capsys)
+    assert rc == 2 and "unknown ['squad']" in err
+
+
+def test_preference_against_itself_and_another_model(models, tmp_path, capsys):
+    out = tmp_path / "pref.json"
+    rc, stdout, err = run(["preference", "--model", models["S"], "--ref", models["S"], "--data", models["prefs"],
+                           "--beta", "0.1", "--out", out], capsys)
+    assert rc == 0, err
+    m = json.loads(out.read_text())["metrics"]
+    # policy == reference: every reward is 0, ties lose, the sigmoid loss is ln 2
+    assert m["rewards/chosen"] == 0 and m["rewards/margins"] == 0 and m["rewards/accuracies"] == 0
+    assert m["loss"] == pytest.approx(math.log(2))
+    assert "rewards/accuracies" in stdout
+
+    rc, _, err = run(["preference", "--model", models["M1"], "--ref", models["S"], "--data", models["prefs"],
+                      "--beta", "0.5", "--out", out], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    pairs = res["pairs"]
+    assert len(pairs) == 3 and pairs[0]["origin"].endswith("prefs.jsonl:1")
+    margins = [0.5 * ((p["policy_chosen"] - p["ref_chosen"]) - (p["policy_rejected"] - p["ref_rejected"]))
+               for p in pairs]
+    assert res["metrics"]["rewards/margins"] == pytest.approx(sum(margins) / 3)
+    assert res["metrics"]["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert res["metrics"]["loss"] == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / 3)
+    assert res["metrics"]["rewards/margins"] != 0
+
+
+def test_gamma_stats_histogram_and_missing_matplotlib_note(models, tmp_path, capsys):
+    out = tmp_path / "g" / "gamma.json"
+    rc, stdout, err = run(["gamma", "--models", models["S"], models["M1"], "--names", "S", "M1",
+                           "--data", models["prefs"], "--bins", "5", "--out", out], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    g = res["pairs"]["gamma"]
+    assert set(g) == {"S", "M1"} and len(g["S"]) == 3
+    assert res["stats"]["S"]["mean"] == pytest.approx(sum(g["S"]) / 3)
+    assert sum(res["histogram"]["counts"]["M1"]) == 3 and len(res["histogram"]["edges"]) == 6
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "g" / "gamma.png").is_file()
+    except ImportError:
+        assert "matplotlib is not installed" in stdout
+        assert (tmp_path / "g" / "gamma.csv").read_text().startswith("bin_lo,bin_hi,S,M1\n")
+        assert res["figure"] is None
+    rc, _, err = run(["gamma", "--models", models["S"], "--names", "a", "b", "--data", models["prefs"]], capsys)
+    assert rc == 2 and "--names needs 1 distinct names" in err
+
+
+def test_preference_bad_file_names_file_and_field(models, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    rc, _, err = run(["preference", "--model", models["S"], "--ref", models["S"], "--data", bad], capsys)
+    assert rc == 2
+    assert "bad.jsonl:1" in err and "rejected" in err
+
+
+def test_report_table(tmp_path, capsys):
+    a = {"kind": "h4", "name": "sDPO", "h4": 0.7431, "tasks": {
+        "arc": {"score": 0.7125}, "hellaswag": {"score": 0.8817}, "mmlu": {"score": 0.6668},
+        "truthfulqa": {"score": 0.7214}}}
+    b = {"kind": "h4", "model": "/m/base", "h4": None, "tasks": {"arc": {"score": 0.5}}}
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "r.md"
+    rc, stdout, err = run(["report", tmp_path / "a.json", tmp_path / "b.json", "--out", out], capsys)
+    assert rc == 0, err
+    assert out.read_text() == (
+        "| Model   | H4    | ARC   | HellaSwag | MMLU  | TruthfulQA |\n"
+        "|---------|-------|-------|-----------|-------|------------|\n"
+        "| sDPO    | 74.31 | 71.25 | 88.17     | 66.68 | 72.14      |\n"
+        "| /m/base | —     | 50.00 | —         | —     | —          |\n")
+    assert "| sDPO " in stdout
+    (tmp_path / "c.json").write_text(json.dumps({"kind": "gamma"}))
+    rc, _, err = run(["report", tmp_path / "c.json"], capsys)
+    assert rc == 2 and "c.json: not an `eval.py h4` result" in err
