@@ -593,3 +593,62 @@ def test_split_errors():
         split_steps([pool], "curriculum")
     with pytest.raises(DataError, match="empty step"):
         split_steps([pool], "random", fractions=[0.01, 0.99])
+
+
+# ---------------------------------------------------------------------------
+# The demo data and tokenizer under data/
+# ---------------------------------------------------------------------------
+
+DEMO_FILES = ["demo/orca_pairs/train.jsonl", "demo/orca_pairs/test.jsonl", "demo/ultrafeedback/train_prefs.jsonl",
+              "demo/ultrafeedback/test_prefs.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+              "tokenizer/special_tokens_map.json"]
+
+
+def test_demo_generator_reproduces_committed_files(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "make_demo.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for rel in DEMO_FILES:
+        assert (tmp_path / rel).read_bytes() == (ROOT / "data" / rel).read_bytes(), rel
+    assert sum((ROOT / "data" / rel).stat().st_size for rel in DEMO_FILES) < 3 * 2**20
+
+
+def test_demo_data_reads_cleanly():
+    d1_train, r1 = read_preferences(ROOT / "data/demo/orca_pairs/train.jsonl")
+    d1_test, _ = read_preferences(ROOT / "data/demo/orca_pairs/test.jsonl")
+    d2_train, r2 = read_preferences(ROOT / "data/demo/ultrafeedback/train_prefs.jsonl")
+    d2_test, _ = read_preferences(ROOT / "data/demo/ultrafeedback/test_prefs.jsonl")
+    assert (len(d1_train), len(d1_test), len(d2_train), len(d2_test)) == (600, 100, 1500, 200)
+    assert [i["schema"] for i in r1.files.values()] == ["orca"] and [i["schema"] for i in r2.files.values()] == ["ultrafeedback"]
+    assert {e.source for e in d1_train} == {"orca_pairs"}
+    shares = Counter(e.source for e in d2_train)
+    assert set(shares) == {"reverse", "sort", "add"} and min(shares.values()) > 150
+    # held out: no string-task prompt of a test split occurs in its train split (sums repeat by design)
+    for train, test in ((d1_train, d1_test), (d2_train, d2_test)):
+        train_prompts = {e.prompt[-1]["content"] for e in train}
+        assert not {e.prompt[-1]["content"] for e in test if e.source != "add"} & train_prompts
+    # chosen is the right answer
+    for e in d2_train:
+        task, arg = e.prompt[-1]["content"].split(": ")
+        if task == "add":
+            want = str(sum(int(x) for x in arg.split("+")))
+        else:
+            want = {"reverse": arg[::-1], "sort": "".join(sorted(arg))}[task]
+        assert e.chosen == want != e.rejected
+
+
+def test_demo_tokenizer_with_load_tokenizer():
+    tokenizer_mod = pytest.importorskip("sdpo.tokenizer")
+    tok = tokenizer_mod.load_tokenizer(ROOT / "data" / "tokenizer")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0) and tok.vocab_size <= 400
+    exs, _ = read_preferences(ROOT / "data/demo/ultrafeedback/test_prefs.jsonl")
+    pairs, stats = tokenize_pairs(exs, tok, max_length=64, max_prompt_length=48)
+    assert stats["pairs_kept"] == len(exs)
+    for ex, p in zip(exs, pairs):
+        text = tok.apply_chat_template(list(ex.prompt), add_generation_prompt=True)
+        assert text.startswith("<s><|user|>\n") and text.endswith("</s><|assistant|>\n")
+        assert p.prompt_ids.count(tok.bos_id) == 1 and p.prompt_ids[0] == tok.bos_id
+        assert p.chosen_ids[-1] == tok.eos_id and p.chosen_ids.count(tok.eos_id) == 1
+        # task strings stay one token per character, so a reversed answer tokenizes like its input
+        assert len(p.chosen_ids) == len(ex.chosen) + 1 and len(p.rejected_ids) == len(ex.rejected) + 1
+        assert tok.decode(p.prompt_ids + p.chosen_ids) == text + ex.chosen + "</s>"
