@@ -184,7 +184,7 @@ def cmd_h4(args) -> int:
                   data_dir=str(args.data_dir), add_bos=bool(prefix))
     out = _out_path(args, f"h4-{_name(args.model)}.json")
     _write_json(out, result)
-    rows = [[t, r["metric"], r["num_fewshot"], r["n"], 100 * r["score"]] for t, r in result["tasks"].items()]
+    rows = [[t, r["metric"], r["num_fewshot"], r["n"], f"{100 * r['score']:.2f}"] for t, r in result["tasks"].items()]
     print(ev.format_table(["task", "metric", "shots", "n", "score (%)"], rows))
     if result["h4"] is not None:
         print(f"H4 = {100 * result['h4']:.2f}")

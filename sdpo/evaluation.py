@@ -649,12 +649,15 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence, *, pad_id: int, batch_si
 # --------------------------------------------------------------------------------------
 
 class Progress:
-    """A single stderr line, rewritten at most every `interval` seconds: 'label: done/total (rate/s)'."""
+    """Progress on stderr: one line rewritten in place on a terminal (at most every 0.5 s);
+    in a log file, a line every 30 s and at the end, so logs stay short."""
 
-    def __init__(self, label: str, total: int, *, stream=None, interval: float = 0.5):
+    def __init__(self, label: str, total: int, *, stream=None, interval: float | None = None):
         self.label, self.total, self.done = label, total, 0
         self.stream = stream if stream is not None else sys.stderr
-        self.interval, self.start, self.last = interval, time.perf_counter(), 0.0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if interval is not None else (0.5 if self.tty else 30.0)
+        self.start = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -662,12 +665,14 @@ class Progress:
         if now - self.last >= self.interval or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            self.stream.write(f"\r{self.label}: {self.done}/{self.total} ({rate:.1f}/s)")
+            line = f"{self.label}: {self.done}/{self.total} ({rate:.1f}/s, {now - self.start:.0f} s)"
+            self.stream.write("\r" + line if self.tty else line + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

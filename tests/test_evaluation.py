@@ -412,3 +412,15 @@ def test_model_score_fn_through_the_fused_logprob_path():
     runner = ev.LoglikelihoodRunner(score, lambda s: [{"x": 4, "y": 5, " ": 2}[c] for c in s], progress=False)
     assert runner([("xx ", "y"), ("x", " y")]) == pytest.approx(
         [UNIGRAM[2].item() + UNIGRAM[5].item()] * 2, rel=1e-6)
+
+
+def test_progress_lines_in_a_log_file():
+    import io
+
+    buf = io.StringIO()
+    bar = ev.Progress("arc", 10, stream=buf, interval=1e9)
+    bar.update(4)
+    bar.update(6)
+    bar.close()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("arc: 10/10 (")  # only the final line, no '\r'
