@@ -177,7 +177,7 @@ def cmd_h4(args) -> int:
     runner = ev.LoglikelihoodRunner(
         ev.model_score_fn(model, _device(args.device)), lambda s: tok.encode(s, add_special_tokens=False),
         batch_size=args.batch_size, max_length=args.max_length or model.config.max_position_embeddings,
-        pad_id=tok.pad_id, prefix_ids=prefix)
+        pad_id=tok.pad_id, prefix_ids=prefix, next_token_fn=ev.model_next_token_fn(model, _device(args.device)))
     result = ev.evaluate_h4(runner, args.data_dir, tasks=tasks, num_fewshot=args.num_fewshot,
                             seed=args.seed, limit=args.limit)
     result.update(kind="h4", model=args.model, name=args.name or _name(args.model),

@@ -29,6 +29,7 @@ def _corpus():
     rng = random.Random(0)
     words = "the a model answer question chosen rejected good bad yes no".split()
     texts += [" ".join(rng.choice(words) for _ in range(8)) for _ in range(100)]
+    texts += ["Answer: A Answer: B Answer: C Answer: D"] * 50  # " A" .. " D" become single tokens
     return texts
 
 
@@ -188,3 +189,27 @@ def test_report_table(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"kind": "gamma"}))
     rc, _, err = run(["report", tmp_path / "c.json"], capsys)
     assert rc == 2 and "c.json: not an `eval.py h4` result" in err
+
+
+def test_one_token_groups_share_a_forward_and_agree_with_the_fused_path(models):
+    from sdpo.checkpoint import load_model
+
+    model = load_model(models["S"], dtype=torch.float32).eval()
+    tok = load_tokenizer(models["S"])
+    items = ev.load_task_items(FIX, "mmlu", num_fewshot=1) + ev.load_task_items(FIX, "arc", num_fewshot=0)
+    requests = [r for item in items for r in item.requests()]
+    encode = lambda s: tok.encode(s)  # noqa: E731
+    calls = []
+
+    def counting_next(ids, mask):
+        calls.append(ids.shape[0])
+        return ev.model_next_token_fn(model)(ids, mask)
+
+    plain = ev.LoglikelihoodRunner(ev.model_score_fn(model), encode, batch_size=4, progress=False)(requests)
+    grouped = ev.LoglikelihoodRunner(ev.model_score_fn(model), encode, batch_size=4, progress=False,
+                                     next_token_fn=counting_next)(requests)
+    assert all(len(tok.encode(ctx + c)) - len(tok.encode(ctx)) == 1
+               for item in items[:3] for ctx, c in item.requests())
+    assert grouped == pytest.approx(plain, abs=1e-4)
+    # the 3 MMLU questions (4 one-token letters each) take 3 context rows, not 12
+    assert sum(calls) == 3
