@@ -67,11 +67,16 @@ class ChunkedLogprobs(torch.autograd.Function):
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         step = _rows_per_chunk(n, v, chunk_elements)
+        # One [step, V] accumulation-dtype buffer reused by every chunk (16-bit
+        # logits only; fp32 chunks are read in place): freshly allocated
+        # chunk temporaries fragment the CPU heap and grow the peak.
+        buf = None if logits.dtype == acc else torch.empty(step, v, dtype=acc, device=logits.device)
         for s in range(0, n, step):
-            x = logits[s:s + step].to(acc)                               # [c, V] f32
-            lse[s:s + step] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe[s:s + step, None]).squeeze(1)      # [c]
-            out[s:s + step] = torch.where(valid[s:s + step], picked - lse[s:s + step], 0.0)
+            e = min(s + step, n)
+            x = logits[s:e] if buf is None else buf[:e - s].copy_(logits[s:e])     # [c, V] acc
+            lse[s:e] = torch.logsumexp(x, dim=-1)
+            picked = logits[s:e].gather(1, safe[s:e, None]).squeeze(1).to(acc)      # [c]
+            out[s:e] = torch.where(valid[s:e], picked - lse[s:e], 0.0)
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.inplace_backward = inplace_backward
         ctx.chunk_elements = chunk_elements
@@ -87,18 +92,16 @@ class ChunkedLogprobs(torch.autograd.Function):
         g = torch.where(valid, grad_out.to(acc), 0.0)                    # [N]
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         step = _rows_per_chunk(n, v, ctx.chunk_elements)
+        buf = torch.empty(step, v, dtype=acc, device=logits.device)          # reused by every chunk
         for s in range(0, n, step):
             e = min(s + step, n)
-            x = logits[s:e].to(acc)                                      # [c, V] f32
-            # (2): p = exp(x - lse); grad = g * (onehot(t) - p), built in one
-            # [c, V] f32 buffer. .to(acc) of fp32 logits is the logits
-            # themselves, which must not be modified before they are read.
-            p = x - lse[s:e, None] if logits.dtype == acc else x.sub_(lse[s:e, None])
-            p.exp_().mul_(-g[s:e, None])
+            p = buf[:e - s].copy_(logits[s:e])                               # [c, V] acc
+            # (2): grad = g * (onehot(t) - exp(x - lse)), built in the buffer.
+            p.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
             p.scatter_add_(1, safe[s:e, None], g[s:e, None])
-            # An ignored row (e.g. all -inf padding) may give exp(nan); its gradient is 0.
+            # An ignored row (e.g. all -inf padding) gives exp(nan); its gradient is 0.
             p.masked_fill_(~valid[s:e, None], 0.0)
-            grad[s:e] = p
+            grad[s:e].copy_(p)
         return grad, None, None, None, None
 
 
