@@ -47,6 +47,23 @@ def test_matches_hf_reference_logits(name):
     assert (padded_explicit - ref["padded_logits"])[real].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "qwen2"])
+def test_matches_hf_reference_bf16(name):
+    # HF's bf16 logits (from_pretrained(dtype=bfloat16)) differ from its float32 ones by bf16 rounding;
+    # ours in bf16 must sit far closer to HF's bf16 than that, which fails if an op (e.g. where
+    # RMSNorm casts back to bf16) runs in a different order or dtype. Mean, not max: a stray ulp
+    # on another CPU's bf16 matmul should not fail it.
+    d = FIXTURES / name
+    ref = load_file(str(d / "reference.safetensors"))
+    model = load_model(d, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ours = model(ref["input_ids"])
+    assert ours.dtype == torch.bfloat16
+    rounding = (ref["logits_bf16"].float() - ref["logits"]).abs().mean()
+    assert rounding > 1e-3
+    assert (ours.float() - ref["logits_bf16"].float()).abs().mean() <= 0.25 * rounding
+
+
 def test_fixture_configs_parsed():
     llama3 = load_config(FIXTURES / "llama3")
     assert llama3.head_dim == 16 and llama3.num_key_value_heads == 1 and llama3.rope_theta == 500000.0

@@ -113,6 +113,11 @@ def make_fixtures() -> None:
         d = max((ref[k] - ref_eager[k])[_valid(k, t)].abs().max().item() for k in ref)
         target = OUT / name
         save_hf(model, target)
+        # bf16 logits catch op-order differences (e.g. where RMSNorm casts back) that float32 hides.
+        # Loaded with from_pretrained, not model.to(bf16), which would also round the RoPE inv_freq buffer.
+        bf16 = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            ref["logits_bf16"] = bf16(input_ids=t["input_ids"]).logits.contiguous()
         save_file({**t, **ref}, str(target / "reference.safetensors"), metadata={"format": "pt"})
         print(f"{name}: wrote {target} ({type(model).__name__}); HF sdpa vs eager max|dlogit| {d:.2e}")
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
