@@ -12,6 +12,7 @@ from sdpo.checkpoint import CheckpointError, load_config, load_model, parse_size
 from sdpo.model import ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
+FIXTURE_NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic"]
 
 
 def tiny(**kw) -> ModelConfig:
@@ -30,7 +31,7 @@ def make_model(**kw) -> Transformer:
 # reference logits written by transformers (tools/make_hf_fixtures.py)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_matches_hf_reference_logits(name):
     d = FIXTURES / name
     ref = load_file(str(d / "reference.safetensors"))
@@ -47,7 +48,7 @@ def test_matches_hf_reference_logits(name):
     assert (padded_explicit - ref["padded_logits"])[real].abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_matches_hf_reference_bf16(name):
     # HF's bf16 logits (from_pretrained(dtype=bfloat16)) differ from its float32 ones by bf16 rounding;
     # ours in bf16 must sit far closer to HF's bf16 than that, which fails if an op (e.g. where
@@ -73,6 +74,9 @@ def test_fixture_configs_parsed():
     qwen = load_config(FIXTURES / "qwen2")
     assert qwen.attention_bias and qwen.tie_word_embeddings and qwen.sliding_window is None
     assert load_config(FIXTURES / "llama").rope_scaling is None
+    assert load_config(FIXTURES / "llama_linear").rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    dynamic = load_config(FIXTURES / "llama_dynamic")
+    assert dynamic.rope_scaling == {"rope_type": "dynamic", "factor": 2.0} and dynamic.max_position_embeddings == 8
 
 
 def test_legacy_and_v5_config_formats_agree(tmp_path):

@@ -42,6 +42,13 @@ CONFIGS = {
     "mistral": dict(model_type="mistral", **COMMON, sliding_window=4),
     # q/k/v biases, tied embeddings
     "qwen2": dict(model_type="qwen2", **COMMON, tie_word_embeddings=True, use_sliding_window=False),
+    # the other two RoPE scalings, smaller (vocab 64, MLP 32); dynamic: trained context 8 < SEQ = 10,
+    # so the base is stretched for these inputs
+    "llama_linear": dict(model_type="llama", **{**COMMON, "vocab_size": 64, "intermediate_size": 32},
+                         rope_scaling=dict(rope_type="linear", factor=4.0)),
+    "llama_dynamic": dict(model_type="llama", **{**COMMON, "vocab_size": 64, "intermediate_size": 32,
+                                                  "max_position_embeddings": 8},
+                          rope_scaling=dict(rope_type="dynamic", factor=2.0)),
 }
 SEQ = 10
 
