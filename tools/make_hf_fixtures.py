@@ -157,11 +157,20 @@ def check_roundtrip() -> int:
                     logits=m(t["input_ids"]).float(),
                     padded_logits=m(t["padded_input_ids"], t["padded_attention_mask"]).float(),
                 )
+            tok_dir = ROOT / "data" / "tokenizer" if i == 0 and dtype == torch.float32 else None
             with tempfile.TemporaryDirectory() as tmp:
-                save_model(m, Path(tmp) / "out", max_shard_size=shard)
-                files = sorted(p.name for p in (Path(tmp) / "out").iterdir())
-                hf = AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", torch_dtype=dtype).eval()
+                out = Path(tmp) / "out"
+                save_model(m, out, max_shard_size=shard, tokenizer_dir=tok_dir if tok_dir and tok_dir.is_dir() else None)
+                files = sorted(p.name for p in out.iterdir())
+                hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
                 ref = hf_logits(hf, t)
+                if tok_dir and tok_dir.is_dir():
+                    from transformers import AutoTokenizer
+
+                    text = "Hello world, stepwise DPO!"
+                    same = AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(tok_dir)(text).input_ids
+                    print(f"tokenizer copied from {tok_dir}: AutoTokenizer loads it from the saved dir, same ids: {same}")
+                    worst = max(worst, 0.0 if same else float("inf"))
             diffs = {k: (ours[k] - ref[k])[_valid(k, t)].abs().max().item() for k in ours}
             if dtype == torch.float32:
                 worst = max(worst, *diffs.values())
