@@ -258,7 +258,8 @@ def _weight_files(root: Path) -> list[Path]:
             "unpickling can run arbitrary code. Convert once with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
         )
-    raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE} found (files: {sorted(p.name for p in root.iterdir())})")
+    present = sorted(p.name for p in root.iterdir())
+    raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE} found (files: {present})")
 
 
 def _open(file: Path):
@@ -369,7 +370,9 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
     return shards
 
 
-def save_state_dict(state_dict, config: ModelConfig, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None) -> None:
+def save_state_dict(
+    state_dict, config: ModelConfig, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None
+) -> None:
     """Write an HF model directory from a state dict in our parameter names (model.state_dict()).
 
     dtype None keeps each tensor's dtype. The directory is built beside `path` and renamed into
@@ -393,7 +396,9 @@ def save_state_dict(state_dict, config: ModelConfig, path, *, max_shard_size="5G
     for name in expected:  # canonical order: embeddings, layer by layer, norm, lm_head
         t = state_dict[name].detach()
         if tuple(t.shape) != expected[name]:
-            raise CheckpointError(f"save to {path}: tensor {name!r} has shape {list(t.shape)}, expected {list(expected[name])}")
+            raise CheckpointError(
+                f"save to {path}: tensor {name!r} has shape {list(t.shape)}, expected {list(expected[name])}"
+            )
         t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage

@@ -242,7 +242,9 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, H] in the model's dtype."""
         B, T = input_ids.shape
         if attention_mask is not None:
@@ -266,7 +268,9 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> Tensor:
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
 
