@@ -26,9 +26,9 @@ VOCABS = (123, 32000, 128256)
 def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
     ptr = _PTR[dtype]
     if kernel_name == "logprobs_fwd_kernel":
-        return {"logits_ptr": ptr, "targets_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32",
+        return {"logits_ptr": ptr, "targets_ptr": "*i64", "out_ptr": "*fp32", "max_ptr": "*fp32", "logsum_ptr": "*fp32",
                 "stride_row": "i64", "V": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
-    return {"logits_ptr": ptr, "grad_ptr": ptr, "targets_ptr": "*i64", "lse_ptr": "*fp32",
+    return {"logits_ptr": ptr, "grad_ptr": ptr, "targets_ptr": "*i64", "max_ptr": "*fp32", "logsum_ptr": "*fp32",
             "grad_out_ptr": "*fp32", "stride_row": "i64", "stride_grad_row": "i64", "V": "i32",
             "ignore_index": "i32", "BLOCK": "constexpr"}
 

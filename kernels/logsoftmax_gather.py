@@ -3,7 +3,7 @@
 Three layers (see STYLE.md): the @triton.jit kernels, plain-Python launchers
 that choose the block size and warps and allocate outputs, and an autograd
 Function over the launchers. Shapes: logits [N, V] with unit column stride,
-targets [N] int64, out and lse [N] float32.
+targets [N] int64, out and the per-row statistics [N] float32.
 
 Memory traffic per row is the floor for this op: forward reads the row once,
 backward reads it once and writes its gradient once (3·V elements), and with
@@ -30,7 +30,8 @@ def logprobs_fwd_kernel(
     logits_ptr,      # [N, V] fp32/bf16/fp16, row stride `stride_row`, column stride 1
     targets_ptr,     # [N] int64
     out_ptr,         # [N] fp32: log p(target), 0 for ignored rows
-    lse_ptr,         # [N] fp32: log-sum-exp of the row (saved for backward)
+    max_ptr,         # [N] fp32: row max m            } saved for backward:
+    logsum_ptr,      # [N] fp32: log sum exp(x - m)   } lse = m + logsum
     stride_row,
     V,
     ignore_index,
@@ -42,7 +43,8 @@ def logprobs_fwd_kernel(
     if target == ignore_index:
         # Ignored rows (prompt, padding) skip the V-long pass entirely.
         tl.store(out_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(max_ptr + row, 0.0)
+        tl.store(logsum_ptr + row, 0.0)
         return
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK)
@@ -66,10 +68,15 @@ def logprobs_fwd_kernel(
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
-    lse = m + tl.log(d)
+    # (4) m and log d are kept apart and log p(t) = (x_t - m) - log d: forming
+    #     lse = m + log d first would round it to ulp(m) (2e-6 at m = 25), an
+    #     error that exp() passes on to every probability near 1 in backward.
+    #     x_t - m is exact when x_t is near the max; log d <= log V is small.
+    logsum = tl.log(d)
     x_t = tl.load(row_ptr + target).to(tl.float32)
-    tl.store(out_ptr + row, x_t - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(out_ptr + row, (x_t - m) - logsum)
+    tl.store(max_ptr + row, m)
+    tl.store(logsum_ptr + row, logsum)
 
 
 @triton.jit
@@ -77,7 +84,8 @@ def logprobs_bwd_kernel(
     logits_ptr,      # [N, V] as in forward
     grad_ptr,        # [N, V] same dtype; may be logits_ptr itself (in-place backward)
     targets_ptr,     # [N] int64
-    lse_ptr,         # [N] fp32 from forward
+    max_ptr,         # [N] fp32 row max m, from forward
+    logsum_ptr,      # [N] fp32 log sum exp(x - m), from forward
     grad_out_ptr,    # [N] fp32 upstream gradient g (differs per row in DPO)
     stride_row,
     stride_grad_row,
@@ -98,17 +106,18 @@ def logprobs_bwd_kernel(
             tl.store(grad_row_ptr + idx, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=idx < V)
         return
 
-    # (4) d(x_t - lse)/d x_v = 1[v = t] - exp(x_v - lse) = onehot_t(v) - softmax(x)_v,
-    #     so with upstream g:   grad_v = g · (onehot_t(v) - exp(x_v - lse)).
-    # (5) One streaming pass: each element is read, then overwritten by the same
+    # (5) d(x_t - lse)/d x_v = 1[v = t] - exp(x_v - lse) = onehot_t(v) - softmax(x)_v,
+    #     so with upstream g:   grad_v = g · (onehot_t(v) - exp((x_v - m) - log d)), see (4).
+    # (6) One streaming pass: each element is read, then overwritten by the same
     #     program, so grad_ptr == logits_ptr (in place) is safe.
     g = tl.load(grad_out_ptr + row).to(tl.float32)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
+    logsum = tl.load(logsum_ptr + row)
     for start in range(0, V, BLOCK):
         idx = start + cols
         mask = idx < V
         x = tl.load(row_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp((x - m) - logsum)
         grad = g * (tl.where(idx == target, 1.0, 0.0) - p)
         tl.store(grad_row_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -136,44 +145,43 @@ def check_device(logits: torch.Tensor) -> None:
 
 
 def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """logits [N, V], targets [N] int64 -> (out [N] fp32, lse [N] fp32)."""
+    """logits [N, V], targets [N] int64 -> (out, row max, log sum exp(x - max)), each [N] fp32."""
     n, v = logits.shape
     assert logits.stride(1) == 1 and targets.is_contiguous()
-    out = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    out, row_max, logsum = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n:
         block, num_warps = launch_config(v)
-        logprobs_fwd_kernel[(n,)](logits, targets, out, lse, logits.stride(0), v, ignore_index,
+        logprobs_fwd_kernel[(n,)](logits, targets, out, row_max, logsum, logits.stride(0), v, ignore_index,
                                   BLOCK=block, num_warps=num_warps)
-    return out, lse
+    return out, row_max, logsum
 
 
-def logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                      grad_out: torch.Tensor, ignore_index: int, inplace: bool) -> torch.Tensor:
+def logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
+                      logsum: torch.Tensor, grad_out: torch.Tensor, ignore_index: int, inplace: bool) -> torch.Tensor:
     """g [N] -> gradient [N, V] in the logits' dtype; written into `logits` if inplace."""
     n, v = logits.shape
     grad = logits if inplace else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     grad_out = grad_out.to(torch.float32).contiguous()   # sum()'s backward sends a stride-0 expand
     if n:
         block, num_warps = launch_config(v)
-        logprobs_bwd_kernel[(n,)](logits, grad, targets, lse, grad_out, logits.stride(0), grad.stride(0),
-                                  v, ignore_index, BLOCK=block, num_warps=num_warps)
+        logprobs_bwd_kernel[(n,)](logits, grad, targets, row_max, logsum, grad_out, logits.stride(0),
+                                  grad.stride(0), v, ignore_index, BLOCK=block, num_warps=num_warps)
     return grad
 
 
 class TritonLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int, inplace_backward: bool):
-        out, lse = logprobs_forward(logits, targets, ignore_index)
-        ctx.save_for_backward(logits, targets, lse)
+        out, row_max, logsum = logprobs_forward(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, row_max, logsum)
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, lse = ctx.saved_tensors
-        grad = logprobs_backward(logits, targets, lse, grad_out, ctx.ignore_index, ctx.inplace_backward)
+        logits, targets, row_max, logsum = ctx.saved_tensors
+        grad = logprobs_backward(logits, targets, row_max, logsum, grad_out, ctx.ignore_index, ctx.inplace_backward)
         return grad, None, None, None
 
 

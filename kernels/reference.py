@@ -12,7 +12,7 @@ for logits x: [N, V] and targets t: [N] (0 where t_i == ignore_index):
   log-softmax and, in backward, two more N×V tensors.
 * `chunked_token_logprobs` streams the rows in chunks with its own autograd
   Function, so neither pass ever holds an N×V float32 tensor. The backward
-  recomputes softmax per chunk from the saved log-sum-exp:
+  recomputes softmax per chunk from the saved row max and log-sum (3):
 
     d out[i] / d x_i[v] = 1[v == t_i] - exp(x_i[v] - lse_i)       (2)
 
@@ -62,42 +62,46 @@ class ChunkedLogprobs(torch.autograd.Function):
                 inplace_backward: bool, chunk_elements: int | None):
         n, v = logits.shape
         acc = _acc_dtype(logits.dtype)
-        out = torch.empty(n, dtype=acc, device=logits.device)
-        lse = torch.empty(n, dtype=acc, device=logits.device)
+        out, row_max, logsum = (torch.empty(n, dtype=acc, device=logits.device) for _ in range(3))
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         step = _rows_per_chunk(n, v, chunk_elements)
-        # One [step, V] accumulation-dtype buffer reused by every chunk (16-bit
-        # logits only; fp32 chunks are read in place): freshly allocated
-        # chunk temporaries fragment the CPU heap and grow the peak.
-        buf = None if logits.dtype == acc else torch.empty(step, v, dtype=acc, device=logits.device)
+        # One [step, V] buffer reused by every chunk: freshly allocated chunk
+        # temporaries fragment the CPU heap and grow the peak.
+        buf = torch.empty(step, v, dtype=acc, device=logits.device)
         for s in range(0, n, step):
             e = min(s + step, n)
-            x = logits[s:e] if buf is None else buf[:e - s].copy_(logits[s:e])     # [c, V] acc
-            lse[s:e] = torch.logsumexp(x, dim=-1)
-            picked = logits[s:e].gather(1, safe[s:e, None]).squeeze(1).to(acc)      # [c]
-            out[s:e] = torch.where(valid[s:e], picked - lse[s:e], 0.0)
-        ctx.save_for_backward(logits, safe, valid, lse)
+            # (3) lse = m + log sum exp(x - m) with m the row max, kept as m and
+            # log-sum apart: lse rounded to ulp(m) would pass that error on to
+            # every probability near 1 in backward. An all -inf row uses m = 0.
+            m = logits[s:e].amax(dim=-1).to(acc)
+            m = torch.where(m == float("-inf"), 0.0, m)                         # [c]
+            z = buf[:e - s].copy_(logits[s:e]).sub_(m[:, None])                # [c, V] x - m
+            row_max[s:e] = m
+            logsum[s:e] = z.exp_().sum(dim=-1).log_()
+            picked = logits[s:e].gather(1, safe[s:e, None]).squeeze(1).to(acc)  # [c]
+            out[s:e] = torch.where(valid[s:e], (picked - m) - logsum[s:e], 0.0)
+        ctx.save_for_backward(logits, safe, valid, row_max, logsum)
         ctx.inplace_backward = inplace_backward
         ctx.chunk_elements = chunk_elements
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        logits, safe, valid, lse = ctx.saved_tensors
+        logits, safe, valid, row_max, logsum = ctx.saved_tensors
         n, v = logits.shape
         # Ignored rows get g = 0, so their gradient row is written as zeros
         # (needed in place: the buffer still holds the logits).
         acc = _acc_dtype(logits.dtype)
-        g = torch.where(valid, grad_out.to(acc), 0.0)                    # [N]
+        g = torch.where(valid, grad_out.to(acc), 0.0)                        # [N]
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         step = _rows_per_chunk(n, v, ctx.chunk_elements)
         buf = torch.empty(step, v, dtype=acc, device=logits.device)          # reused by every chunk
         for s in range(0, n, step):
             e = min(s + step, n)
             p = buf[:e - s].copy_(logits[s:e])                               # [c, V] acc
-            # (2): grad = g * (onehot(t) - exp(x - lse)), built in the buffer.
-            p.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
+            # (2): grad = g * (onehot(t) - exp((x - m) - logsum)), built in the buffer.
+            p.sub_(row_max[s:e, None]).sub_(logsum[s:e, None]).exp_().mul_(-g[s:e, None])
             p.scatter_add_(1, safe[s:e, None], g[s:e, None])
             # An ignored row (e.g. all -inf padding) gives exp(nan); its gradient is 0.
             p.masked_fill_(~valid[s:e, None], 0.0)
