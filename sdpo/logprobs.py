@@ -45,16 +45,21 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
     return targets
 
 
-def _check_inputs(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> None:
+def _check_inputs(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None,
+                  position_ids: Tensor | None) -> None:
     where = "sdpo/logprobs.py: sequence_logps"
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
         raise ValueError(f"{where}: input_ids must be a [N, T] tensor, got {got}")
     if input_ids.dtype.is_floating_point or labels.dtype.is_floating_point:
-        raise TypeError(f"{where}: input_ids and labels must be integer token ids, got {input_ids.dtype}, {labels.dtype}")
+        raise TypeError(
+            f"{where}: input_ids and labels must be integer token ids, got {input_ids.dtype}, {labels.dtype}"
+        )
     for name, x in (("labels", labels), ("attention_mask", attention_mask), ("position_ids", position_ids)):
         if x is not None and tuple(x.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}, expected input_ids' {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(x.shape)}, expected input_ids' {tuple(input_ids.shape)}"
+            )
 
 
 def sequence_logps(

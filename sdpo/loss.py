@@ -213,7 +213,9 @@ def preference_loss(
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError("sdpo/loss.py: ref_chosen_logps/ref_rejected_logps are None; pass them or set reference_free=True")
+            raise ValueError(
+                "sdpo/loss.py: ref_chosen_logps/ref_rejected_logps are None; pass them or set reference_free=True"
+            )
         _check_logps("ref_chosen_logps", ref_chosen_logps, shape)
         _check_logps("ref_rejected_logps", ref_rejected_logps, shape)
 

@@ -214,7 +214,8 @@ def test_errors():
     with pytest.raises(ValueError, match=r"input_ids must be a \[N, T\]"):
         sequence_logps(m, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="expected 2B"):
-        concatenated_forward(m, {"input_ids": torch.zeros(3, 4, dtype=torch.long), "labels": torch.zeros(3, 4, dtype=torch.long)})
+        odd = torch.zeros(3, 4, dtype=torch.long)
+        concatenated_forward(m, {"input_ids": odd, "labels": odd})
     with pytest.raises(KeyError, match="labels"):
         concatenated_forward(m, {"input_ids": ids})
     with pytest.raises(TypeError, match="response_only=False"):
@@ -227,3 +228,20 @@ def test_no_response_tokens_gives_zero():
     out = sequence_logps(m, ids, torch.full((1, 3), IGN))
     assert out.logps.tolist() == [0.0] and out.counts.tolist() == [0] and out.mean_logits.tolist() == [0.0]
     assert isinstance(out, SequenceLogps)
+
+
+def test_with_data_collate_batch():
+    """sdpo.data.collate's batch (with position_ids and an `index` key) goes straight in, and
+    pad_to_multiple_of (more padding) changes nothing."""
+    from sdpo.data import TokenizedPair, collate
+
+    pairs = [TokenizedPair(p, c, r, index=i) for i, (p, c, r) in enumerate(_pairs(seed=7))]
+    m = _tiny_model(seed=8)
+    with torch.no_grad():
+        a = concatenated_forward(m, collate(pairs, pad_id=PAD))
+        b = concatenated_forward(m, collate(pairs, pad_id=PAD, pad_to_multiple_of=32))
+        mine = concatenated_forward(m, _collate([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]))
+    for x, y, z in zip(a, b, mine):
+        assert torch.allclose(x.logps, y.logps, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(x.logps, z.logps, atol=1e-6, rtol=1e-6)
+        assert torch.equal(x.counts, z.counts)

@@ -121,7 +121,8 @@ def test_label_smoothing_zero_is_plain_dpo_and_robust_matches_at_zero():
 
 
 def test_cdpo_and_robust_formulas_at_eps_0_1():
-    """ε = 0.1, β = 0.1: cDPO = 0.9·ℓ(βh) + 0.1·ℓ(-βh); rDPO = (0.9·ℓ(βh) - 0.1·ℓ(-βh))/0.8, ℓ(z) = -log σ(z)."""
+    """ε = 0.1, β = 0.1, ℓ(z) = -log σ(z):
+    cDPO = 0.9·ℓ(βh) + 0.1·ℓ(-βh); rDPO = (0.9·ℓ(βh) - 0.1·ℓ(-βh))/0.8."""
     h = [-30.0, -2.0, 0.0, 1.5, 40.0]
     zeros = torch.zeros(5, dtype=torch.float64)
     pc = torch.tensor(h, dtype=torch.float64)
