@@ -245,3 +245,18 @@ def test_with_data_collate_batch():
         assert torch.allclose(x.logps, y.logps, atol=1e-6, rtol=1e-6)
         assert torch.allclose(x.logps, z.logps, atol=1e-6, rtol=1e-6)
         assert torch.equal(x.counts, z.counts)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    """Activation checkpointing recomputes the blocks in backward; the response-only path (whose
+    logits buffer is overwritten in backward) must still give the same gradients."""
+    batch = _collate(_pairs(seed=9, B=2))
+    grads = []
+    for ckpt in (False, True):
+        m = _tiny_model(seed=10)
+        m.gradient_checkpointing = ckpt
+        c, r = concatenated_forward(m, batch)
+        (c.logps - 0.5 * r.logps).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
