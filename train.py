@@ -1,0 +1,46 @@
+"""sDPO training from the command line.
+
+    python train.py                                   # the built-in tiny run (configs/tiny.toml)
+    python train.py --config configs/solar-10.7b-sdpo.toml --train.output_dir=runs/solar
+    torchrun --nproc_per_node 8 train.py --config configs/solar-10.7b-sdpo.toml
+    python train.py --config ... --resume             # continue a killed run in its output_dir
+
+Any config key can be overridden as --section.key=value (see `python train.py --help`).
+Exit codes: 0 done, 1 training error (e.g. a non-finite loss), 2 bad config or input,
+3 stopped by train.stop_after.
+"""
+
+import sys
+from pathlib import Path
+
+from sdpo.config import ConfigError, parse_args
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.toml"
+
+
+def main(argv: list[str]) -> int:
+    from sdpo import distributed
+    from sdpo.checkpoint import CheckpointError
+    from sdpo.data import DataError
+    from sdpo.tokenizer import TokenizerError
+    from sdpo.trainer import StopRequested, TrainingError, train
+
+    try:
+        cfg = parse_args(argv, default_config=DEFAULT_CONFIG)
+        train(cfg)
+    except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StopRequested as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    finally:
+        distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
