@@ -44,20 +44,26 @@ def _fwd_bwd(impl, logits, targets, g):
     return grad
 
 
-def run_one(impl: str, n: int, v: int, dtype: str, device: str, repeats: int) -> dict:
+def run_one(impl: str, n: int, v: int, dtype: str, device: str, repeats: int, threads: int | None) -> dict:
     """One row, measured in this process (a fresh one on CPU)."""
     import resource
 
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
+    # Warm-up on small tensors first (compiles kernels, pages in code), so its
+    # temporaries are below the high-water mark the full-size tensors set.
+    w = max(1, n // 16)
+    _fwd_bwd(impl, torch.randn(w, v, device=device).to(getattr(torch, dtype)),
+             torch.randint(0, v, (w,), device=device), torch.randn(w, device=device))
+    sync()
     logits = torch.randn(n, v, device=device).to(getattr(torch, dtype))
     targets = torch.randint(0, v, (n,), device=device)
     g = torch.randn(n, device=device)
-    # Warm-up on a slice: compiles kernels / pages in code without touching the peak.
-    _fwd_bwd(impl, logits[: max(1, n // 8)].clone(), targets[: max(1, n // 8)], g[: max(1, n // 8)])
-    sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -65,7 +71,9 @@ def run_one(impl: str, n: int, v: int, dtype: str, device: str, repeats: int) ->
         sync()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # Current RSS now (not the high-water mark, which earlier frees may hold above it).
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * resource.getpagesize()
         grad = _fwd_bwd(impl, logits, targets, g)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     del grad
@@ -105,6 +113,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU intra-op threads (default: torch's). On a shared CPU, 1 avoids OpenMP "
+                         "barrier stalls that make timings swing 10x with the other processes' load")
     ap.add_argument("--impls", default=None, help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)   # internal: run one CPU row
     args = ap.parse_args()
@@ -127,7 +138,8 @@ def main() -> None:
         machine = torch.cuda.get_device_name()
     else:
         machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
-    print(f"# {machine}, torch {torch.__version__}, {dtype}, median of {args.repeats}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"# {machine}, torch {torch.__version__}, {dtype}, {threads} intra-op thread(s), median of {args.repeats}")
     print("# command: python bench/logprobs.py " + " ".join(sys.argv[1:]))
     cols = "| N | V | impl | fwd+bwd ms | peak beyond logits (MB) | × N·V fp32 |"
     if bandwidth:
@@ -137,7 +149,8 @@ def main() -> None:
     for n in map(int, args.n.split(",")):
         for v in map(int, args.v.split(",")):
             for impl in impls:
-                spec = dict(impl=impl, n=n, v=v, dtype=dtype, device=device, repeats=args.repeats)
+                spec = dict(impl=impl, n=n, v=v, dtype=dtype, device=device, repeats=args.repeats,
+                            threads=args.threads)
                 if device == "cpu":
                     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
                                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
