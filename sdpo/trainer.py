@@ -657,8 +657,9 @@ def train(cfg: Config) -> dict:
             continue
         ref = reference_logps(run, prev, pairs, f"sDPO step {t}/{len(steps)}")
         gamma = float((ref[0] - ref[1]).mean())
-        write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma,
-                            "reference": str(prev), "pairs": len(pairs)})
+        if not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):  # else already written
+            write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma,
+                                "reference": str(prev), "pairs": len(pairs)})
         log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {prev}, gamma_ref/mean {gamma:.3f}")
         model = load_for_training(run, prev if cfg.train.init == "previous" else base)
         optimize(run, model, pairs, stage="dpo", sdpo_step=t, hp=cfg.train, lr=cfg.optim.lr,

@@ -1,0 +1,222 @@
+"""End-to-end sDPO runs on a very small model and a slice of the demo data."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdpo import trainer
+from sdpo.config import load_config
+from sdpo.trainer import StopRequested, TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.toml"
+
+# A ~25K-parameter model, 48 pairs per sDPO step, a few optimizer steps per stage.
+SMALL = [
+    "--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
+    "--model.num_attention_heads=2",
+    "--data.max_examples=48", "--data.max_test_examples=48",
+    "--sft.max_steps=8", "--sft.global_batch_size=16", "--sft.micro_batch_size=8",
+    "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.epochs=1", "--train.log_every=1",
+    "--eval.summary=false",
+]
+
+
+def small_cfg(tmp_path, *extra, out="run"):
+    return load_config(TINY, SMALL + [f"--train.output_dir={tmp_path / out}", *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(model_dir):
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs use repo-relative data paths
+
+
+def test_two_step_sdpo_learns_and_the_reference_moves(tmp_path):
+    cfg = small_cfg(tmp_path, "--data.max_examples=96", "--train.epochs=3", "--optim.lr=1e-2",
+                    "--sft.max_steps=40", "--eval.summary=true", "--data.max_test_examples=96",
+                    "--data.test_datasets=[\"data/demo/orca_pairs/train.jsonl\"]")
+    result = train(cfg)
+    out = Path(cfg.train.output_dir)
+    rows = metrics(out)
+    for t in (1, 2):
+        dpo = [r for r in rows if r.get("stage") == "dpo" and r["sdpo_step"] == t]
+        assert len(dpo) == 3 * 96 // 8
+        # policy == reference at the first step: the sigmoid loss is exactly ln 2 (up to float32)
+        assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+        first, last = dpo[: len(dpo) // 3], dpo[-len(dpo) // 3:]
+        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        assert mean(last, "loss") < mean(first, "loss") - 0.02, t
+        assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies"), t
+        for key in ("lr", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                    "logps/rejected", "grad_norm", "tokens_per_s", "peak_mem_gb", "step"):
+            assert key in dpo[-1]
+    gammas = [r["gamma_ref/mean"] for r in rows if "gamma_ref/mean" in r]
+    assert len(gammas) == 2 and gammas[1] != gammas[0]
+    assert result["models"] == [str(out / "M1"), str(out / "M2")]
+    for d in ["sft", "M1", "M2"]:
+        assert (out / d / "config.json").is_file() and (out / d / "tokenizer.json").is_file()
+    # M1 was trained on D1 = these pairs: it prefers the chosen responses more than S does.
+    s = result["summary"]
+    assert s["M1"]["D1"]["gamma_mean"] > s["S"]["D1"]["gamma_mean"]
+    assert s["M1"]["D1"]["accuracy"] >= s["S"]["D1"]["accuracy"]
+    saved = load_config(out / "config.toml")
+    assert saved == cfg
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
+    base = ["--train.save_every=2", "--sft.max_steps=6"]
+    full = small_cfg(tmp_path, *base, out="full")
+    train(full)
+    # 6 SFT steps then 6 per sDPO step: stop inside SFT (after its save at 4)
+    # and, on the first resume, inside sDPO step 1 (global step 9, saved at 8).
+    cut = small_cfg(tmp_path, *base, "--train.stop_after=5", out="cut")
+    with pytest.raises(StopRequested):
+        train(cut)
+    assert not (tmp_path / "cut" / "sft").exists()
+    meta = json.loads((tmp_path / "cut" / "state" / "meta.json").read_text())
+    assert meta == {"stage": ["sft", 0], "step": 4, "global_step": 4}
+    with pytest.raises(StopRequested):
+        train(small_cfg(tmp_path, *base, "--train.stop_after=9", "--train.resume=true", out="cut"))
+    meta = json.loads((tmp_path / "cut" / "state" / "meta.json").read_text())
+    assert meta == {"stage": ["dpo", 1], "step": 2, "global_step": 8}
+    train(small_cfg(tmp_path, *base, "--train.resume=true", out="cut"))
+    for d in ("sft", "M1", "M2"):
+        a, b = weights(tmp_path / "full" / d), weights(tmp_path / "cut" / d)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{d}/{k}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb", "reference")} for r in rows]  # noqa
+    assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "full"))
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = small_cfg(tmp_path, "--train.save_every=2", "--train.stop_after=3")
+    with pytest.raises(StopRequested):
+        train(cfg)
+    with pytest.raises(Exception, match=r"optim\.lr: 0\.001 -> 0\.002"):
+        train(small_cfg(tmp_path, "--train.resume=true", "--optim.lr=2e-3"))
+
+
+def test_reference_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, "--data.max_examples=16")
+    train(cfg)
+    out = Path(cfg.train.output_dir)
+    cache = out / "ref_cache"
+    assert len(list(cache.glob("*.safetensors"))) == 2  # one per sDPO step
+
+    loads = []
+    real = trainer.load_for_training
+    monkeypatch.setattr(trainer, "load_for_training", lambda run, d: loads.append(str(d)) or real(run, d))
+    train(cfg)  # a repeated run: same S (deterministic), same data -> both reference passes from the cache
+    assert loads == [str(out / "sft"), str(out / "M1")]  # the two policies only, no reference pass
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+    # different data -> new keys
+    loads.clear()
+    train(small_cfg(tmp_path, "--data.max_examples=12"))
+    assert len(loads) == 4 and len(list(cache.glob("*.safetensors"))) == 4
+
+    # same data, different weights (another SFT) -> new keys
+    loads.clear()
+    train(small_cfg(tmp_path, "--data.max_examples=16", "--sft.max_steps=5"))
+    assert len(loads) == 4 and len(list(cache.glob("*.safetensors"))) == 6
+
+
+def test_init_base_starts_each_step_from_s(tmp_path):
+    prev = small_cfg(tmp_path, "--train.epochs=3", "--optim.lr=1e-2", out="prev")
+    train(prev)
+    base = small_cfg(tmp_path, "--train.epochs=3", "--optim.lr=1e-2", "--train.init=base", out="base")
+    train(base)
+    first = lambda out, t: [r for r in metrics(out) if r.get("stage") == "dpo" and r["sdpo_step"] == t][0]  # noqa
+    # Step 1: both start from S = M_0. Step 2: the reference is M1; the policy is M1 (loss ln 2,
+    # the paper's Figure 3 "initialised from M_{t-1}") or S (a different, larger initial loss).
+    assert first(tmp_path / "prev", 1)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first(tmp_path / "base", 1)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first(tmp_path / "prev", 2)["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first(tmp_path / "base", 2)["loss"] > math.log(2) + 1e-3
+    a, b = weights(tmp_path / "prev" / "M1"), weights(tmp_path / "base" / "M1")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 1 is the same in both
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    real = trainer.preference_loss
+
+    def poisoned(*args, **kwargs):
+        losses, c, r = real(*args, **kwargs)
+        return losses * float("nan"), c, r
+
+    monkeypatch.setattr(trainer, "preference_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"sDPO step 1/2: non-finite loss at optimizer step 1/6"):
+        train(small_cfg(tmp_path))
+    assert (tmp_path / "run" / "sft" / "config.json").is_file()  # the last good model stays
+    assert not (tmp_path / "run" / "M1").exists()
+
+
+def run_cli(*args, cwd=REPO, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lr=-1"], "optim.lr must be > 0"),
+    (["--optim.learning_rate=1"], "unknown key in [optim] 'learning_rate'"),
+    (["--data.datasets=[\"nowhere.jsonl\"]"], "data.datasets[0]: nowhere.jsonl does not exist"),
+    (["--model.path=/nonexistent"], "model.path: /nonexistent is not a model directory"),
+    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "must be divisible by world size"),
+])
+def test_bad_config_fails_fast(tmp_path, args, message):
+    t0 = time.time()
+    proc = run_cli(*args, f"--train.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_record_fails_before_any_work(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "x", "chosen": 3}\n')
+    proc = run_cli(f"--data.datasets=[\"{bad}\"]", "--data.test_datasets=", "--eval.summary=false",
+                   f"--train.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "bad.jsonl:2" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    args = SMALL + ["--data.max_examples=16", "--sft.max_steps=4", "--train.device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    train(load_config(TINY, args + [f"--train.output_dir={tmp_path / 'one'}"]))
+    for d in ("sft", "M1", "M2"):
+        a, b = weights(tmp_path / "one" / d), weights(tmp_path / "two" / d)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{d}/{k}: {m}")
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for r1, r2 in zip(one, two):
+        for k in ("loss", "rewards/accuracies", "gamma_ref/mean"):
+            if k in r1:
+                assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (k, r1, r2)
