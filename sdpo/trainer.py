@@ -35,6 +35,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -347,7 +348,9 @@ def save_state(run: Run, model, optimizer, meta: dict) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    dcp.save({"model": model_sd, "optim": optim_sd, "rng": rng}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd, "rng": rng}, checkpoint_id=str(tmp))
     D.barrier()
     if run.info.is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -377,7 +380,9 @@ def load_state(run: Run, model, optimizer) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     state = {"model": model_sd, "optim": optim_sd, "rng": rng}
-    dcp.load(state, checkpoint_id=str(run.out / STATE))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(run.out / STATE))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"]:
@@ -689,30 +694,45 @@ def _shard_random(run: Run, model):
 # --------------------------------------------------------------------------------------
 
 def summarize(run: Run, named_dirs: list[tuple[str, str]], tests) -> dict:
-    """acc = P[log π(y_w|x) > log π(y_l|x)], γ = mean(log π(y_w|x) - log π(y_l|x)) (paper Fig. 2)."""
-    table = {}
+    """Per model and held-out set:
+    accuracy     P[log π(y_w|x) > log π(y_l|x)]: does the model itself rank the pair right;
+    gamma_mean   mean γ = log π(y_w|x) - log π(y_l|x), the paper's Figure 2 statistic;
+    reward_accuracy_vs_S  DPO's implicit-reward accuracy with S as reference (DPO eq. 5):
+                 P[(log π - log π_S)(y_w) > (log π - log π_S)(y_l)] (not defined for S itself)."""
+    table, base_logps = {}, None
     for name, d in named_dirs:
         model = load_for_training(run, d)
-        row = {}
+        row, logps = {}, []
         for j, pairs in enumerate(tests, start=1):
             c, r = pair_logps(run, model, pairs, run.cfg.eval.batch_size)
-            row[f"D{j}"] = {"accuracy": float((c > r).double().mean()), "gamma_mean": float((c - r).double().mean()),
+            c, r = c.double(), r.double()
+            logps.append((c, r))
+            row[f"D{j}"] = {"accuracy": float((c > r).double().mean()), "gamma_mean": float((c - r).mean()),
                             "n": len(pairs)}
+            if base_logps is not None:
+                bc, br = base_logps[j - 1]
+                row[f"D{j}"]["reward_accuracy_vs_S"] = float(((c - bc) > (r - br)).double().mean())
+        base_logps = base_logps or logps
         table[name] = row
         free(model)
     if run.info.is_main:
         (run.out / "summary.json").write_text(json.dumps(table, indent=1))
-        headers = ["model"] + [f"acc D{j}" for j in range(1, len(tests) + 1)] + \
-                  [f"mean γ D{j}" for j in range(1, len(tests) + 1)]
-        rows = [[name] + [f"{row[f'D{j}']['accuracy']:.3f}" for j in range(1, len(tests) + 1)] +
-                [f"{row[f'D{j}']['gamma_mean']:.2f}" for j in range(1, len(tests) + 1)] for name, row in table.items()]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-        n = ", ".join(f"D{j} test: {len(p)} pairs" for j, p in enumerate(tests, start=1))
-        print(f"\nHeld-out preference accuracy P[log π(y_w|x) > log π(y_l|x)] and mean γ ({n}):")
-        print(line(headers))
-        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        for r in rows:
-            print(line(r))
-        sys.stdout.flush()
+        print("\n" + format_summary(table), flush=True)
     return table
+
+
+def format_summary(table: dict) -> str:
+    sets = list(next(iter(table.values())))
+    headers = (["model"] + [f"acc {s}" for s in sets] + [f"mean γ {s}" for s in sets]
+               + [f"reward acc {s} vs S" for s in sets])
+    rows = []
+    for name, row in table.items():
+        rows.append([name] + [f"{row[s]['accuracy']:.3f}" for s in sets] + [f"{row[s]['gamma_mean']:.2f}" for s in sets]
+                    + [f"{row[s]['reward_accuracy_vs_S']:.3f}" if "reward_accuracy_vs_S" in row[s] else "-"
+                       for s in sets])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    n = ", ".join(f"{s} test: {row0[s]['n']} pairs" for row0 in [next(iter(table.values()))] for s in sets)
+    return "\n".join([f"Held-out pairs ({n}); acc = P[log π(y_w|x) > log π(y_l|x)], "
+                      "γ = log π(y_w|x) - log π(y_l|x):",
+                      line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
