@@ -106,7 +106,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
-    cfg = small_cfg(tmp_path, "--train.save_every=2", "--train.stop_after=3")
+    cfg = small_cfg(tmp_path, "--train.save_every=2", "--train.stop_after=3", "--optim.lr=1e-3")
     with pytest.raises(StopRequested):
         train(cfg)
     with pytest.raises(Exception, match=r"optim\.lr: 0\.001 -> 0\.002"):
@@ -220,3 +220,24 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
         for k in ("loss", "rewards/accuracies", "gamma_ref/mean"):
             if k in r1:
                 assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (k, r1, r2)
+
+
+def test_easy_to_hard_orders_by_the_base_gamma(tmp_path, monkeypatch):
+    seen = {}
+    real = trainer.split_steps
+
+    def spy(datasets, strategy, **kw):
+        seen["scores"], seen["pool"] = kw.get("scores"), [ex for d in datasets for ex in d]
+        steps = real(datasets, strategy, **kw)
+        seen["steps"] = steps
+        return steps
+
+    monkeypatch.setattr(trainer, "split_steps", spy)
+    cfg = small_cfg(tmp_path, "--data.split=easy_to_hard", "--data.fractions=0.5,0.5", "--data.max_examples=16")
+    train(cfg)
+    scores, pool = seen["scores"], seen["pool"]
+    assert len(scores) == len(pool) and len(seen["steps"]) == 2
+    score_of = {ex.origin: s for ex, s in zip(pool, scores)}
+    d1, d2 = ([score_of[ex.origin] for ex in step] for step in seen["steps"])
+    assert min(d1) >= max(d2)  # D1 holds the pairs S finds easiest (highest γ)
+    assert [r["sdpo_step"] for r in metrics(tmp_path / "run") if "gamma_ref/mean" in r] == [1, 2]
