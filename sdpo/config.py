@@ -432,7 +432,8 @@ def parse_args(argv: list[str], default_config: str | os.PathLike | None = None)
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(_usage())
+            print(_usage())
+            raise SystemExit(0)
         if arg == "--config" or arg.startswith("--config="):
             if "=" in arg:
                 config_path = arg.split("=", 1)[1]
