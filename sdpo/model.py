@@ -130,14 +130,27 @@ def default_position_ids(attention_mask: Tensor) -> Tensor:
     return torch.where(seg > 0, idx - first, torch.zeros_like(idx))
 
 
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when every row is one segment from position 0 followed by padding (1…1 0…0).
+
+    Then plain causal attention is exact for every real token (its keys are all earlier
+    real tokens; the pads come after it), so no mask is needed and SDPA can take its
+    flash / fused-causal kernels. Pad queries see earlier tokens instead of only
+    themselves: finite, and never scored. One host sync per forward."""
+    m = attention_mask
+    return bool(((m.min() >= 0) & (m.max() <= 1) & (m[:, 1:] <= m[:, :-1]).all()).item())
+
+
 def build_attention_mask(attention_mask: Tensor | None, T: int, sliding_window: int | None, device) -> Tensor | None:
-    """Boolean [B or 1, 1, T, T], True = may attend; None means plain causal (SDPA's fast is_causal path).
+    """Boolean [B or 1, 1, T, T], True = may attend; None means plain causal (SDPA's fast is_causal path),
+    used whenever it is exact: no mask or a right-padded one, and no sliding window shorter than T.
 
     Key j is visible to query i when j <= i, both are in the same non-pad segment and, with a
     sliding window w, i - j < w (transformers: kv_idx > q_idx - w). A pad query sees only
     itself, so its softmax row is never empty (no NaN).
     """
-    if attention_mask is None and sliding_window is None:
+    window_bites = sliding_window is not None and sliding_window < T  # else the window hides nothing
+    if not window_bites and (attention_mask is None or is_right_padded(attention_mask)):
         return None
     i = torch.arange(T, device=device)
     allowed = i[None, :] <= i[:, None]  # [T_q, T_k]

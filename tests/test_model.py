@@ -11,6 +11,7 @@ from sdpo.model import (
     Transformer,
     apply_rope,
     build_attention_mask,
+    is_right_padded,
     default_position_ids,
     rope_cos_sin,
     rope_inv_freq,
@@ -74,6 +75,34 @@ def test_padding_invariance_left_and_right(name):
     assert torch.isfinite(out).all()  # pad query rows attend to themselves, never an empty softmax
     close(out[0, 3:], alone)
     close(out[1, :9], alone)
+
+
+def test_mask_free_causal_path_only_when_exact():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    assert is_right_padded(right) and build_attention_mask(right, 4, None, "cpu") is None
+    assert build_attention_mask(right, 4, 4, "cpu") is None  # a window >= T hides nothing
+    assert build_attention_mask(right, 4, 3, "cpu") is not None
+    for m in ([[0, 1, 1, 1]], [[1, 1, 2, 2]], [[1, 0, 1, 0]]):  # left pad, packed, hole
+        m = torch.tensor(m)
+        assert not is_right_padded(m) and build_attention_mask(m, 4, None, "cpu") is not None
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama3", "mistral_wide"])
+def test_right_padded_batch_takes_causal_path_and_matches_unpadded(name):
+    """Rows 1…1 0…0 run through SDPA's is_causal path (no [B, 1, T, T] mask); the real tokens
+    must still equal each sequence run alone, and the pad rows stay finite."""
+    cfg = dict(model_type="mistral", sliding_window=16) if name == "mistral_wide" else CONFIGS[name]
+    model = make_model(**cfg)
+    a, b = ids(1, 9, seed=4), ids(1, 6, seed=5)
+    batch = torch.cat([a, torch.cat([b, torch.full((1, 3), 13)], 1)])
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    assert build_attention_mask(mask, 9, model.config.sliding_window, "cpu") is None
+    with torch.no_grad():
+        out = model(batch, mask)
+        alone_a, alone_b = model(a)[0], model(b)[0]
+    assert torch.isfinite(out).all()
+    close(out[0], alone_a)
+    close(out[1, :6], alone_b)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
