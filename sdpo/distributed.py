@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -144,3 +145,99 @@ def barrier() -> None:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------------------
+# Loading an HF checkpoint straight into FSDP2 shards
+# --------------------------------------------------------------------------------------
+
+def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of a dim-0 length n that FSDP2's Shard(0) gives `rank`.
+
+    FSDP2 splits like torch.chunk: chunks of ceil(n / W) rows, the last ones short or empty
+    (n = 5, W = 4 -> 2, 2, 1, 0 rows; n = 1, W = 2 -> 1, 0)."""
+    size = -(-n // world_size)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = True,
+                 activation_checkpointing: bool = False, device=None) -> nn.Module:
+    """An HF model directory as an FSDP2-sharded float32 Transformer, without a full copy anywhere.
+
+    Build on the meta device, fully_shard it (blocks, then root, as apply_fsdp), allocate
+    only this rank's shards on `device` (to_empty), then fill each shard with its rows read
+    from the safetensors file: get_slice(name)[start:stop] reads just those rows from the
+    mmapped file. A rank's host memory holds its 1/W of the model plus one parameter's rows in
+    flight, instead of the whole model in float32 (43 GB for a 10.7B model, on every rank).
+    Values equal load_model(path, dtype=float32) bit for bit (the cast happens per row block).
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    from sdpo.checkpoint import (
+        IGNORED_SUFFIXES, CheckpointError, _open, _shard_shapes, _weight_files, expected_shapes, from_hf_name,
+        load_config, to_hf_name)
+    from sdpo.model import Transformer
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    config = load_config(root)
+    device = torch.device(device if device is not None else "cpu")
+    found = _shard_shapes(_weight_files(root))  # HF name -> (file, shape), headers only
+
+    # The same name/shape checks as load_model, so a bad checkpoint fails the same way on every rank.
+    expected = expected_shapes(config)  # tied lm_head left out
+    unexpected = [k for k in found if from_hf_name(k) not in expected and not k.endswith(IGNORED_SUFFIXES)
+                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings}); missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'}")
+    for name, shape in expected.items():
+        file, got = found[to_hf_name(name)]
+        if got != shape:
+            raise CheckpointError(f"{file}: tensor {to_hf_name(name)!r} has shape {list(got)}, expected {list(shape)}")
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    apply_fsdp(model, mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
+               activation_checkpointing=activation_checkpointing)
+    # FSDPModule._apply re-registers each sharded parameter after to_empty (and pads the local
+    # tensor); a tied lm_head stays the same Parameter object as embed_tokens (checked below).
+    model.to_empty(device=device)
+    model.tie_weights()
+    if config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
+        raise RuntimeError("load_sharded: lm_head.weight is no longer tied to embed_tokens.weight after to_empty")
+
+    W = mesh.size()
+    rank = mesh.get_local_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied lm_head appears once, as embed_tokens.weight
+            if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
+                raise RuntimeError(f"load_sharded: {name} is not a Shard(0) DTensor ({type(p).__name__})")
+            local = p.to_local()  # this rank's rows: a view into FSDP's padded shard buffer
+            start, stop = shard_rows(p.shape[0], W, rank)
+            if local.shape != (stop - start, *p.shape[1:]):
+                raise RuntimeError(f"load_sharded: {name} local shard {tuple(local.shape)} != rows "
+                                   f"[{start}, {stop}) of {tuple(p.shape)}")
+            if stop == start:
+                continue
+            key = to_hf_name(name)
+            file = found[key][0]
+            # One open per tensor: the file is mmapped while open, and the pages we touch count in
+            # this process's resident set until it is closed, so keep at most one tensor's rows mapped.
+            with _open(file) as f:
+                try:
+                    rows = f.get_slice(key)[start:stop]  # [stop - start, ...] in the file's dtype
+                except Exception as e:
+                    raise CheckpointError(f"{file}: cannot read rows {start}:{stop} of {key!r} ({e})") from e
+            local.copy_(rows)  # float32 cast in the copy, as load_model's .to(float32)
+            del rows
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{root}: no data was loaded for {left}")
+    model.config.torch_dtype = "float32"
+    return model

@@ -135,16 +135,16 @@ def load_for_training(run: Run, model_dir: str | Path):
     from sdpo.checkpoint import load_model
     from sdpo.tokenizer import check_vocab
 
-    distributed = run.info.distributed
-    # Sharded runs load to CPU first; fully_shard moves each rank's shard to its device.
-    model = load_model(model_dir, dtype=torch.float32, device="cpu" if distributed else run.info.device)
-    check_vocab(run.tokenizer, model.config)
-    if distributed:
+    if run.info.distributed:
+        # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
         mp = D.default_mp_policy(run.info.device, run.cfg.train.precision)
-        D.apply_fsdp(model, run.mesh, mp_policy=mp, reshard_after_forward=run.cfg.train.reshard_after_forward,
-                     activation_checkpointing=run.cfg.model.activation_checkpointing)
-    else:
-        model.gradient_checkpointing = run.cfg.model.activation_checkpointing
+        model = D.load_sharded(model_dir, run.mesh, mp_policy=mp, reshard_after_forward=run.cfg.train.reshard_after_forward,
+                               activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
+        check_vocab(run.tokenizer, model.config)
+        return model
+    model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
+    check_vocab(run.tokenizer, model.config)
+    model.gradient_checkpointing = run.cfg.model.activation_checkpointing
     return model
 
 
