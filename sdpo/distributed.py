@@ -116,9 +116,18 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum | max | min); identity without a process group."""
+    """In-place all-reduce (sum | max | min); identity without a process group.
+
+    NCCL reduces GPU tensors only: a host tensor (a token count, a metric) makes the round
+    trip through this rank's GPU, instead of failing with "no backend for device type cpu"."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=red)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t, op=red)
     return t
 
 

@@ -230,10 +230,10 @@ def pair_logps(run: Run, model, pairs, batch_size: int) -> tuple[torch.Tensor, t
         batch = collate([pairs[i] for i in padded[s:s + batch_size]], pad_id=run.tokenizer.pad_id)
         with autocast(run):
             c, rj = concatenated_forward(model, to_device(batch, run.info.device))
-        chosen.append(c.logps.float().cpu())
-        rejected.append(rj.logps.float().cpu())
+        chosen.append(c.logps.float())  # kept on the device: a .cpu() here would sync every batch
+        rejected.append(rj.logps.float())
     model.train()
-    chosen, rejected = torch.cat(chosen)[: len(mine)], torch.cat(rejected)[: len(mine)]
+    chosen, rejected = torch.cat(chosen)[: len(mine)].cpu(), torch.cat(rejected)[: len(mine)].cpu()
     full_c, full_r = torch.empty(len(pairs)), torch.empty(len(pairs))
     for rank, (c, rj) in enumerate(D.all_gather_objects((chosen, rejected))):
         full_c[rank::W], full_r[rank::W] = c, rj
@@ -306,13 +306,14 @@ DPO_STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 
 def dpo_micro_loss(run: Run, model, batch, ref_chosen, ref_rejected, scale: float):
-    """DPO eq. (7): -log σ(β[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]), via sdpo.loss."""
+    """DPO eq. (7): -log σ(β[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]), via sdpo.loss.
+
+    ref_chosen, ref_rejected: [N] float32 on the batch's device (optimize moves them once per stage)."""
     lo = run.cfg.loss
-    idx = batch["index"]
+    idx = batch["index"]  # [B] long, on the device
     policy_chosen, policy_rejected = concatenated_forward(model, batch)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen.logps, policy_rejected.logps,
-        ref_chosen[idx].to(policy_chosen.logps), ref_rejected[idx].to(policy_chosen.logps),
+        policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
         loss_type=lo.type, beta=lo.beta, label_smoothing=lo.label_smoothing)
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
@@ -452,6 +453,9 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
         log(run, f"{name}: resumed at optimizer step {start}/{total} from {run.out / STATE}")
     run.resume_state = None
 
+    if ref is not None:
+        # [N] float32 each, moved once: indexed by each micro-batch's device-side "index".
+        ref = (ref[0].to(info.device, torch.float32), ref[1].to(info.device, torch.float32))
     model.train()
     epoch_cache = {}
     t_start, t_prev = time.perf_counter(), time.perf_counter()
@@ -473,10 +477,11 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
             scale = W / G
         stats = None
         for s in range(0, len(indices), m):
-            batch = to_device(collate([pairs[i] for i in indices[s:s + m]], pad_id=run.tokenizer.pad_id),
-                              info.device)
-            tokens += int(batch["attention_mask"].sum()) if stage == "dpo" else int(
-                batch["attention_mask"][: batch["input_ids"].shape[0] // 2].sum())
+            batch = collate([pairs[i] for i in indices[s:s + m]], pad_id=run.tokenizer.pad_id)
+            # Counted on the CPU copy: int() of a device tensor would sync every micro-batch.
+            mask = batch["attention_mask"]
+            tokens += int(mask.sum() if stage == "dpo" else mask[: mask.shape[0] // 2].sum())
+            batch = to_device(batch, info.device)
             with autocast(run):
                 if stage == "sft":
                     loss, st = sft_micro_loss(run, model, batch, scale)
@@ -484,7 +489,7 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
                     loss, st = dpo_micro_loss(run, model, batch, ref[0], ref[1], scale)
             loss.backward()
             stats = st if stats is None else stats + st
-        stats = D.all_reduce(stats.cpu())
+        stats = D.all_reduce(stats).cpu()  # the step's one sync: the loss check below needs it
 
         max_norm = cfg.optim.max_grad_norm if stage == "dpo" else 1.0
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))

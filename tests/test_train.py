@@ -241,3 +241,62 @@ def test_easy_to_hard_orders_by_the_base_gamma(tmp_path, monkeypatch):
     d1, d2 = ([score_of[ex.origin] for ex in step] for step in seen["steps"])
     assert min(d1) >= max(d2)  # D1 holds the pairs S finds easiest (highest γ)
     assert [r["sdpo_step"] for r in metrics(tmp_path / "run") if "gamma_ref/mean" in r] == [1, 2]
+
+
+def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path, monkeypatch):
+    """On GPU, .item() / int() / float() / .cpu() / .to() on a device tensor stalls the host
+    (or copies) every micro-batch; CPU tests can't feel it, so watch for the calls themselves.
+    The window: from a batch's to_device until its micro-batch loss returns (training) or the
+    next collate / model.train() (the no-grad passes). Only calls made from trainer.py count:
+    the model's and logprobs' own syncs belong to those modules."""
+    from torch.overrides import TorchFunctionMode
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__bool__,
+             torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.to}
+    trainer_file = str(Path(trainer.__file__))
+    seen = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in SYNCS:
+                f = sys._getframe(1)
+                while f is not None and f.f_code.co_filename != trainer_file and "/torch/" in f.f_code.co_filename:
+                    f = f.f_back
+                if f is not None and f.f_code.co_filename == trainer_file:
+                    seen.append(f"{getattr(func, '__name__', func)} at trainer.py:{f.f_lineno} ({f.f_code.co_name})")
+            return func(*args, **(kwargs or {}))
+
+    window = []
+
+    def open_window():
+        if not window:
+            window.append(Watch())
+            window[0].__enter__()
+
+    def close_window():
+        if window:
+            window.pop().__exit__(None, None, None)
+
+    def wrap(name, before=None, after=None):
+        real = getattr(trainer, name)
+
+        def spy(*a, **k):
+            before and before()
+            out = real(*a, **k)
+            after and after()
+            return out
+
+        monkeypatch.setattr(trainer, name, spy)
+
+    wrap("collate", before=close_window)
+    wrap("to_device", after=open_window)
+    wrap("dpo_micro_loss", after=close_window)
+    wrap("sft_micro_loss", after=close_window)
+    real_train = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: (close_window(), real_train(self, mode))[1])
+    try:
+        train(small_cfg(tmp_path, "--data.max_examples=16", "--sft.max_steps=2", "--eval.summary=true",
+                        "--data.max_test_examples=8"))
+    finally:
+        close_window()
+    assert not seen, sorted(set(seen))
