@@ -132,21 +132,19 @@ def tokenize(cfg: Config, examples, tokenizer, what: str):
 
 def load_for_training(run: Run, model_dir: str | Path):
     """float32 master weights on this rank's device; FSDP2-sharded under torchrun."""
-    from sdpo.checkpoint import load_model
+    from sdpo.checkpoint import load_config, load_model
     from sdpo.tokenizer import check_vocab
 
+    check_vocab(run.tokenizer, load_config(model_dir))  # before any weights are read
     if run.info.distributed:
         # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
         mp = D.default_mp_policy(run.info.device, run.cfg.train.precision)
-        model = D.load_sharded(model_dir, run.mesh, mp_policy=mp, reshard_after_forward=run.cfg.train.reshard_after_forward,
-                               activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
-        check_vocab(run.tokenizer, model.config)
-        return model
+        return D.load_sharded(model_dir, run.mesh, mp_policy=mp,
+                              reshard_after_forward=run.cfg.train.reshard_after_forward,
+                              activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
     model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
-    check_vocab(run.tokenizer, model.config)
     model.gradient_checkpointing = run.cfg.model.activation_checkpointing
     return model
-
 
 def random_base(run: Run):
     """The tiny default's starting point: a random-init Llama sized by [model], vocab from the tokenizer."""
