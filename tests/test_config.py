@@ -191,19 +191,19 @@ def test_every_shipped_config_parses_and_validates(path):
     assert tomllib.loads(to_toml(cfg))
 
 
+PAPER_CONFIGS = ("solar-10.7b-sdpo.toml", "solar-10.7b-dpo.toml", "solar-10.7b-sdpo-strat.toml", "mistral-7b-sdpo.toml")
+
+
 def test_the_paper_configs_use_the_zephyr_recipe():
-    names = {p.name for p in SHIPPED}
-    paper = [n for n in ("solar-10.7b-sdpo.toml", "solar-10.7b-dpo.toml", "solar-10.7b-sdpo-strat.toml",
-                         "mistral-7b-sdpo.toml") if n in names]
-    if not paper:
-        pytest.skip("paper configs not written yet")
-    for name in paper:
+    for name in PAPER_CONFIGS:
         cfg = load_config(REPO / "configs" / name)
         assert cfg.loss.beta == 0.1 and cfg.optim.lr == 5e-7 and cfg.optim.warmup_ratio == 0.1
         assert cfg.train.global_batch_size == 32
         assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
-    if "solar-10.7b-sdpo-strat.toml" in names:
-        strat = load_config(REPO / "configs" / "solar-10.7b-sdpo-strat.toml")
-        assert strat.data.split == "stratified" and strat.data.fractions == pytest.approx([1 / 6, 5 / 6], abs=1e-3)
-    if "solar-10.7b-dpo.toml" in names:
-        assert load_config(REPO / "configs" / "solar-10.7b-dpo.toml").data.split == "all"
+        assert cfg.train.precision in ("bf16", "auto")  # auto = bf16 on GPU
+    strat = load_config(REPO / "configs" / "solar-10.7b-sdpo-strat.toml")
+    assert strat.data.split == "stratified" and strat.data.fractions == pytest.approx([1 / 6, 5 / 6], abs=1e-3)
+    assert load_config(REPO / "configs" / "solar-10.7b-dpo.toml").data.split == "all"
+    for name in ("solar-10.7b-sdpo.toml", "mistral-7b-sdpo.toml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.data.split == "natural" and len(cfg.data.datasets) == 2  # D1 = orca pairs, D2 = UltraFeedback
