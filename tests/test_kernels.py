@@ -338,4 +338,7 @@ def test_reference_inplace_backward_peak_rss():
     inplace, out_of_place = map(float, out.split()[-2:])
     print(f"peak RSS growth / (N·V·4 bytes): inplace {inplace:.3f}, out of place {out_of_place:.3f}")
     assert inplace < 0.10
-    assert out_of_place > 0.9
+    # The control only has to show the measurement can see an N×V allocation: ru_maxrss is a
+    # high-water mark, so transient memory earlier in the process can hide part of it (0.80
+    # was seen once on a loaded machine, 0.99 usually).
+    assert out_of_place > 0.5
