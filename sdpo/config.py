@@ -72,9 +72,19 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    type: str = "sigmoid"               # see sdpo.loss.preference_loss
+    # One name from sdpo.loss.LOSS_TYPES, or several joined by "+" whose losses are summed
+    # with `weights` (e.g. "sigmoid+sft"; "sft" is the chosen-response NLL per token).
+    type: str = "sigmoid"
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0        # ε: cDPO for sigmoid, rDPO for robust, EXO's target
+    weights: list[float] | None = None  # one per type in `type`; None: 1 each
+    rpo_alpha: float | None = None      # RPO: + α · (chosen NLL per token)
+    reference_free: bool = False        # reference log-probs taken as 0 (γ_ref is still logged)
+    length_normalize: bool = False      # IPO on per-token mean log-probs (Zephyr/TRL practice)
+
+    @property
+    def types(self) -> list[str]:
+        return self.type.split("+")
 
 
 @dataclass
@@ -335,8 +345,19 @@ def validate_config(cfg: Config) -> None:
     need(d.max_examples is None or d.max_examples > 0, f"data.max_examples must be > 0, got {d.max_examples}")
     need(d.max_test_examples is None or d.max_test_examples > 0, f"data.max_test_examples must be > 0, got {d.max_test_examples}")
 
+    from sdpo.loss import LOSS_TYPES, USES_LABEL_SMOOTHING
+
+    bad = [x for x in lo.types if x not in LOSS_TYPES]
+    need(not bad, f"loss.type {lo.type!r}: unknown {bad}; expected one of {list(LOSS_TYPES)}, or several joined by '+'")
+    need(len(set(lo.types)) == len(lo.types), f"loss.type {lo.type!r} names a type twice; use loss.weights")
+    need(lo.weights is None or len(lo.weights) == len(lo.types),
+         f"loss.weights has {len(lo.weights or [])} entries but loss.type {lo.type!r} has {len(lo.types)}")
     need(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
     need(0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
+    need(lo.label_smoothing == 0 or USES_LABEL_SMOOTHING.intersection(lo.types),
+         f"loss.label_smoothing has no effect on loss.type {lo.type!r}; used by {sorted(USES_LABEL_SMOOTHING)}")
+    need(lo.rpo_alpha is None or lo.rpo_alpha >= 0, f"loss.rpo_alpha must be >= 0 (or unset), got {lo.rpo_alpha}")
+    need(not lo.length_normalize or "ipo" in lo.types, "loss.length_normalize applies to the 'ipo' type only")
 
     need(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")

@@ -123,7 +123,7 @@ _PAIR_LOSSES = {
 # "sft" is the chosen-response NLL alone (the caller's `policy_chosen_nll`), for mixing with
 # a preference term, e.g. loss_type=("sigmoid", "sft") as in MPO-style recipes.
 LOSS_TYPES: tuple[str, ...] = (*_PAIR_LOSSES, "sft")
-_USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair"})
+USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair"})
 
 
 def _check_logps(name: str, x: Tensor | None, shape: torch.Size | None) -> None:
@@ -199,10 +199,10 @@ def preference_loss(
         raise ValueError(f"sdpo/loss.py: beta must be a finite number > 0, got {beta!r}")
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"sdpo/loss.py: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing > 0 and not _USES_LABEL_SMOOTHING.intersection(types):
+    if label_smoothing > 0 and not USES_LABEL_SMOOTHING.intersection(types):
         raise ValueError(
             f"sdpo/loss.py: label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
-            f"it is used by {sorted(_USES_LABEL_SMOOTHING)}"
+            f"it is used by {sorted(USES_LABEL_SMOOTHING)}"
         )
 
     _check_logps("policy_chosen_logps", policy_chosen_logps, None)

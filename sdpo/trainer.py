@@ -310,9 +310,14 @@ def dpo_micro_loss(run: Run, model, batch, ref_chosen, ref_rejected, scale: floa
     lo = run.cfg.loss
     idx = batch["index"]  # [B] long, on the device
     policy_chosen, policy_rejected = concatenated_forward(model, batch)
+    needs_nll = "sft" in lo.types or lo.rpo_alpha is not None
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
-        loss_type=lo.type, beta=lo.beta, label_smoothing=lo.label_smoothing)
+        loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
+        reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
+        policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
+        chosen_lengths=policy_chosen.counts if lo.length_normalize else None,
+        rejected_lengths=policy_rejected.counts if lo.length_normalize else None)
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
                          (chosen_rewards - rejected_rewards).sum(),

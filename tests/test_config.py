@@ -207,3 +207,22 @@ def test_the_paper_configs_use_the_zephyr_recipe():
     for name in ("solar-10.7b-sdpo.toml", "mistral-7b-sdpo.toml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.data.split == "natural" and len(cfg.data.datasets) == 2  # D1 = orca pairs, D2 = UltraFeedback
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--loss.type=dpo", "loss.type 'dpo': unknown ['dpo']"),
+    ("--loss.type=sigmoid+sigmoid", "names a type twice"),
+    ("--loss.weights=[1.0,2.0]", "loss.weights has 2 entries but loss.type 'sigmoid' has 1"),
+    ("--loss.label_smoothing=0.1 --loss.type=hinge", "loss.label_smoothing has no effect on loss.type 'hinge'"),
+    ("--loss.rpo_alpha=-1", "loss.rpo_alpha must be >= 0"),
+    ("--loss.length_normalize=true", "loss.length_normalize applies to the 'ipo' type only"),
+])
+def test_loss_section_is_checked_before_any_work(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny.toml", overrides=override.split(" "))
+    assert message in str(e.value)
+
+
+def test_combined_loss_types_parse():
+    cfg = load_config(REPO / "configs" / "tiny.toml", overrides=["--loss.type=sigmoid+sft", "--loss.weights=[1.0, 0.5]"])
+    assert cfg.loss.types == ["sigmoid", "sft"] and cfg.loss.weights == [1.0, 0.5]

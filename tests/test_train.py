@@ -300,3 +300,45 @@ def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path
     finally:
         close_window()
     assert not seen, sorted(set(seen))
+
+
+@pytest.mark.parametrize("case", ["sigmoid+sft with rpo", "length-normalised ipo", "reference-free"])
+def test_dpo_micro_loss_wires_the_loss_section(case):
+    """The [loss] keys reach sdpo.loss: the per-pair loss is recomputed here from the policy's
+    log-probs with the formulas written out (DPO Eq. 7; IPO, Azar et al. Eq. 17; NLL per token)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from sdpo.data import TokenizedPair, collate
+    from sdpo.logprobs import concatenated_forward
+    from sdpo.model import ModelConfig, Transformer
+
+    overrides = {"sigmoid+sft with rpo": ["--loss.type=sigmoid+sft", "--loss.weights=[1.0,0.5]", "--loss.rpo_alpha=0.2"],
+                 "length-normalised ipo": ["--loss.type=ipo", "--loss.length_normalize=true"],
+                 "reference-free": ["--loss.reference_free=true"]}[case]
+    cfg = load_config(TINY, ["--loss.beta=0.5", *overrides])
+    model = Transformer(ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2))
+    model.init_weights(seed=0, std=0.5)
+    pairs = [TokenizedPair([1, 5, 6], [7, 8, 2], [9, 2], 0), TokenizedPair([1, 4], [3, 3, 3, 2], [10, 11, 2], 1)]
+    batch = collate(pairs, pad_id=0)
+    ref_c, ref_r = torch.tensor([-6.0, -9.0]), torch.tensor([-5.0, -7.5])
+    loss, stats = trainer.dpo_micro_loss(SimpleNamespace(cfg=cfg), model, batch, ref_c, ref_r, scale=0.25)
+
+    with torch.no_grad():
+        c, r = concatenated_forward(model, batch)
+        beta = 0.5
+        if case == "reference-free":
+            ref_c, ref_r = torch.zeros(2), torch.zeros(2)
+        h = (c.logps - ref_c) - (r.logps - ref_r)
+        nll = -c.logps / c.counts
+        if case == "sigmoid+sft with rpo":
+            per_pair = -F.logsigmoid(beta * h) + 0.5 * nll + 0.2 * nll
+        elif case == "length-normalised ipo":
+            h_mean = (c.logps - ref_c) / c.counts - (r.logps - ref_r) / r.counts
+            per_pair = (h_mean - 1 / (2 * beta)) ** 2
+        else:
+            per_pair = -F.logsigmoid(beta * h)
+    torch.testing.assert_close(loss.detach(), per_pair.sum() * 0.25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats[0], per_pair.sum(), rtol=1e-5, atol=1e-6)
