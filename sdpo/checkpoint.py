@@ -262,23 +262,55 @@ def _weight_files(root: Path) -> list[Path]:
     raise CheckpointError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE} found (files: {present})")
 
 
-def _open(file: Path):
+def _shard_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF tensor name -> (file, shape), from the headers only."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                if key in found:
+                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {found[key][0]}")
+                found[key] = (file, tuple(f.get_slice(key).get_shape()))
+    return found
+
+
+def open_safetensors(file: Path):
+    """safe_open with a CheckpointError naming the file when it is truncated or corrupt."""
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError (header/size checks)
         raise CheckpointError(f"{file}: cannot read safetensors file, it is truncated or corrupt ({e})") from e
 
 
-def _shard_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """HF tensor name -> (file, shape), from the headers only."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for file in files:
-        with _open(file) as f:
-            for key in f.keys():
-                if key in found:
-                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {found[key][0]}")
-                found[key] = (file, tuple(f.get_slice(key).get_shape()))
-    return found
+def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str]]:
+    """Our parameter name -> (file, HF name) for every tensor the model needs, from the headers only.
+
+    Raises CheckpointError listing missing and unexpected tensors, or naming a shape mismatch.
+    Shared by load_model and the sharded loader in sdpo.distributed, so both fail alike."""
+    found = _shard_shapes(_weight_files(root))
+    expected = expected_shapes(config)  # a tied lm_head is left out
+    names = {}
+    unexpected = []
+    for key in found:
+        ours = from_hf_name(key)
+        if ours in expected:
+            names[ours] = key
+        elif key.endswith(IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # tied checkpoints sometimes also store lm_head.weight (a copy of the embedding)
+        else:
+            unexpected.append(key)
+    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings}); missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'}"
+        )
+    for ours, key in names.items():
+        file, shape = found[key]
+        if shape != expected[ours]:
+            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[ours])}")
+    return {ours: (found[key][0], key) for ours, key in names.items()}
 
 
 def load_model(path, dtype=None, device=None) -> Transformer:
@@ -292,36 +324,14 @@ def load_model(path, dtype=None, device=None) -> Transformer:
     config = load_config(root)
     dtype = _dtype(dtype if dtype is not None else config.torch_dtype, f"load_model({root})")
     device = torch.device(device if device is not None else "cpu")
-    files = _weight_files(root)
-    found = _shard_shapes(files)
-
-    expected = expected_shapes(config)
-    names = {}  # HF name -> ours
-    unexpected = []
-    for key in found:
-        ours = from_hf_name(key)
-        if ours in expected:
-            names[key] = ours
-        elif key.endswith(IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
-            continue  # tied checkpoints sometimes also store lm_head.weight (a copy of the embedding)
-        else:
-            unexpected.append(key)
-    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "
-            f"tie_word_embeddings={config.tie_word_embeddings}); missing: {missing or 'none'}; "
-            f"unexpected: {unexpected or 'none'}"
-        )
-    for key, ours in names.items():
-        file, shape = found[key]
-        if shape != expected[ours]:
-            raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[ours])}")
+    tensors = checked_tensors(root, config)
+    names = {key: ours for ours, (_, key) in tensors.items()}  # HF name -> ours
+    files = sorted({file for file, _ in tensors.values()})
 
     with torch.device("meta"):
         model = Transformer(config)
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             shard = {}
             for key in f.keys():
                 if key in names:

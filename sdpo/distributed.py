@@ -183,9 +183,7 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
     """
     from torch.distributed.tensor import DTensor, Shard
 
-    from sdpo.checkpoint import (
-        IGNORED_SUFFIXES, CheckpointError, _open, _shard_shapes, _weight_files, expected_shapes, from_hf_name,
-        load_config, to_hf_name)
+    from sdpo.checkpoint import CheckpointError, checked_tensors, load_config, open_safetensors
     from sdpo.model import Transformer
 
     root = Path(path)
@@ -193,22 +191,7 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
         raise CheckpointError(f"{root}: not a directory")
     config = load_config(root)
     device = torch.device(device if device is not None else "cpu")
-    found = _shard_shapes(_weight_files(root))  # HF name -> (file, shape), headers only
-
-    # The same name/shape checks as load_model, so a bad checkpoint fails the same way on every rank.
-    expected = expected_shapes(config)  # tied lm_head left out
-    unexpected = [k for k in found if from_hf_name(k) not in expected and not k.endswith(IGNORED_SUFFIXES)
-                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "
-            f"tie_word_embeddings={config.tie_word_embeddings}); missing: {missing or 'none'}; "
-            f"unexpected: {unexpected or 'none'}")
-    for name, shape in expected.items():
-        file, got = found[to_hf_name(name)]
-        if got != shape:
-            raise CheckpointError(f"{file}: tensor {to_hf_name(name)!r} has shape {list(got)}, expected {list(shape)}")
+    tensors = checked_tensors(root, config)  # our name -> (file, HF name); fails like load_model
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -234,11 +217,10 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
                                    f"[{start}, {stop}) of {tuple(p.shape)}")
             if stop == start:
                 continue
-            key = to_hf_name(name)
-            file = found[key][0]
+            file, key = tensors[name]
             # One open per tensor: the file is mmapped while open, and the pages we touch count in
             # this process's resident set until it is closed, so keep at most one tensor's rows mapped.
-            with _open(file) as f:
+            with open_safetensors(file) as f:
                 try:
                     rows = f.get_slice(key)[start:stop]  # [stop - start, ...] in the file's dtype
                 except Exception as e:
