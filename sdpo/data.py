@@ -261,18 +261,12 @@ def _score(rec: dict, key: str) -> None:
             raise _RowError("bad_score", key, f"expected a finite number, got {v!r}")
 
 
-def _parse_generic(rec):
+def _parse_single_turn(rec, question_key: str):
+    """One user turn (+ optional system) and two string responses.
+    generic: {"prompt", "chosen", "rejected", "system"?};
+    Intel/orca_dpo_pairs: {"system", "question", "chosen", "rejected"}, all strings; system often ""."""
     system = _text(rec.get("system"), "system", optional=True)
-    prompt = [{"role": "user", "content": _text(_require(rec, "prompt"), "prompt")}]
-    if system.strip():
-        prompt.insert(0, {"role": "system", "content": system})
-    return prompt, _text(_require(rec, "chosen"), "chosen"), _text(_require(rec, "rejected"), "rejected")
-
-
-def _parse_orca(rec):
-    # Intel/orca_dpo_pairs: {"system", "question", "chosen", "rejected"}, all strings; system often "".
-    system = _text(rec.get("system"), "system", optional=True)
-    prompt = [{"role": "user", "content": _text(_require(rec, "question"), "question")}]
+    prompt = [{"role": "user", "content": _text(_require(rec, question_key), question_key)}]
     if system.strip():
         prompt.insert(0, {"role": "system", "content": system})
     return prompt, _text(_require(rec, "chosen"), "chosen"), _text(_require(rec, "rejected"), "rejected")
@@ -303,8 +297,8 @@ def _parse_conversational(rec):
 
 
 _PARSERS = {
-    "generic": _parse_generic,
-    "orca": _parse_orca,
+    "generic": lambda rec: _parse_single_turn(rec, "prompt"),
+    "orca": lambda rec: _parse_single_turn(rec, "question"),
     "ultrafeedback": _parse_ultrafeedback,
     "conversational": _parse_conversational,
 }
