@@ -124,8 +124,11 @@ class TrainSection:
 
 @dataclass
 class SFTSection:
-    # Optional first stage: NLL on the chosen responses of the training data, making S.
+    # Optional first stage: NLL on the chosen responses, making S.
     enabled: bool = False
+    # Preference files whose chosen responses S is trained on; empty: data.datasets (all steps).
+    # The paper's S never saw the preference data; a separate set keeps that property.
+    datasets: list[str] = field(default_factory=list)
     lr: float = 1e-3
     epochs: int = 1
     max_steps: int | None = None

@@ -84,10 +84,11 @@ class Run:
 def check_setup(cfg: Config, world_size: int) -> None:
     """Paths and batch arithmetic; raises ConfigError naming the key."""
     problems = []
-    for key in ("datasets", "test_datasets"):
-        for i, p in enumerate(getattr(cfg.data, key)):
+    for key, paths in (("data.datasets", cfg.data.datasets), ("data.test_datasets", cfg.data.test_datasets),
+                       ("sft.datasets", cfg.sft.datasets if cfg.sft.enabled else [])):
+        for i, p in enumerate(paths):
             if not Path(p).exists():
-                problems.append(f"data.{key}[{i}]: {p} does not exist")
+                problems.append(f"{key}[{i}]: {p} does not exist")
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         problems.append(f"model.path: {cfg.model.path} is not a model directory (no config.json)")
     tok = cfg.model.tokenizer or cfg.model.path
@@ -108,14 +109,18 @@ def check_setup(cfg: Config, world_size: int) -> None:
 
 
 def load_steps(cfg: Config, tokenizer):
-    """Read the datasets (each one a list of examples); returns (datasets, test sets tokenized)."""
+    """Read the datasets (each one a list of examples); returns (datasets, test sets tokenized,
+    the SFT examples when sft.datasets is set, else None)."""
     d = cfg.data
     datasets = [read_preferences([p], schema=d.schema, on_error=d.on_error)[0] for p in d.datasets]
     tests = []
     for p in d.test_datasets:
         ex = read_preferences([p], schema=d.schema, on_error=d.on_error)[0][: d.max_test_examples]
         tests.append(tokenize(cfg, ex, tokenizer, f"test set {p}"))
-    return datasets, tests
+    sft = None
+    if cfg.sft.enabled and cfg.sft.datasets:
+        sft = read_preferences(cfg.sft.datasets, schema=d.schema, on_error=d.on_error)[0]
+    return datasets, tests, sft
 
 
 def tokenize(cfg: Config, examples, tokenizer, what: str):
@@ -605,7 +610,7 @@ def train(cfg: Config) -> dict:
               autocast_dtype=torch.bfloat16 if bf16 else None)
 
     # Everything that can fail on bad input fails here, before any model work.
-    datasets, tests = load_steps(cfg, run.tokenizer)
+    datasets, tests, sft_examples = load_steps(cfg, run.tokenizer)
     if cfg.data.split != "easy_to_hard":
         steps = split_steps(datasets, cfg.data.split, fractions=cfg.data.fractions, seed=cfg.train.seed)
         steps = [tokenize(cfg, d[: cfg.data.max_examples], run.tokenizer, f"sDPO step {t + 1}")
@@ -631,7 +636,7 @@ def train(cfg: Config) -> dict:
                     model.to(info.device)
             else:
                 model = load_for_training(run, cfg.model.path)
-            pool = tokenize(cfg, [ex for d in datasets for ex in d], run.tokenizer, "SFT data")
+            pool = tokenize(cfg, sft_examples or [ex for d in datasets for ex in d], run.tokenizer, "SFT data")
             optimize(run, model, pool, stage="sft", sdpo_step=0, hp=cfg.sft, lr=cfg.sft.lr,
                      warmup_ratio=cfg.sft.warmup_ratio, schedule=cfg.sft.schedule,
                      weight_decay=cfg.sft.weight_decay)

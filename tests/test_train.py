@@ -180,6 +180,7 @@ def run_cli(*args, cwd=REPO, timeout=120):
     (["--data.datasets=[\"nowhere.jsonl\"]"], "data.datasets[0]: nowhere.jsonl does not exist"),
     (["--model.path=/nonexistent"], "model.path: /nonexistent is not a model directory"),
     (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "must be divisible by world size"),
+    (["--sft.datasets=[\"data/demo/nowhere.jsonl\"]"], "sft.datasets[0]: data/demo/nowhere.jsonl does not exist"),
 ])
 def test_bad_config_fails_fast(tmp_path, args, message):
     t0 = time.time()
@@ -342,3 +343,16 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
             per_pair = -F.logsigmoid(beta * h)
     torch.testing.assert_close(loss.detach(), per_pair.sum() * 0.25, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats[0], per_pair.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_sft_datasets_replace_the_preference_data_for_the_base():
+    from sdpo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(REPO / "data" / "tokenizer")
+    default = load_config(TINY)
+    _, _, sft = trainer.load_steps(default, tok)
+    assert sft is None  # S trains on the chosen responses of data.datasets
+    cfg = load_config(TINY, ['--sft.datasets=["data/demo/orca_pairs/test.jsonl"]'])
+    datasets, _, sft = trainer.load_steps(cfg, tok)
+    assert [e.origin for e in sft] == [f"data/demo/orca_pairs/test.jsonl:{i}" for i in range(1, 101)]
+    assert not {e.origin for e in sft} & {e.origin for d in datasets for e in d}
