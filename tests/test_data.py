@@ -326,7 +326,8 @@ def test_check_module_entry_point(tmp_path):
 def test_prompt_response_boundary_never_merges():
     tok = FakeTokenizer()
     ex = example(prompt="hi", chosen="Abc", rejected="Abd")
-    [pair], _ = tokenize_pairs([ex], tok)
+    [pair], stats = tokenize_pairs([ex], tok)
+    assert stats["responses_encoded_alone"] == 2  # the joint encoding would change the prompt's tokens
     # rendered: <s><|user|>\nhi</s><|assistant|>\n   — ends in "\n", the response starts with "A"
     assert pair.prompt_ids == [1, 3] + chars("\nhi") + [2, 4] + chars("\n")
     assert pair.chosen_ids == chars("Abc") + [2]
@@ -652,3 +653,40 @@ def test_demo_tokenizer_with_load_tokenizer():
         # task strings stay one token per character, so a reversed answer tokenizes like its input
         assert len(p.chosen_ids) == len(ex.chosen) + 1 and len(p.rejected_ids) == len(ex.rejected) + 1
         assert tok.decode(p.prompt_ids + p.chosen_ids) == text + ex.chosen + "</s>"
+
+
+def test_response_ids_are_the_prompts_continuation_with_a_sentencepiece_tokenizer(tmp_path):
+    """Llama-style SentencePiece puts a dummy-prefix "▁" in front of text encoded on its own.
+    After SOLAR's "### Assistant:\\n" the model reads "Paris", not "▁Paris": the response must
+    be tokenized as the continuation of the rendered prompt (and the prompt's ids unchanged)."""
+    import io
+
+    import sentencepiece as spm
+
+    from sdpo.data import PreferenceExample
+    from sdpo.tokenizer import load_tokenizer
+
+    words = ["Paris", "is", "the", "answer", "capital", "of", "France", "what", "Lyon", "it", "###", "User:",
+             "Assistant:"]
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(300)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=330,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, byte_fallback=True,  # as Llama's: "\n" -> <0x0A>
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path, chat_template="solar")
+
+    ex = PreferenceExample(prompt=({"role": "user", "content": "what is the capital of France"},),
+                           chosen="Paris is the answer", rejected="Lyon is it", source="s", origin="f:1")
+    (pair,), stats = tokenize_pairs([ex], tok)
+    text = tok.apply_chat_template(list(ex.prompt), add_generation_prompt=True)
+    assert text.endswith("### Assistant:\n")
+    for response, ids in ((ex.chosen, pair.chosen_ids), (ex.rejected, pair.rejected_ids)):
+        assert pair.prompt_ids + ids == [tok.bos_id] + tok.encode(text + response) + [tok.eos_id]
+        alone = tok.encode(response)
+        assert ids[0] != alone[0]  # the case matters: on its own the text starts with a "▁" piece
+    assert stats["responses_encoded_alone"] == 0
+
