@@ -182,6 +182,10 @@ class TritonLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, targets, row_max, logsum = ctx.saved_tensors
         grad = logprobs_backward(logits, targets, row_max, logsum, grad_out, ctx.ignore_index, ctx.inplace_backward)
+        if ctx.inplace_backward:
+            # A raw kernel write does not bump the version counter: do it, so that any other
+            # autograd user of these logits fails loudly instead of reading the gradient.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None
 
 

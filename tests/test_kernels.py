@@ -160,6 +160,19 @@ def test_inplace_backward_writes_into_logits(impl, dtype, poisoned):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_refuses_other_users_of_the_logits(impl):
+    """A second autograd user of the logits (here a z-loss-like square) would read the gradient
+    that in-place backward wrote over them: both paths must fail loudly, never silently."""
+    x, t, g = make_case(6, 301, torch.float32, seed=4)
+    logits = x.clone().requires_grad_(True)
+    h = logits * 1.0  # a non-leaf, as the lm_head output is
+    z_loss = h.pow(2).sum()  # made first, so its backward runs after token_logprobs' overwrite
+    loss = (kernels.token_logprobs(h, t, inplace_backward=True, impl=impl) * g).sum() + z_loss
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_leading_shape_int32_targets_and_inplace_views(impl):
     x, t, g = make_case(12, 301, torch.float32, seed=2)
     x3, t3, g3 = x.view(3, 4, 301), t.view(3, 4).to(torch.int32), g.view(3, 4)
