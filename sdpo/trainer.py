@@ -249,8 +249,11 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple
     The key hashes the reference's weights, the token ids and the forward's precision, so
     a changed model, dataset, tokenizer or truncation setting never reuses a stale file."""
     cfg = run.cfg
-    key = hashlib.sha256("|".join([weights_fingerprint(model_dir), pairs_fingerprint(pairs),
-                                   str(run.autocast_dtype), run.info.device.type]).encode()).hexdigest()[:24]
+    # FSDP's bf16 parameters (world size > 1 on GPU) give other numbers than float32 weights
+    # under bf16 autocast, so they key differently.
+    params = "fsdp-bf16" if run.info.distributed and run.autocast_dtype is not None else "fp32"
+    key = hashlib.sha256("|".join([weights_fingerprint(model_dir), pairs_fingerprint(pairs), str(run.autocast_dtype),
+                                   params, run.info.device.type]).encode()).hexdigest()[:24]
     cache_dir = Path(cfg.train.ref_cache_dir or run.out / "ref_cache")
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
@@ -462,12 +465,14 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
     run.resume_state = None
 
     if ref is not None:
-        # [N] float32 each, moved once: indexed by each micro-batch's device-side "index".
+        # [N] float32 each, moved once: indexed by each micro-batch's device-side "index" (positions in pairs).
         ref = (ref[0].to(info.device, torch.float32), ref[1].to(info.device, torch.float32))
     model.train()
     epoch_cache = {}
     t_start, t_prev = time.perf_counter(), time.perf_counter()
-    tokens = 0
+    # Logged values are means over the optimizer steps since the last log line (as other DPO
+    # trainers log them), not a snapshot of the last step.
+    tokens, window_steps, window_loss, window_grad_norm, window_stats = 0, 0, 0.0, 0.0, 0
     for k in range(start, total):
         epoch, j = divmod(k, per_epoch)
         if epoch not in epoch_cache:
@@ -486,6 +491,9 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
         stats = None
         for s in range(0, len(indices), m):
             batch = collate([pairs[i] for i in indices[s:s + m]], pad_id=run.tokenizer.pad_id)
+            # Positions in `pairs`, as the reference log-probs are laid out. TokenizedPair.index is
+            # the example's position before tokenization dropped any pair, so it can differ.
+            batch["index"] = torch.tensor(indices[s:s + m])
             # Counted on the CPU copy: int() of a device tensor would sync every micro-batch.
             mask = batch["attention_mask"]
             tokens += int(mask.sum() if stage == "dpo" else mask[: mask.shape[0] // 2].sum())
@@ -513,22 +521,25 @@ def optimize(run: Run, model, pairs, *, stage: str, sdpo_step: int, hp, lr: floa
         optimizer.zero_grad(set_to_none=True)
         run.global_step += 1
         done = k + 1
+        window_steps, window_loss, window_grad_norm = window_steps + 1, window_loss + loss_value, window_grad_norm + grad_norm
+        window_stats = window_stats + stats
 
         if done % cfg.train.log_every == 0 or done == total:
             now = time.perf_counter()
             row = {"step": run.global_step, "sdpo_step": sdpo_step, "stage": stage, "epoch": epoch,
-                   "lr": cur_lr, "loss": loss_value, "grad_norm": grad_norm}
+                   "lr": cur_lr, "loss": window_loss / window_steps, "grad_norm": window_grad_norm / window_steps}
             if stage == "dpo":
-                row.update({name_: float(stats[i] / G) for i, name_ in enumerate(DPO_STATS) if i > 0})
+                row.update({name_: float(window_stats[i] / (G * window_steps))
+                            for i, name_ in enumerate(DPO_STATS) if i > 0})
             all_tokens = D.all_reduce(torch.tensor([float(tokens)])).item()
             row["tokens_per_s"] = all_tokens / max(now - t_prev, 1e-9)
             row["peak_mem_gb"] = peak_mem_gb(info.device)
             write_metrics(run, row)
             eta = (now - t_start) / (done - start) * (total - done)
             extra = f" acc {row['rewards/accuracies']:.3f} margin {row['rewards/margins']:.3f}" if stage == "dpo" else ""
-            log(run, f"{name} | {done}/{total} | loss {loss_value:.4f}{extra} | lr {cur_lr:.2e} | "
-                     f"gnorm {grad_norm:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {fmt_time(eta)}")
-            t_prev, tokens = now, 0
+            log(run, f"{name} | {done}/{total} | loss {row['loss']:.4f}{extra} | lr {cur_lr:.2e} | "
+                     f"gnorm {row['grad_norm']:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {fmt_time(eta)}")
+            t_prev, tokens, window_steps, window_loss, window_grad_norm, window_stats = now, 0, 0, 0.0, 0.0, 0
 
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
             save_state(run, model, optimizer, {"stage": [stage, sdpo_step], "step": done,
@@ -577,8 +588,16 @@ def prepare_output(run: Run) -> dict:
         # Drop metric lines the resumed run will write again.
         step = run.resume_state["global_step"] if run.resume_state else progress["global_step"]
         mpath = out / "metrics.jsonl"
+        # A step's gamma_ref/mean line is written again unless the run resumes inside that step.
+        inside = run.resume_state["stage"][1] if run.resume_state and run.resume_state["stage"][0] == "dpo" else None
+
+        def kept(row):
+            if "gamma_ref/mean" in row and f"M{row['sdpo_step']}" not in progress["done"]:
+                return row["sdpo_step"] == inside
+            return row.get("step", 0) <= step
+
         if run.info.is_main and mpath.is_file():
-            keep = [ln for ln in mpath.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+            keep = [ln for ln in mpath.read_text().splitlines() if kept(json.loads(ln))]
             mpath.write_text("".join(ln + "\n" for ln in keep))
         return progress
     if run.info.is_main:

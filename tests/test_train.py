@@ -91,6 +91,11 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
     assert not (tmp_path / "cut" / "sft").exists()
     meta = json.loads((tmp_path / "cut" / "state" / "meta.json").read_text())
     assert meta == {"stage": ["sft", 0], "step": 4, "global_step": 4}
+    # Killed one step into sDPO step 1, after its gamma_ref/mean line and before any state save:
+    # the resumed run redoes the step from its start and must not log that line twice.
+    with pytest.raises(StopRequested):
+        train(small_cfg(tmp_path, *base, "--train.stop_after=7", "--train.resume=true", out="cut"))
+    assert not (tmp_path / "cut" / "state").exists()
     with pytest.raises(StopRequested):
         train(small_cfg(tmp_path, *base, "--train.stop_after=9", "--train.resume=true", out="cut"))
     meta = json.loads((tmp_path / "cut" / "state" / "meta.json").read_text())
@@ -356,3 +361,34 @@ def test_sft_datasets_replace_the_preference_data_for_the_base():
     datasets, _, sft = trainer.load_steps(cfg, tok)
     assert [e.origin for e in sft] == [f"data/demo/orca_pairs/test.jsonl:{i}" for i in range(1, 101)]
     assert not {e.origin for e in sft} & {e.origin for d in datasets for e in d}
+
+
+def test_logged_metrics_are_means_over_the_logging_window(tmp_path):
+    every1 = small_cfg(tmp_path, "--train.log_every=1", out="one")
+    every2 = small_cfg(tmp_path, "--train.log_every=2", out="two")
+    train(every1)
+    train(every2)
+    one = {(r["stage"], r["step"]): r for r in metrics(every1.train.output_dir) if "loss" in r}
+    two = [r for r in metrics(every2.train.output_dir) if r.get("stage") == "dpo"]
+    assert len(two) == 6  # 6 optimizer steps per sDPO step, one line per 2
+    for r in two:
+        prev, cur = one[("dpo", r["step"] - 1)], one[("dpo", r["step"])]
+        for key in ("loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+            assert r[key] == pytest.approx((prev[key] + cur[key]) / 2, rel=1e-6, abs=1e-9), key
+    assert any(one[("dpo", r["step"] - 1)]["loss"] != one[("dpo", r["step"])]["loss"] for r in two)
+
+
+def test_a_pair_dropped_by_tokenization_does_not_shift_the_reference(tmp_path):
+    """The reference log-probs are laid out by position among the kept pairs; a pair dropped at
+    tokenization (identical responses after truncation) must not shift the lookup. At the first
+    DPO step policy == reference, so the loss is ln 2 and every reward 0."""
+    rows = [json.loads(line) for line in (REPO / "data/demo/orca_pairs/train.jsonl").read_text().splitlines()[:48]]
+    rows.insert(1, {"system": "", "question": "repeat", "chosen": "a" * 80 + "b", "rejected": "a" * 80 + "c"})
+    data = tmp_path / "orca_with_a_drop.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = small_cfg(tmp_path, f'--data.datasets=["{data}"]', "--train.global_batch_size=16",
+                    "--train.micro_batch_size=8")
+    train(cfg)
+    first = next(r for r in metrics(cfg.train.output_dir) if r.get("stage") == "dpo")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
