@@ -131,7 +131,7 @@ def dataset_name(path: Path) -> str:
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
     if not _SPLIT_STEM.match(stem):
         return stem
-    parent = path.resolve().parent
+    parent = path.absolute().parent  # not resolve(): HF-cache files are symlinks into blobs/
     if parent.name == "data" and parent.parent.name:  # HF hub layout: <repo>/data/<split>-*.parquet
         parent = parent.parent
     return parent.name or stem
@@ -333,7 +333,7 @@ def parse_record(rec, schema: str, origin: str, default_source: str) -> Preferen
 def read_preferences(paths, schema: str = "auto", on_error: str = "fail") -> tuple[list[PreferenceExample], ValidationReport]:
     """Read .jsonl / .json / .parquet files or directories of them.
 
-    schema: "auto" detects it per file from its first record, or one of generic | orca |
+    schema: "auto" detects it per file from its first valid record, or one of generic | orca |
     ultrafeedback | conversational for all files. on_error: "fail" validates every record
     and then raises DataError listing the bad ones; "skip" drops them, counting per reason.
     """
@@ -352,16 +352,17 @@ def read_preferences(paths, schema: str = "auto", on_error: str = "fail") -> tup
             try:
                 if isinstance(rec, _RowError):
                     raise rec
-                if file_schema is None:
-                    file_schema = detect_schema(rec)
-                    info["schema"] = file_schema
-                if file_schema is None:
+                # "auto": the first record that parses cleanly fixes the file's schema, so one
+                # malformed first record cannot mislabel every good record after it.
+                rec_schema = file_schema or detect_schema(rec)
+                if rec_schema is None:
                     if not isinstance(rec, dict):
                         raise _RowError("not_an_object", None, f"expected a JSON object, got {_type_name(rec)}")
                     raise _RowError("unknown_schema", None,
                                     f"cannot tell the schema from keys {sorted(rec)}; expected prompt/chosen/rejected "
                                     "(generic), system/question/chosen/rejected (orca), or message lists in chosen/rejected")
-                examples.append(parse_record(rec, file_schema, origin, default_source))
+                examples.append(parse_record(rec, rec_schema, origin, default_source))
+                file_schema = info["schema"] = rec_schema
                 info["kept"] += 1
             except _RowError as e:
                 info["dropped"] += 1

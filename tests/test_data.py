@@ -690,3 +690,25 @@ def test_response_ids_are_the_prompts_continuation_with_a_sentencepiece_tokenize
         assert ids[0] != alone[0]  # the case matters: on its own the text starts with a "▁" piece
     assert stats["responses_encoded_alone"] == 0
 
+
+
+def test_a_malformed_first_record_does_not_decide_the_files_schema(tmp_path):
+    good = {"system": "", "question": "q{}", "chosen": "a", "rejected": "b"}
+    rows = [{"system": "", "chosen": "a", "rejected": "b"}] + [dict(good, question=f"q{i}") for i in range(3)]
+    p = tmp_path / "orca_rlhf.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exs, report = read_preferences(p, on_error="skip")
+    assert [e.prompt[-1]["content"] for e in exs] == ["q0", "q1", "q2"]
+    assert report.files[str(p)]["schema"] == "orca"
+    assert len(report.errors) == 1 and report.errors[0].startswith(f"{p}:1:")
+
+
+def test_dataset_name_does_not_follow_symlinks_into_the_hf_cache(tmp_path):
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    link = tmp_path / "snapshots" / "rev" / "my_dataset" / "train_prefs.jsonl"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    (ex,), _ = read_preferences(link)
+    assert ex.source == "my_dataset"
