@@ -120,7 +120,9 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
 
     sliding_window = None
     if model_type == "mistral":
-        sliding_window = get("sliding_window", int, None)
+        # transformers' MistralConfig defaults to 4096 when the key is absent; an explicit null
+        # (Mistral-7B v0.2 and later) means no window.
+        sliding_window = get("sliding_window", int, None) if "sliding_window" in raw else 4096
     elif model_type == "qwen2" and raw.get("use_sliding_window"):
         # Qwen2 applies the window only to layers >= max_window_layers; no released model uses it.
         raise CheckpointError(f"{where}: qwen2 with use_sliding_window=true is not supported")

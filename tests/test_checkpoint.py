@@ -78,6 +78,16 @@ def test_fixture_configs_parsed():
     assert dynamic.rope_scaling == {"rope_type": "dynamic", "factor": 2.0} and dynamic.max_position_embeddings == 8
 
 
+def test_mistral_sliding_window_absent_means_4096_and_null_means_none():
+    raw = json.loads((FIXTURES / "mistral" / "config.json").read_text())
+    absent = {k: v for k, v in raw.items() if k != "sliding_window"}
+    assert ckpt.config_from_dict(absent).sliding_window == 4096  # transformers' MistralConfig default
+    null = ckpt.config_from_dict({**raw, "sliding_window": None})
+    assert null.sliding_window is None
+    assert "sliding_window" in ckpt.config_to_dict(null) and ckpt.config_to_dict(null)["sliding_window"] is None
+    assert ckpt.config_from_dict(ckpt.config_to_dict(null)).sliding_window is None
+
+
 def test_legacy_and_v5_config_formats_agree(tmp_path):
     v5 = json.loads((FIXTURES / "llama3" / "config.json").read_text())
     legacy = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
