@@ -1,7 +1,8 @@
-"""Preference data: read and validate, split into sDPO steps, tokenize, collate, schedule.
+"""Preference data: read and validate files, split them into sDPO steps.
 
     files ──read_preferences──> [PreferenceExample] ──split_steps──> D_1 .. D_T
-          ──tokenize_pairs──> [TokenizedPair] ──batch_schedule + collate──> [2B, T] batches
+
+Tokenization is in sdpo/pairs.py, collation and batching in sdpo/packing.py.
 
 Every record is checked before any model work; a bad record is reported as
 ``file:line: field 'x': what was expected`` and either stops the run
@@ -22,12 +23,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-
-IGNORE_INDEX = -100
 
 SCHEMAS = ("auto", "generic", "orca", "ultrafeedback", "conversational")
 SPLIT_STRATEGIES = ("natural", "random", "stratified", "easy_to_hard", "all")
@@ -412,7 +410,7 @@ def split_steps(datasets: list[list[PreferenceExample]], strategy: str, *, fract
     easy_to_hard sort by `scores` (aligned with the concatenated datasets; HIGHER = EASIER, e.g. the
                  initial model's gamma = log pi(y_w|x) - log pi(y_l|x)), cut by `fractions`, easiest first
     fractions: a list summing to 1, or an int k for k equal chunks. Within a chunk the pairs keep
-    their input order (easy_to_hard: easiest first); batch_schedule shuffles them for training.
+    their input order (easy_to_hard: easiest first); sdpo.packing.batch_schedule shuffles them for training.
     """
     if strategy not in SPLIT_STRATEGIES:
         raise DataError(f"unknown split strategy {strategy!r}; expected one of {', '.join(SPLIT_STRATEGIES)}")
@@ -459,222 +457,6 @@ def split_steps(datasets: list[list[PreferenceExample]], strategy: str, *, fract
 
 
 # ---------------------------------------------------------------------------
-# Tokenization
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class TokenizedPair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]  # response ids; end with EOS unless truncated
-    rejected_ids: list[int]
-    index: int  # position of the example in its step's list (stable id for caches)
-
-
-def render_prompt(messages, tokenizer) -> str:
-    """The prompt turns through the chat template, ending with the generation prompt."""
-    return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True)
-
-
-def encode_prompt(messages, tokenizer) -> list[int]:
-    """Chat template with the generation prompt; BOS exactly once at the front (if the tokenizer has one)."""
-    ids = list(tokenizer.encode(render_prompt(messages, tokenizer), add_special_tokens=False))
-    bos = tokenizer.bos_id
-    if bos is not None:
-        start = 0
-        while start < len(ids) and ids[start] == bos:  # template already wrote <s> (maybe twice)
-            start += 1
-        ids = [bos] + ids[start:]
-    return ids
-
-
-def encode_response(text: str, tokenizer, prompt_text: str | None = None) -> tuple[list[int], bool]:
-    """Response ids, then exactly one EOS; returns (ids, encoded_alone).
-
-    With `prompt_text` (the rendered prompt), the response is encoded as its continuation:
-    encode(prompt_text + text) minus the tokens of encode(prompt_text), used only when those
-    are exactly its first tokens, i.e. no token spans the boundary. The ids are then the ones
-    the model reads in the whole conversation: a SentencePiece tokenizer does not put its
-    dummy-prefix "▁" in front of a response that follows "### Assistant:\n" or "<|assistant|>\n".
-    When a token would span the boundary, the text is encoded on its own (encoded_alone=True),
-    so the prompt's tokens never change."""
-    eos = tokenizer.eos_id
-    ids, alone = None, True
-    if prompt_text is not None:
-        head = tokenizer.encode(prompt_text, add_special_tokens=False)
-        joint = tokenizer.encode(prompt_text + text, add_special_tokens=False)
-        if len(joint) > len(head) and list(joint[: len(head)]) == list(head):
-            ids, alone = list(joint[len(head):]), False
-    if ids is None:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-    while ids and ids[-1] == eos:  # the text already ended with the EOS token's text
-        ids.pop()
-    return ids + [eos], alone
-
-
-def _truncate_prompt(ids: list[int], max_prompt_length: int, truncation: str, bos) -> list[int]:
-    if truncation == "keep_start":
-        return ids[:max_prompt_length]
-    if bos is not None and ids and ids[0] == bos:  # keep_end, but BOS stays in front
-        return [bos] + ids[len(ids) - (max_prompt_length - 1):] if max_prompt_length > 1 else [bos]
-    return ids[len(ids) - max_prompt_length:]
-
-
-def tokenize_pairs(examples, tokenizer, *, max_length: int = 1024, max_prompt_length: int = 512,
-                   truncation: str = "keep_end") -> tuple[list[TokenizedPair], dict]:
-    """Tokenize pairs with a boundary-safe split and the usual DPO truncation.
-
-    prompt = encode(chat_template(prompt, add_generation_prompt=True)) with one BOS;
-    response = its tokens as a continuation of the prompt text + [EOS], never a token that spans
-    the boundary (see encode_response; `responses_encoded_alone` counts the fallbacks).
-    If len(prompt) + max(len(chosen), len(rejected)) > max_length:
-      1. a prompt longer than max_prompt_length is cut to it (keep_end keeps its last tokens and BOS;
-         keep_start its first tokens);
-      2. each response is cut to max_length - len(prompt). A cut response loses its EOS: the model
-         must not learn to stop where the cut happened to fall.
-    Dropped (counted, never trained on): pairs with no room left for a response token, and pairs
-    whose responses become identical after the cut (their DPO gradient is exactly zero).
-    Returns (pairs, stats); stats counts pairs_in, pairs_kept, truncated_prompts, truncated_chosen,
-    truncated_rejected, dropped_no_room, dropped_identical_after_truncation, responses_encoded_alone,
-    and dropped_indices.
-    """
-    if truncation not in ("keep_end", "keep_start"):
-        raise DataError(f"truncation must be 'keep_end' or 'keep_start', got {truncation!r}")
-    if max_length < 2 or not (1 <= max_prompt_length <= max_length):
-        raise DataError(f"need max_length >= 2 and 1 <= max_prompt_length <= max_length, got "
-                        f"max_length={max_length}, max_prompt_length={max_prompt_length}")
-    if tokenizer.eos_id is None:
-        raise DataError("the tokenizer has no EOS token; responses must end with one")
-    stats = Counter(pairs_in=0, pairs_kept=0, truncated_prompts=0, truncated_chosen=0, truncated_rejected=0,
-                    dropped_no_room=0, dropped_identical_after_truncation=0, responses_encoded_alone=0)
-    dropped: list[int] = []
-    pairs: list[TokenizedPair] = []
-    prompt_cache: dict[tuple, tuple[str, list[int]]] = {}  # UltraFeedback-style data repeats prompts
-    for index, ex in enumerate(examples):
-        stats["pairs_in"] += 1
-        key = tuple((m["role"], m["content"]) for m in ex.prompt)
-        if key not in prompt_cache:
-            prompt_cache[key] = (render_prompt(ex.prompt, tokenizer), encode_prompt(ex.prompt, tokenizer))
-        text, p = prompt_cache[key]
-        c, c_alone = encode_response(ex.chosen, tokenizer, text)
-        r, r_alone = encode_response(ex.rejected, tokenizer, text)
-        stats["responses_encoded_alone"] += c_alone + r_alone
-        if len(p) + max(len(c), len(r)) > max_length:
-            if len(p) > max_prompt_length:
-                p = _truncate_prompt(p, max_prompt_length, truncation, tokenizer.bos_id)
-                stats["truncated_prompts"] += 1
-            room = max_length - len(p)
-            if room < 1:
-                stats["dropped_no_room"] += 1
-                dropped.append(index)
-                continue
-            if len(c) > room:
-                c = c[:room]
-                stats["truncated_chosen"] += 1
-            if len(r) > room:
-                r = r[:room]
-                stats["truncated_rejected"] += 1
-            if c == r:
-                stats["dropped_identical_after_truncation"] += 1
-                dropped.append(index)
-                continue
-        pairs.append(TokenizedPair(list(p), c, r, index))
-        stats["pairs_kept"] += 1
-    out = dict(stats)
-    out["dropped_indices"] = dropped
-    return pairs, out
-
-
-# ---------------------------------------------------------------------------
-# Collation and batch schedule
-# ---------------------------------------------------------------------------
-
-
-def collate(pairs: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
-            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """B pairs -> one right-padded [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected.
-
-    labels equal input_ids on response tokens (EOS included) and ignore_index on prompt and
-    padding; they are NOT shifted (logprobs.py scores labels[t+1] with the logits at t).
-    position_ids count from 0 per row and are 0 on padding.
-    """
-    if not pairs:
-        raise DataError("collate got an empty batch")
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    T = max(len(a) + len(b) for a, b in rows)
-    if pad_to_multiple_of:
-        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(rows)
-    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
-    labels = torch.full((n, T), ignore_index, dtype=torch.long)
-    attention_mask = torch.zeros((n, T), dtype=torch.long)
-    position_ids = torch.zeros((n, T), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):
-        lp, L = len(prompt), len(prompt) + len(response)
-        input_ids[i, :lp] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[i, lp:L] = torch.tensor(response, dtype=torch.long)
-        labels[i, lp:L] = input_ids[i, lp:L]
-        attention_mask[i, :L] = 1
-        position_ids[i, :L] = torch.arange(L)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "labels": labels,
-        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-    }
-
-
-def batch_schedule(num_examples: int, global_batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0,
-                   world_size: int = 1, lengths=None, group_by_length: bool = False,
-                   drop_last: bool = True) -> list[list[int]]:
-    """Example indices for each optimizer step, this rank's share.
-
-    The global batches depend only on (num_examples, global_batch_size, seed, epoch, lengths,
-    group_by_length): a shuffled permutation cut into batches of global_batch_size. Rank r takes
-    the slice [r*G/W, (r+1)*G/W) of each, so ranks are disjoint and their union is the same global
-    batch whatever world_size. group_by_length: within mega-chunks of 16 global batches (of the
-    shuffled order) pairs are sorted by length, longest first, then the batch order is shuffled —
-    less padding, still random. drop_last=False keeps a final short batch, split over ranks as
-    evenly as possible (a rank may then get fewer, even zero, indices).
-    """
-    if num_examples < 0 or global_batch_size < 1:
-        raise DataError(f"need num_examples >= 0 and global_batch_size >= 1, got {num_examples}, {global_batch_size}")
-    if world_size < 1 or not (0 <= rank < world_size):
-        raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if global_batch_size % world_size:
-        raise DataError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}; "
-                        "every rank must get the same number of pairs")
-    if seed < 0 or epoch < 0:
-        raise DataError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(num_examples)
-    if group_by_length:
-        if lengths is None or len(lengths) != num_examples:
-            raise DataError(f"group_by_length needs one length per example ({num_examples})")
-        lens = np.asarray(lengths)
-        mega = global_batch_size * 16
-        parts = []
-        for s in range(0, num_examples, mega):
-            chunk = order[s:s + mega]
-            parts.append(chunk[np.argsort(-lens[chunk], kind="stable")])
-        order = np.concatenate(parts) if parts else order
-    batches = [order[s:s + global_batch_size] for s in range(0, num_examples, global_batch_size)]
-    if batches and len(batches[-1]) < global_batch_size and drop_last:
-        batches.pop()
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    per_rank = global_batch_size // world_size
-    out = []
-    for b in batches:
-        if len(b) == global_batch_size:
-            out.append(b[rank * per_rank:(rank + 1) * per_rank].tolist())
-        else:
-            out.append(np.array_split(b, world_size)[rank].tolist())
-    return out
-
-
-# ---------------------------------------------------------------------------
 # python -m sdpo.data check FILE...
 # ---------------------------------------------------------------------------
 
@@ -699,6 +481,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     sources = Counter(ex.source for ex in examples)
     print("sources: " + ", ".join(f"{s}={n}" for s, n in sorted(sources.items())))
     if args.tokenizer and examples:
+        # here, not at the top: sdpo.pairs imports DataError from this module
+        from sdpo.pairs import tokenize_pairs
         from sdpo.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)

@@ -1,7 +1,7 @@
 """Sequence log-probs of responses, the fused chosen/rejected forward, response-only logits.
 
 For a row x_0 .. x_{T-1} with labels l_0 .. l_{T-1} (labels == input ids on response
-tokens, ignore_index elsewhere, NOT shifted; see sdpo.data.collate):
+tokens, ignore_index elsewhere, NOT shifted; see sdpo.packing.collate):
 
     log π(y|x) = Σ_{t : l_{t+1} ≠ ignore} log softmax(z_t)[l_{t+1}]        (1)
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import kernels
+from sdpo.packing import IGNORE_INDEX
 
 
 @dataclass
@@ -69,7 +70,7 @@ def sequence_logps(
     attention_mask: Tensor | None = None,
     position_ids: Tensor | None = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     response_only: bool = True,
 ) -> SequenceLogps:
     """Eq. (1) for every row of a [N, T] batch.
@@ -116,12 +117,12 @@ def sequence_logps(
 
 
 def concatenated_forward(
-    model, batch: dict, *, ignore_index: int = -100, response_only: bool = True
+    model, batch: dict, *, ignore_index: int = IGNORE_INDEX, response_only: bool = True
 ) -> tuple[SequenceLogps, SequenceLogps]:
     """One forward over the collated [2B, T] batch -> (chosen, rejected), each with [B] fields.
 
     batch: "input_ids" and "labels" [2B, T], optional "attention_mask" and "position_ids";
-    rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (sdpo.data.collate).
+    rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (sdpo.packing.collate).
     One forward instead of two halves the number of weight reads and kernel launches, and
     with FSDP the number of parameter all-gathers.
     """

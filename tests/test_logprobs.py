@@ -8,6 +8,8 @@ from torch import nn
 
 from sdpo.logprobs import SequenceLogps, concatenated_forward, sequence_logps
 from sdpo.model import ModelConfig, Transformer
+from sdpo.packing import collate
+from sdpo.pairs import TokenizedPair
 
 IGN = -100
 
@@ -231,10 +233,8 @@ def test_no_response_tokens_gives_zero():
 
 
 def test_with_data_collate_batch():
-    """sdpo.data.collate's batch (with position_ids and an `index` key) goes straight in, and
+    """sdpo.packing.collate's batch (with position_ids and an `index` key) goes straight in, and
     pad_to_multiple_of (more padding) changes nothing."""
-    from sdpo.data import TokenizedPair, collate
-
     pairs = [TokenizedPair(p, c, r, index=i) for i, (p, c, r) in enumerate(_pairs(seed=7))]
     m = _tiny_model(seed=8)
     with torch.no_grad():
