@@ -37,162 +37,36 @@ Rules this module follows (each one matches what transformers does unless said):
   positions are masked everywhere in sdpo, so the fallback only needs a valid id.
 * vocab_size is max id + 1 over the base vocabulary and all added tokens, i.e. the
   smallest embedding the ids fit in.
-* Chat templates render through jinja2's ImmutableSandboxedEnvironment with
-  trim_blocks and lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson`
-  that does not HTML-escape, the loopcontrols extension and a pass-through
-  `{% generation %}` tag, with `messages`, `add_generation_prompt`, `tools=None`,
-  `documents=None` and the special tokens that are set (bos_token, eos_token,
-  unk_token, pad_token, ...) as variables, as transformers' apply_chat_template does.
+* Chat templates (the built-in CHAT_TEMPLATES and the jinja sandbox that renders
+  them and a model's own) live in sdpo/chat_templates.py; apply_chat_template passes
+  `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the special
+  tokens that are set (bos_token, eos_token, unk_token, pad_token, ...) as variables,
+  as transformers' apply_chat_template does.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from datetime import datetime
 from functools import cached_property
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import sentencepiece as spm
+import tokenizers
+
+from sdpo.chat_templates import CHAT_TEMPLATES, TemplateRaised, compile_template
 
 
 class TokenizerError(ValueError):
     pass
 
 
-# Built-in templates for models whose tokenizer_config.json has no chat_template.
-# Each reproduces a published template; the comment says whose, and
-# tests/test_tokenizer.py checks the rendered strings literally.
-CHAT_TEMPLATES: dict[str, str] = {
-    # The ChatML template transformers used as its class default (also what
-    # teknium/OpenHermes-2.5-Mistral-7B publishes): "<|im_start|>{role}\n{content}<|im_end|>\n".
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    # meta-llama/Llama-2-7b-chat-hf: the system prompt goes inside the first [INST]
-    # as <<SYS>>\n...\n<</SYS>>\n\n; every user turn opens with BOS; the assistant
-    # turn is " {content} </s>". There is no generation prompt: "[/INST]" is it.
-    "llama-2": (
-        "{% if messages[0]['role'] == 'system' %}"
-        "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-        "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-        "{% for message in loop_messages %}"
-        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-        "{% endif %}"
-        "{% if loop.index0 == 0 and system_message != false %}"
-        "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
-        "{% else %}{% set content = message['content'] %}{% endif %}"
-        "{% if message['role'] == 'user' %}"
-        "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-        "{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + content.strip() + ' ' + eos_token }}"
-        "{% endif %}"
-        "{% endfor %}"
-    ),
-    # mistralai/Mistral-7B-Instruct-v0.2 (the 2024 revision of its
-    # tokenizer_config.json, which Mixtral-8x7B-Instruct-v0.1 shares): one BOS, an
-    # optional system message folded into the first user turn with a blank line,
-    # " [INST] {user} [/INST]" and " {assistant}</s>". No generation prompt.
-    "mistral": (
-        "{% if messages[0]['role'] == 'system' %}"
-        "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
-        "{% else %}{% set loop_messages = messages %}{% endif %}"
-        "{{ bos_token }}"
-        "{% for message in loop_messages %}"
-        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        "{{ raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}"
-        "{% endif %}"
-        "{% if message['role'] == 'user' %}"
-        "{% if loop.first and system_message is defined %}"
-        "{{ ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}"
-        "{% else %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
-        "{% elif message['role'] == 'assistant' %}"
-        "{{ ' ' + message['content'] + eos_token }}"
-        "{% else %}"
-        "{{ raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}"
-        "{% endif %}"
-        "{% endfor %}"
-    ),
-    # HuggingFaceH4/zephyr-7b-beta: "<|{role}|>\n{content}</s>\n" per turn and
-    # "<|assistant|>\n" as the generation prompt. The published template puts
-    # newlines between its tags; trim_blocks removes those after block tags but
-    # keeps the one after each {{ }}, hence the '\n' written out here.
-    "zephyr": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token + '\n' }}"
-        "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token + '\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
-        "{% endif %}"
-        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-    # upstage/SOLAR-10.7B-Instruct-v1.0 (the sDPO paper's model family):
-    # "### System:\n{s}\n\n" (skipped when empty), "### User:\n{u}\n\n",
-    # "### Assistant:\n{a}" with no terminator; generation prompt "### Assistant:\n".
-    "solar": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}"
-        "{% if message['content'] %}{{ '### System:\n' + message['content'] + '\n\n' }}{% endif %}"
-        "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'assistant' %}{{ '### Assistant:\n' + message['content'] }}"
-        "{% endif %}"
-        "{% if loop.last and add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-}
-
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
-# ---------------------------------------------------------------------------- jinja
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    # transformers marks assistant text with {% generation %}...{% endgeneration %}
-    # to find it later; rendering is unaffected, so the body passes through.
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-class _TemplateRaised(Exception):
-    pass
-
-
-def _raise_exception(message):
-    raise _TemplateRaised(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # jinja's own tojson HTML-escapes <, >, & and ' — wrong for prompts.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
 def _compile_template(source: str, origin: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        return compile_template(source)
     except jinja2.TemplateSyntaxError as e:
         raise TokenizerError(f"{origin}: chat template line {e.lineno}: {e.message}") from e
 
@@ -246,10 +120,8 @@ class _AddedToken:
 
 class _HFTokenizersBackend:
     def __init__(self, file: str):
-        from tokenizers import Tokenizer as _Tok
-
         try:
-            self.tok = _Tok.from_file(file)
+            self.tok = tokenizers.Tokenizer.from_file(file)
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise TokenizerError(f"{file}: cannot load with the tokenizers library ({e})") from e
         self.file = file
@@ -265,12 +137,10 @@ class _HFTokenizersBackend:
         # tokens, so "<s>" in text matches even when tokenizer.json only has it as an
         # ordinary vocabulary entry. Strings absent from the vocabulary are left out
         # (transformers would append new ids; bos/eos/pad then fail in Tokenizer).
-        from tokenizers import AddedToken
-
         have = {t.content for t in self.tok.get_added_tokens_decoder().values()}
         new = [t for t in dict.fromkeys(texts) if t not in have and self.tok.token_to_id(t) is not None]
         if new:
-            self.tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+            self.tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in new])
 
     def token_to_id(self, text):
         return self.tok.token_to_id(text)
@@ -287,8 +157,6 @@ class _HFTokenizersBackend:
 
 class _SentencePieceBackend:
     def __init__(self, file: str, added: list[_AddedToken], legacy: bool, add_prefix_space: bool):
-        import sentencepiece as spm
-
         self.sp = spm.SentencePieceProcessor()
         try:
             with open(file, "rb") as f:
@@ -453,7 +321,7 @@ class Tokenizer:
                 messages=messages, tools=None, documents=None,
                 add_generation_prompt=add_generation_prompt, **variables,
             )
-        except _TemplateRaised as e:
+        except TemplateRaised as e:
             raise TokenizerError(f"chat template rejected the conversation: {e}") from None
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat template failed to render: {type(e).__name__}: {e}") from e
