@@ -156,7 +156,7 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         raise CheckpointError(f"{where}: {e}") from e
 
 
-def config_to_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict:
+def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict:
     """The config.json transformers needs (legacy rope_theta/rope_scaling keys, read by 4.x and 5.x)."""
     c = config
     out = {
@@ -192,7 +192,7 @@ def config_to_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict:
     return out
 
 
-def load_config(path) -> ModelConfig:
+def load_model_config(path) -> ModelConfig:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise CheckpointError(f"{file}: not found; a Hugging Face model directory needs a config.json")
@@ -323,7 +323,7 @@ def load_model(path, dtype=None, device=None) -> Transformer:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
-    config = load_config(root)
+    config = load_model_config(root)
     dtype = _dtype(dtype if dtype is not None else config.torch_dtype, f"load_model({root})")
     device = torch.device(device if device is not None else "cpu")
     tensors = checked_tensors(root, config)
@@ -443,7 +443,7 @@ def save_state_dict(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        cfg = config_to_dict(config, _dtype_name(out_dtype))
+        cfg = model_config_to_dict(config, _dtype_name(out_dtype))
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
+
+from sdpo.checkpoint import CheckpointError, checked_tensors, load_model_config, open_safetensors
+from sdpo.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -64,18 +71,19 @@ def build_mesh(info: DistInfo):
     """1-D data-parallel mesh over all ranks (FSDP shards along it); None when unsharded."""
     if not info.distributed:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision: "bf16" always, "auto" on a GPU only, "fp32" never."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def default_mp_policy(device: torch.device, precision: str):
     """bf16 params for compute, float32 gradient reduction, on GPU; None (all float32) on CPU.
 
     The sharded parameters and the optimizer state stay float32 (the master weights)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if use_bf16(precision, device):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return None
 
@@ -92,8 +100,6 @@ def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward:
     needs the root's params straight away anyway. The root's gradients, lm_head's
     included, are reduce-scattered in FSDP's end-of-backward callback.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     if activation_checkpointing:
         model.gradient_checkpointing = True
     kwargs = {"mesh": mesh}
@@ -110,8 +116,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded float32 CPU state dict on rank 0 (empty on other ranks when sharded)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -181,15 +185,10 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
     flight, instead of the whole model in float32 (43 GB for a 10.7B model, on every rank).
     Values equal load_model(path, dtype=float32) bit for bit (the cast happens per row block).
     """
-    from torch.distributed.tensor import DTensor, Shard
-
-    from sdpo.checkpoint import CheckpointError, checked_tensors, load_config, open_safetensors
-    from sdpo.model import Transformer
-
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
-    config = load_config(root)
+    config = load_model_config(root)
     device = torch.device(device if device is not None else "cpu")
     tensors = checked_tensors(root, config)  # our name -> (file, HF name); fails like load_model
 

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sdpo.checkpoint as ckpt
-from sdpo.checkpoint import CheckpointError, load_config, load_model, parse_size, save_model, save_state_dict
+from sdpo.checkpoint import CheckpointError, load_model, load_model_config, parse_size, save_model, save_state_dict
 from sdpo.model import ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
@@ -65,16 +65,16 @@ def test_matches_hf_reference_bf16(name):
 
 
 def test_fixture_configs_parsed():
-    llama3 = load_config(FIXTURES / "llama3")
+    llama3 = load_model_config(FIXTURES / "llama3")
     assert llama3.head_dim == 16 and llama3.num_key_value_heads == 1 and llama3.rope_theta == 500000.0
     assert llama3.rope_scaling["rope_type"] == "llama3" and llama3.rope_scaling["original_max_position_embeddings"] == 16
-    mistral = load_config(FIXTURES / "mistral")
+    mistral = load_model_config(FIXTURES / "mistral")
     assert mistral.model_type == "mistral" and mistral.sliding_window == 4
-    qwen = load_config(FIXTURES / "qwen2")
+    qwen = load_model_config(FIXTURES / "qwen2")
     assert qwen.attention_bias and qwen.tie_word_embeddings and qwen.sliding_window is None
-    assert load_config(FIXTURES / "llama").rope_scaling is None
-    assert load_config(FIXTURES / "llama_linear").rope_scaling == {"rope_type": "linear", "factor": 4.0}
-    dynamic = load_config(FIXTURES / "llama_dynamic")
+    assert load_model_config(FIXTURES / "llama").rope_scaling is None
+    assert load_model_config(FIXTURES / "llama_linear").rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    dynamic = load_model_config(FIXTURES / "llama_dynamic")
     assert dynamic.rope_scaling == {"rope_type": "dynamic", "factor": 2.0} and dynamic.max_position_embeddings == 8
 
 
@@ -84,8 +84,9 @@ def test_mistral_sliding_window_absent_means_4096_and_null_means_none():
     assert ckpt.config_from_dict(absent).sliding_window == 4096  # transformers' MistralConfig default
     null = ckpt.config_from_dict({**raw, "sliding_window": None})
     assert null.sliding_window is None
-    assert "sliding_window" in ckpt.config_to_dict(null) and ckpt.config_to_dict(null)["sliding_window"] is None
-    assert ckpt.config_from_dict(ckpt.config_to_dict(null)).sliding_window is None
+    as_dict = ckpt.model_config_to_dict(null)
+    assert "sliding_window" in as_dict and as_dict["sliding_window"] is None
+    assert ckpt.config_from_dict(ckpt.model_config_to_dict(null)).sliding_window is None
 
 
 def test_legacy_and_v5_config_formats_agree(tmp_path):
@@ -107,7 +108,7 @@ def test_legacy_and_v5_config_formats_agree(tmp_path):
                                                        high_freq_factor=4.0, original_max_position_embeddings=32))])
 def test_config_dict_round_trip(kw):
     config = tiny(**kw)
-    assert ckpt.config_from_dict(ckpt.config_to_dict(config)) == config
+    assert ckpt.config_from_dict(ckpt.model_config_to_dict(config)) == config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_error_unknown_model_type(saved):
 def test_error_bad_config_fields(saved, changes, match):
     edit_config(saved, **changes)
     with pytest.raises(CheckpointError, match=match):
-        load_config(saved)
+        load_model_config(saved)
 
 
 def test_error_missing_field_and_bad_json(saved):
@@ -288,16 +289,16 @@ def test_error_missing_field_and_bad_json(saved):
     del cfg["num_hidden_layers"]
     (saved / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="required field 'num_hidden_layers' is missing"):
-        load_config(saved)
+        load_model_config(saved)
     (saved / "config.json").write_text('{\n"model_type": "llama",\n oops\n}')
     with pytest.raises(CheckpointError, match=r"config.json:3: invalid JSON"):
-        load_config(saved)
+        load_model_config(saved)
 
 
 def test_error_qwen2_sliding_window(saved):
     edit_config(saved, model_type="qwen2", use_sliding_window=True)
     with pytest.raises(CheckpointError, match="use_sliding_window"):
-        load_config(saved)
+        load_model_config(saved)
 
 
 def test_error_missing_config(saved):
@@ -364,7 +365,7 @@ def test_error_index_points_at_missing_shard(tmp_path):
 def test_error_pickle_only_checkpoint(tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(ckpt.config_to_dict(tiny())))
+    (d / "config.json").write_text(json.dumps(ckpt.model_config_to_dict(tiny())))
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02not really a pickle")
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin.*safetensors only.*save_pretrained\(.*safe_serialization=True\)"):
         load_model(d)
@@ -373,7 +374,7 @@ def test_error_pickle_only_checkpoint(tmp_path):
 def test_error_no_weights(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(ckpt.config_to_dict(tiny())))
+    (d / "config.json").write_text(json.dumps(ckpt.model_config_to_dict(tiny())))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_model(d)
 
