@@ -24,6 +24,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdpo.data import SPLIT_STRATEGIES
+from sdpo.loss import check_loss_options
+
 
 class ConfigError(ValueError):
     pass
@@ -157,7 +160,8 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
-SPLIT_STRATEGIES = ("natural", "random", "stratified", "easy_to_hard", "all")
+LOSS_OPTION_NAMES = {"type": "loss.type", "weights": "loss.weights", "beta": "loss.beta",
+                     "label_smoothing": "loss.label_smoothing"}
 OPTIMIZERS = ("adamw", "rmsprop")
 SCHEDULES = ("constant", "linear", "cosine")
 INITS = ("previous", "base")
@@ -314,7 +318,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def validate_config(cfg: Config) -> None:
-    """Check values (not paths: see trainer.check_paths). All problems in one error."""
+    """Check values (not paths: see sdpo.stepwise.check_setup). All problems in one error."""
     problems = []
 
     def need(cond, msg):
@@ -348,17 +352,7 @@ def validate_config(cfg: Config) -> None:
     need(d.max_examples is None or d.max_examples > 0, f"data.max_examples must be > 0, got {d.max_examples}")
     need(d.max_test_examples is None or d.max_test_examples > 0, f"data.max_test_examples must be > 0, got {d.max_test_examples}")
 
-    from sdpo.loss import LOSS_TYPES, USES_LABEL_SMOOTHING
-
-    bad = [x for x in lo.types if x not in LOSS_TYPES]
-    need(not bad, f"loss.type {lo.type!r}: unknown {bad}; expected one of {list(LOSS_TYPES)}, or several joined by '+'")
-    need(len(set(lo.types)) == len(lo.types), f"loss.type {lo.type!r} names a type twice; use loss.weights")
-    need(lo.weights is None or len(lo.weights) == len(lo.types),
-         f"loss.weights has {len(lo.weights or [])} entries but loss.type {lo.type!r} has {len(lo.types)}")
-    need(lo.beta > 0, f"loss.beta must be > 0, got {lo.beta}")
-    need(0 <= lo.label_smoothing < 0.5, f"loss.label_smoothing must be in [0, 0.5), got {lo.label_smoothing}")
-    need(lo.label_smoothing == 0 or USES_LABEL_SMOOTHING.intersection(lo.types),
-         f"loss.label_smoothing has no effect on loss.type {lo.type!r}; used by {sorted(USES_LABEL_SMOOTHING)}")
+    problems += check_loss_options(lo.types, lo.weights, lo.beta, lo.label_smoothing, names=LOSS_OPTION_NAMES)
     need(lo.rpo_alpha is None or lo.rpo_alpha >= 0, f"loss.rpo_alpha must be >= 0 (or unset), got {lo.rpo_alpha}")
     need(not lo.length_normalize or "ipo" in lo.types, "loss.length_normalize applies to the 'ipo' type only")
 

@@ -124,6 +124,37 @@ _PAIR_LOSSES = {
 # a preference term, e.g. loss_type=("sigmoid", "sft") as in MPO-style recipes.
 LOSS_TYPES: tuple[str, ...] = (*_PAIR_LOSSES, "sft")
 USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair"})
+# How check_loss_options names each option: preference_loss's arguments by default; the run
+# config passes its own keys (loss.type, loss.weights, ...).
+ARG_NAMES = {"type": "loss_type", "weights": "loss_weights", "beta": "beta", "label_smoothing": "label_smoothing"}
+
+
+def check_loss_options(types: Sequence[str], weights: Sequence[float] | None, beta: float, label_smoothing: float,
+                       *, names: dict[str, str] = ARG_NAMES) -> list[str]:
+    """Problems with a choice of loss types and their options, one message each ([] when valid).
+
+    The one place these rules live: preference_loss raises on them, sdpo.config reports them
+    with the other config problems. The types are shown joined by "+" (the config's notation)."""
+    T, W, B, E = names["type"], names["weights"], names["beta"], names["label_smoothing"]
+    shown = "+".join(types)
+    problems = []
+    if not types:
+        problems.append(f"{T} is empty; expected one or more of {list(LOSS_TYPES)}")
+    bad = [t for t in types if t not in LOSS_TYPES]
+    if bad:
+        problems.append(f"unknown {T} {shown!r}: unknown {bad}; expected one of {list(LOSS_TYPES)}, or several of them")
+    if len(set(types)) != len(types):
+        problems.append(f"{T} {shown!r} names a type twice; use {W} instead")
+    if weights is not None and len(weights) != len(types):
+        problems.append(f"{W} has {len(weights)} entries but {T} {shown!r} has {len(types)}")
+    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+        problems.append(f"{B} must be > 0 and finite, got {beta!r}")
+    if not (0.0 <= label_smoothing < 0.5):
+        problems.append(f"{E} must be in [0, 0.5), got {label_smoothing!r}")
+    elif label_smoothing > 0 and not USES_LABEL_SMOOTHING.intersection(types):
+        problems.append(f"{E} has no effect on {T} {shown!r} ({E} = {label_smoothing}); "
+                        f"it is used by {sorted(USES_LABEL_SMOOTHING)}")
+    return problems
 
 
 def _check_logps(name: str, x: Tensor | None, shape: torch.Size | None) -> None:
@@ -183,27 +214,11 @@ def preference_loss(
         loss type, so metrics compare across types), detached.
     """
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError(f"sdpo/loss.py: loss_type is empty; expected one or more of {list(LOSS_TYPES)}")
-    for t in types:
-        if t not in LOSS_TYPES:
-            raise ValueError(f"sdpo/loss.py: unknown loss_type {t!r}; valid types are {list(LOSS_TYPES)}")
-    if len(set(types)) != len(types):
-        raise ValueError(f"sdpo/loss.py: loss_type {list(types)} names a type twice; use loss_weights instead")
-    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
-    if len(weights) != len(types):
-        raise ValueError(
-            f"sdpo/loss.py: loss_weights has {len(weights)} entries but loss_type has {len(types)} ({list(types)})"
-        )
-    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"sdpo/loss.py: beta must be a finite number > 0, got {beta!r}")
-    if not (0.0 <= label_smoothing < 0.5):
-        raise ValueError(f"sdpo/loss.py: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing > 0 and not USES_LABEL_SMOOTHING.intersection(types):
-        raise ValueError(
-            f"sdpo/loss.py: label_smoothing={label_smoothing} has no effect on loss_type {list(types)}; "
-            f"it is used by {sorted(USES_LABEL_SMOOTHING)}"
-        )
+    given_weights = None if loss_weights is None else tuple(float(w) for w in loss_weights)
+    problems = check_loss_options(types, given_weights, beta, label_smoothing)
+    if problems:
+        raise ValueError("sdpo/loss.py: " + "; ".join(problems))
+    weights = (1.0,) * len(types) if given_weights is None else given_weights
 
     _check_logps("policy_chosen_logps", policy_chosen_logps, None)
     shape = policy_chosen_logps.shape
