@@ -3,8 +3,8 @@
 Three layers: the @triton.jit kernels, plain-Python launchers that choose the
 block size and warps and allocate outputs, and an autograd Function over the
 launchers; the pure-PyTorch reference (the CPU path and the test oracle) is in
-reference.py and the dispatching entry point in __init__.py. Shapes: logits [N, V] with unit column stride,
-targets [N] int64, out and the per-row statistics [N] float32.
+reference.py and the dispatching entry point in __init__.py. Shapes: logits [N, V]
+with unit column stride, targets [N] int64, out and the per-row statistics [N] float32.
 
 Memory traffic per row is the floor for this op: forward reads the row once,
 backward reads it once and writes its gradient once (3·V elements), and with
