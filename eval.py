@@ -16,7 +16,16 @@ from pathlib import Path
 
 import torch
 
-from sdpo import evaluation as ev
+from sdpo import h4
+from sdpo import metrics as M
+from sdpo.checkpoint import CheckpointError, load_model
+from sdpo.data import DataError, read_preferences
+from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
+from sdpo.loss import preference_loss
+from sdpo.pairs import tokenize_pairs
+from sdpo.reference import pair_logps
+from sdpo.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
+from sdpo.tokenizer import TokenizerError, check_vocab, load_tokenizer
 
 class UsageError(ValueError):
     """Arguments that parse but do not fit together."""
@@ -41,8 +50,6 @@ def _dtype(name: str, device: torch.device):
 
 
 def _load_model(path: str, args):
-    from sdpo.checkpoint import load_model
-
     device = _device(args.device)
     model = load_model(path, dtype=_dtype(args.dtype, device), device=device)
     model.eval()
@@ -50,8 +57,6 @@ def _load_model(path: str, args):
 
 
 def _load_tokenizer(path: str, args, model_config=None):
-    from sdpo.tokenizer import check_vocab, load_tokenizer
-
     tok = load_tokenizer(path, chat_template=getattr(args, "chat_template", None))
     if model_config is not None:
         check_vocab(tok, model_config)
@@ -74,26 +79,22 @@ def _out_path(args, default: str) -> Path:
 
 
 def _read_pairs(args, tok):
-    from sdpo.data import read_preferences, tokenize_pairs
-
     examples, _ = read_preferences(args.data, schema=args.schema)
     if args.limit is not None:
         examples = examples[: args.limit]
     pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
                                   max_prompt_length=args.max_prompt_length)
     if not pairs:
-        raise ev.H4DataError(f"{', '.join(args.data)}: no pairs left after tokenization ({stats})")
+        raise h4.H4DataError(f"{', '.join(args.data)}: no pairs left after tokenization ({stats})")
     return examples, pairs, stats
 
 
 def _model_logps(path: str, pairs, tok, args, label: str):
     model = _load_model(path, args)
-    from sdpo.tokenizer import check_vocab
-
     check_vocab(tok, model.config)
-    bar = ev.Progress(label, len(pairs))
-    chosen, rejected = ev.pair_logps(model, pairs, pad_id=tok.pad_id, batch_size=args.batch_size,
-                                     device=_device(args.device), progress=bar)
+    bar = Progress(label, len(pairs))
+    chosen, rejected = pair_logps(model, pairs, pad_id=tok.pad_id, batch_size=args.batch_size,
+                                  device=_device(args.device), progress=bar)
     bar.close()
     del model  # the next model can reuse the memory
     if torch.cuda.is_available():
@@ -104,15 +105,13 @@ def _model_logps(path: str, pairs, tok, args, label: str):
 # ---------------------------------------------------------------- subcommands
 
 def cmd_preference(args) -> int:
-    from sdpo.loss import preference_loss
-
     tok = _load_tokenizer(args.tokenizer or args.model, args)
     examples, pairs, stats = _read_pairs(args, tok)
     pc, pr = _model_logps(args.model, pairs, tok, args, "policy")
     rc, rr = _model_logps(args.ref, pairs, tok, args, "reference")
     losses, chosen_rewards, rejected_rewards = preference_loss(
         pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta)
-    metrics = ev.preference_metrics(pc, pr, rc, rr, beta=args.beta, losses=losses)
+    metrics = M.preference_metrics(pc, pr, rc, rr, beta=args.beta, losses=losses)
     result = {
         "kind": "preference", "model": args.model, "ref": args.ref, "data": args.data,
         "beta": args.beta, "loss_type": args.loss_type, "metrics": metrics,
@@ -124,7 +123,7 @@ def cmd_preference(args) -> int:
     out = _out_path(args, f"preference-{_name(args.model)}.json")
     _write_json(out, result)
     print(f"preference: {_name(args.model)} against {_name(args.ref)}, β={args.beta}, {metrics['n']} pairs")
-    print(ev.format_table(["metric", "value"], [[k, v] for k, v in metrics.items() if k != "n"]))
+    print(format_table(["metric", "value"], [[k, v] for k, v in metrics.items() if k != "n"]))
     print(f"wrote {out}")
     return 0
 
@@ -138,18 +137,18 @@ def cmd_gamma(args) -> int:
     gammas, stats = {}, {}
     for name, path in zip(names, args.models):
         chosen, rejected = _model_logps(path, pairs, tok, args, name)
-        gammas[name] = (chosen - rejected).tolist()  # γ = log π(y_w|x) − log π(y_l|x), per pair
-        stats[name] = ev.gamma_stats(gammas[name])
-    hist = ev.histogram(gammas, bins=args.bins)
+        gammas[name] = M.gamma(chosen, rejected).tolist()
+        stats[name] = M.gamma_stats(gammas[name])
+    hist = M.histogram(gammas, bins=args.bins)
     out = _out_path(args, "gamma.json")
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot.parent.mkdir(parents=True, exist_ok=True)
     means = {n: s["mean"] for n, s in stats.items()}
-    if ev.plot_gamma_histogram(hist, means, plot):
+    if plot_gamma_histogram(hist, means, plot):
         figure, note = str(plot), f"wrote {plot}"
     else:
         csv = plot.with_suffix(".csv")
-        ev.write_histogram_csv(hist, csv)
+        write_histogram_csv(hist, csv)
         figure = None
         note = (f"note: matplotlib is not installed, so no PNG; the histogram bins are in {csv} and in "
                 f"{out} ('histogram'). pip install matplotlib for the figure.")
@@ -158,7 +157,7 @@ def cmd_gamma(args) -> int:
               "pairs": {"origin": [examples[p.index].origin for p in pairs], "gamma": gammas}}
     _write_json(out, result)
     print(f"γ = log π(y_w|x) − log π(y_l|x) over {len(pairs)} pairs")
-    print(ev.format_table(["model", "n", "mean", "std", "q1", "median", "q3", "min", "max"],
+    print(format_table(["model", "n", "mean", "std", "q1", "median", "q3", "min", "max"],
                           [[n, s["n"], s["mean"], s["std"], s["q1"], s["median"], s["q3"], s["min"], s["max"]]
                            for n, s in stats.items()]))
     print(note)
@@ -168,24 +167,24 @@ def cmd_gamma(args) -> int:
 
 def cmd_h4(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in ev.TASKS]
+    unknown = [t for t in tasks if t not in h4.TASKS]
     if unknown or not tasks:
-        raise UsageError(f"--tasks: unknown {unknown or tasks}; choose from {','.join(ev.TASKS)}")
+        raise UsageError(f"--tasks: unknown {unknown or tasks}; choose from {','.join(h4.TASKS)}")
     model = _load_model(args.model, args)
     tok = _load_tokenizer(args.tokenizer or args.model, args, model.config)
     prefix = [tok.bos_id] if args.add_bos and tok.bos_id is not None else []
-    runner = ev.LoglikelihoodRunner(
-        ev.model_score_fn(model, _device(args.device)), lambda s: tok.encode(s, add_special_tokens=False),
+    runner = LoglikelihoodRunner(
+        model_score_fn(model, _device(args.device)), lambda s: tok.encode(s, add_special_tokens=False),
         batch_size=args.batch_size, max_length=args.max_length or model.config.max_position_embeddings,
-        pad_id=tok.pad_id, prefix_ids=prefix, next_token_fn=ev.model_next_token_fn(model, _device(args.device)))
-    result = ev.evaluate_h4(runner, args.data_dir, tasks=tasks, num_fewshot=args.num_fewshot,
+        pad_id=tok.pad_id, prefix_ids=prefix, next_token_fn=model_next_token_fn(model, _device(args.device)))
+    result = h4.evaluate_h4(runner, args.data_dir, tasks=tasks, num_fewshot=args.num_fewshot,
                             seed=args.seed, limit=args.limit)
     result.update(kind="h4", model=args.model, name=args.name or _name(args.model),
                   data_dir=str(args.data_dir), add_bos=bool(prefix))
     out = _out_path(args, f"h4-{_name(args.model)}.json")
     _write_json(out, result)
     rows = [[t, r["metric"], r["num_fewshot"], r["n"], f"{100 * r['score']:.2f}"] for t, r in result["tasks"].items()]
-    print(ev.format_table(["task", "metric", "shots", "n", "score (%)"], rows))
+    print(format_table(["task", "metric", "shots", "n", "score (%)"], rows))
     if result["h4"] is not None:
         print(f"H4 = {100 * result['h4']:.2f}")
     else:
@@ -202,15 +201,15 @@ def report_table(results: list[tuple[str, dict]]) -> str:
     rows = []
     for origin, r in results:
         if r.get("kind") != "h4" or not isinstance(r.get("tasks"), dict):
-            raise ev.H4DataError(f"{origin}: not an `eval.py h4` result (field 'kind' is {r.get('kind')!r}, "
+            raise h4.H4DataError(f"{origin}: not an `eval.py h4` result (field 'kind' is {r.get('kind')!r}, "
                                  "expected 'h4' with a 'tasks' object)")
         cells = []
         for key, _ in REPORT_COLUMNS:
             t = r["tasks"].get(key)
             cells.append(f"{100 * t['score']:.2f}" if t else "—")
-        h4 = f"{100 * r['h4']:.2f}" if r.get("h4") is not None else "—"
-        rows.append([r.get("name") or r.get("model", origin), h4, *cells])
-    return ev.format_table(["Model", "H4", *(title for _, title in REPORT_COLUMNS)], rows)
+        score = f"{100 * r['h4']:.2f}" if r.get("h4") is not None else "—"
+        rows.append([r.get("name") or r.get("model", origin), score, *cells])
+    return format_table(["Model", "H4", *(title for _, title in REPORT_COLUMNS)], rows)
 
 
 def cmd_report(args) -> int:
@@ -219,9 +218,9 @@ def cmd_report(args) -> int:
         try:
             results.append((path, json.loads(Path(path).read_text())))
         except OSError as e:
-            raise ev.H4DataError(f"{path}: cannot read ({e.strerror})") from None
+            raise h4.H4DataError(f"{path}: cannot read ({e.strerror})") from None
         except json.JSONDecodeError as e:
-            raise ev.H4DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            raise h4.H4DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     table = report_table(results)
     out = _out_path(args, "report.md")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("h4", help="ARC, HellaSwag, MMLU, TruthfulQA as the Open LLM Leaderboard v1 scored them")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--data-dir", required=True, help="task files in the HF layouts (see sdpo/evaluation.py)")
-    sp.add_argument("--tasks", default=",".join(ev.H4_TASKS))
+    sp.add_argument("--data-dir", required=True, help="task files in the HF layouts (see sdpo/h4.py)")
+    sp.add_argument("--tasks", default=",".join(h4.H4_TASKS))
     sp.add_argument("--limit", type=int, help="at most N documents per task (per subject for MMLU)")
     sp.add_argument("--num-fewshot", type=int, help="override the shots of ARC/HellaSwag/MMLU (TruthfulQA stays 0)")
     sp.add_argument("--seed", type=int, default=1234, help="document shuffle and few-shot sampling")
@@ -293,13 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from sdpo.checkpoint import CheckpointError
-    from sdpo.data import DataError
-    from sdpo.tokenizer import TokenizerError
-
     try:
         return args.func(args)
-    except (UsageError, ev.H4DataError, DataError, CheckpointError, TokenizerError) as e:
+    except (UsageError, h4.H4DataError, DataError, CheckpointError, TokenizerError) as e:
         print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     from sdpo.checkpoint import CheckpointError
     from sdpo.data import DataError
     from sdpo.tokenizer import TokenizerError
-    from sdpo.trainer import StopRequested, TrainingError, train
+    from sdpo.run import StopRequested, TrainingError
+    from sdpo.stepwise import train
 
     try:
         cfg = parse_args(argv, default_config=DEFAULT_CONFIG)

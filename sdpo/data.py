@@ -84,7 +84,7 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-class _RowError(Exception):
+class RowError(Exception):
     """One invalid record: ``reason`` is the summary bucket, ``field`` the offending field."""
 
     def __init__(self, reason: str, field: str | None, message: str):
@@ -135,8 +135,10 @@ def dataset_name(path: Path) -> str:
     return parent.name or stem
 
 
-def _iter_records(path: Path) -> Iterator[tuple[str, object]]:
-    """Yields (origin, record) or (origin, _RowError) for records that cannot even be parsed."""
+def iter_records(path: Path) -> Iterator[tuple[str, object]]:
+    """Yields (origin, record) or (origin, RowError) for records that cannot even be parsed, of a
+    .jsonl, .json (a list, or an object with a "data" or "rows" list) or .parquet file; raises
+    DataError for a file that cannot be read as a whole. The one record reader (sdpo.h4 uses it too)."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -144,14 +146,14 @@ def _iter_records(path: Path) -> Iterator[tuple[str, object]]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield origin, _RowError("undecodable_text", None, f"not valid UTF-8 at byte column {e.start + 1}")
+                    yield origin, RowError("undecodable_text", None, f"not valid UTF-8 at byte column {e.start + 1}")
                     continue
                 if not line.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
                 try:
                     yield origin, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield origin, _RowError("invalid_json", None, f"invalid JSON: {e.msg} at column {e.colno}")
+                    yield origin, RowError("invalid_json", None, f"invalid JSON: {e.msg} at column {e.colno}")
     elif path.suffix == ".json":
         raw = path.read_bytes()
         try:
@@ -163,6 +165,8 @@ def _iter_records(path: Path) -> Iterator[tuple[str, object]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        if isinstance(data, dict) and isinstance(data.get("data", data.get("rows")), list):
+            data = data.get("data", data.get("rows"))
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records, got {_type_name(data)}")
         for i, rec in enumerate(data):
@@ -187,7 +191,7 @@ def _type_name(v) -> str:
 
 def _require(rec: dict, key: str):
     if key not in rec:
-        raise _RowError("missing_field", key, f"missing; the record has {sorted(rec)}")
+        raise RowError("missing_field", key, f"missing; the record has {sorted(rec)}")
     return rec[key]
 
 
@@ -195,33 +199,33 @@ def _text(value, name: str, *, optional: bool = False) -> str:
     if optional and value is None:
         return ""
     if not isinstance(value, str):
-        raise _RowError("wrong_type", name, f"expected a string, got {_type_name(value)}")
+        raise RowError("wrong_type", name, f"expected a string, got {_type_name(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates, e.g. a JSON "\ud800" escape
-        raise _RowError("undecodable_text", name, "contains text that is not valid Unicode (lone surrogate)") from None
+        raise RowError("undecodable_text", name, "contains text that is not valid Unicode (lone surrogate)") from None
     if not optional and not value.strip():
-        raise _RowError("empty_text", name, "is empty")
+        raise RowError("empty_text", name, "is empty")
     return value
 
 
 def _messages(value, name: str) -> list[dict]:
     if not isinstance(value, list):
-        raise _RowError("wrong_type", name, f"expected a list of {{role, content}} messages, got {_type_name(value)}")
+        raise RowError("wrong_type", name, f"expected a list of {{role, content}} messages, got {_type_name(value)}")
     if not value:
-        raise _RowError("bad_messages", name, "is an empty message list")
+        raise RowError("bad_messages", name, "is an empty message list")
     out = []
     for i, m in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
-            raise _RowError("bad_messages", where, f"expected a {{role, content}} object, got {_type_name(m)}")
+            raise RowError("bad_messages", where, f"expected a {{role, content}} object, got {_type_name(m)}")
         if "role" not in m:
-            raise _RowError("bad_messages", f"{where}.role", "missing")
+            raise RowError("bad_messages", f"{where}.role", "missing")
         role = m["role"]
         if role not in ROLES:
-            raise _RowError("bad_role", f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+            raise RowError("bad_role", f"{where}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
         if "content" not in m:
-            raise _RowError("bad_messages", f"{where}.content", "missing")
+            raise RowError("bad_messages", f"{where}.content", "missing")
         out.append({"role": role, "content": _text(m["content"], f"{where}.content")})
     return out
 
@@ -229,10 +233,10 @@ def _messages(value, name: str) -> list[dict]:
 def _check_prompt(prompt: list[dict], name: str) -> tuple[dict, ...]:
     for i, m in enumerate(prompt):
         if m["role"] == "system" and i > 0:
-            raise _RowError("bad_role", f"{name}[{i}].role", "a system message may only come first")
+            raise RowError("bad_role", f"{name}[{i}].role", "a system message may only come first")
     if not prompt or prompt[-1]["role"] != "user":
         got = prompt[-1]["role"] if prompt else "nothing"
-        raise _RowError("bad_role", name, f"the prompt must end with a user turn, got {got}")
+        raise RowError("bad_role", name, f"the prompt must end with a user turn, got {got}")
     return tuple(prompt)
 
 
@@ -240,14 +244,14 @@ def _split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list
     """chosen = prefix + [assistant reply], rejected = the same prefix + [another reply]."""
     for msgs, name in ((chosen, "chosen"), (rejected, "rejected")):
         if msgs[-1]["role"] != "assistant":
-            raise _RowError("bad_role", f"{name}[{len(msgs) - 1}].role",
+            raise RowError("bad_role", f"{name}[{len(msgs) - 1}].role",
                             f"the last message must be the assistant's response, got {msgs[-1]['role']!r}")
     if len(chosen) != len(rejected):
-        raise _RowError("prefix_mismatch", "rejected",
+        raise RowError("prefix_mismatch", "rejected",
                         f"has {len(rejected)} messages but chosen has {len(chosen)}; they must share all but the last")
     for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])):
         if a != b:
-            raise _RowError("prefix_mismatch", f"rejected[{i}]",
+            raise RowError("prefix_mismatch", f"rejected[{i}]",
                             f"differs from chosen[{i}]; both must share every message before the response")
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
@@ -256,7 +260,7 @@ def _score(rec: dict, key: str) -> None:
     if key in rec and rec[key] is not None:
         v = rec[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _RowError("bad_score", key, f"expected a finite number, got {v!r}")
+            raise RowError("bad_score", key, f"expected a finite number, got {v!r}")
 
 
 def _parse_single_turn(rec, question_key: str):
@@ -315,16 +319,16 @@ def detect_schema(rec) -> str | None:
 
 
 def parse_record(rec, schema: str, origin: str, default_source: str) -> PreferenceExample:
-    """Validate one record against `schema`; raises _RowError naming the field."""
+    """Validate one record against `schema`; raises RowError naming the field."""
     if not isinstance(rec, dict):
-        raise _RowError("not_an_object", None, f"expected a JSON object, got {_type_name(rec)}")
+        raise RowError("not_an_object", None, f"expected a JSON object, got {_type_name(rec)}")
     prompt, chosen, rejected = _PARSERS[schema](rec)
     prompt = _check_prompt(prompt, "prompt")
     if chosen == rejected:
-        raise _RowError("identical_responses", "rejected", "is identical to chosen; the pair carries no preference")
+        raise RowError("identical_responses", "rejected", "is identical to chosen; the pair carries no preference")
     source = rec.get("source")
     if source is not None and not isinstance(source, str):
-        raise _RowError("wrong_type", "source", f"expected a string, got {_type_name(source)}")
+        raise RowError("wrong_type", "source", f"expected a string, got {_type_name(source)}")
     return PreferenceExample(prompt, chosen, rejected, source or default_source, origin)
 
 
@@ -346,23 +350,23 @@ def read_preferences(paths, schema: str = "auto", on_error: str = "fail") -> tup
         file_schema = None if schema == "auto" else schema
         info = {"schema": file_schema, "kept": 0, "dropped": 0}
         report.files[str(path)] = info
-        for origin, rec in _iter_records(path):
+        for origin, rec in iter_records(path):
             try:
-                if isinstance(rec, _RowError):
+                if isinstance(rec, RowError):
                     raise rec
                 # "auto": the first record that parses cleanly fixes the file's schema, so one
                 # malformed first record cannot mislabel every good record after it.
                 rec_schema = file_schema or detect_schema(rec)
                 if rec_schema is None:
                     if not isinstance(rec, dict):
-                        raise _RowError("not_an_object", None, f"expected a JSON object, got {_type_name(rec)}")
-                    raise _RowError("unknown_schema", None,
+                        raise RowError("not_an_object", None, f"expected a JSON object, got {_type_name(rec)}")
+                    raise RowError("unknown_schema", None,
                                     f"cannot tell the schema from keys {sorted(rec)}; expected prompt/chosen/rejected "
                                     "(generic), system/question/chosen/rejected (orca), or message lists in chosen/rejected")
                 examples.append(parse_record(rec, rec_schema, origin, default_source))
                 file_schema = info["schema"] = rec_schema
                 info["kept"] += 1
-            except _RowError as e:
+            except RowError as e:
                 info["dropped"] += 1
                 report.dropped[e.reason] += 1
                 where = f"field '{e.field}': " if e.field else ""

@@ -15,17 +15,15 @@ from sdpo.pairs import TokenizedPair
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); torch's cross-entropy default
 
-def collate(pairs: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
-            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    """B pairs -> one right-padded [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected.
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
+             ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """(context ids, scored ids) rows -> right-padded input_ids, labels, attention_mask, position_ids [n, T].
 
-    labels equal input_ids on response tokens (EOS included) and ignore_index on prompt and
-    padding; they are NOT shifted (logprobs.py scores labels[t+1] with the logits at t).
-    position_ids count from 0 per row and are 0 on padding.
+    labels equal input_ids on the scored tokens and ignore_index on context and padding; they
+    are NOT shifted (logprobs.py scores labels[t+1] with the logits at t). position_ids count
+    from 0 per row and are 0 on padding. The one batch builder: pairs (collate) and
+    (context, continuation) requests (sdpo.loglikelihood) both come through here.
     """
-    if not pairs:
-        raise DataError("collate got an empty batch")
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     T = max(len(a) + len(b) for a, b in rows)
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
@@ -34,20 +32,27 @@ def collate(pairs: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int = 
     labels = torch.full((n, T), ignore_index, dtype=torch.long)
     attention_mask = torch.zeros((n, T), dtype=torch.long)
     position_ids = torch.zeros((n, T), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):
-        lp, L = len(prompt), len(prompt) + len(response)
-        input_ids[i, :lp] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[i, lp:L] = torch.tensor(response, dtype=torch.long)
-        labels[i, lp:L] = input_ids[i, lp:L]
+    for i, (context, scored) in enumerate(rows):
+        lc, L = len(context), len(context) + len(scored)
+        input_ids[i, :lc] = torch.tensor(context, dtype=torch.long)
+        input_ids[i, lc:L] = torch.tensor(scored, dtype=torch.long)
+        labels[i, lc:L] = input_ids[i, lc:L]
         attention_mask[i, :L] = 1
         position_ids[i, :L] = torch.arange(L)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "labels": labels,
-        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "labels": labels}
+
+
+def collate(pairs: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
+            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> one right-padded [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected (see pad_rows),
+    plus "index" [B], each pair's TokenizedPair.index."""
+    if not pairs:
+        raise DataError("collate got an empty batch")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    batch = pad_rows(rows, pad_id=pad_id, ignore_index=ignore_index, pad_to_multiple_of=pad_to_multiple_of)
+    batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    return batch
 
 
 def batch_schedule(num_examples: int, global_batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0,

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eval as eval_cli  # noqa: E402
-from sdpo import evaluation as ev  # noqa: E402
+from sdpo import h4  # noqa: E402
+from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn  # noqa: E402
 from sdpo.checkpoint import save_model  # noqa: E402
 from sdpo.model import ModelConfig, Transformer  # noqa: E402
 from sdpo.tokenizer import CHAT_TEMPLATES, load_tokenizer  # noqa: E402
@@ -25,7 +26,7 @@ def _corpus():
     texts = []
     for f in sorted(FIX.rglob("*.jsonl")):
         texts += f.read_text().splitlines()
-    texts.append(ev.TRUTHFULQA_PREAMBLE)
+    texts.append(h4.TRUTHFULQA_PREAMBLE)
     rng = random.Random(0)
     words = "the a model answer question chosen rejected good bad yes no".split()
     texts += [" ".join(rng.choice(words) for _ in range(8)) for _ in range(100)]
@@ -90,7 +91,7 @@ def test_h4_end_to_end_matches_a_direct_forward(models, tmp_path, capsys):
 
     model = load_model(models["S"], dtype=torch.float32).eval()
     tok = load_tokenizer(models["S"])
-    items = ev.load_task_items(FIX, "truthfulqa")
+    items = h4.load_task_items(FIX, "truthfulqa")
     mc2 = []
     for item in items:
         lls = []
@@ -196,17 +197,17 @@ def test_one_token_groups_share_a_forward_and_agree_with_the_fused_path(models):
 
     model = load_model(models["S"], dtype=torch.float32).eval()
     tok = load_tokenizer(models["S"])
-    items = ev.load_task_items(FIX, "mmlu", num_fewshot=1) + ev.load_task_items(FIX, "arc", num_fewshot=0)
+    items = h4.load_task_items(FIX, "mmlu", num_fewshot=1) + h4.load_task_items(FIX, "arc", num_fewshot=0)
     requests = [r for item in items for r in item.requests()]
     encode = lambda s: tok.encode(s)  # noqa: E731
     calls = []
 
     def counting_next(ids, mask):
         calls.append(ids.shape[0])
-        return ev.model_next_token_fn(model)(ids, mask)
+        return model_next_token_fn(model)(ids, mask)
 
-    plain = ev.LoglikelihoodRunner(ev.model_score_fn(model), encode, batch_size=4, progress=False)(requests)
-    grouped = ev.LoglikelihoodRunner(ev.model_score_fn(model), encode, batch_size=4, progress=False,
+    plain = LoglikelihoodRunner(model_score_fn(model), encode, batch_size=4, progress=False)(requests)
+    grouped = LoglikelihoodRunner(model_score_fn(model), encode, batch_size=4, progress=False,
                                      next_token_fn=counting_next)(requests)
     assert all(len(tok.encode(ctx + c)) - len(tok.encode(ctx)) == 1
                for item in items[:3] for ctx, c in item.requests())

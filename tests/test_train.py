@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo import trainer
+from sdpo import loop, reference, stepwise
 from sdpo.config import load_config
-from sdpo.trainer import StopRequested, TrainingError, train
+from sdpo.run import StopRequested, TrainingError
+from sdpo.stepwise import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -126,8 +127,9 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     assert len(list(cache.glob("*.safetensors"))) == 2  # one per sDPO step
 
     loads = []
-    real = trainer.load_for_training
-    monkeypatch.setattr(trainer, "load_for_training", lambda run, d: loads.append(str(d)) or real(run, d))
+    real = stepwise.load_for_training
+    for module in (stepwise, reference):  # the policies, and the reference pass
+        monkeypatch.setattr(module, "load_for_training", lambda run, d: loads.append(str(d)) or real(run, d))
     train(cfg)  # a repeated run: same S (deterministic), same data -> both reference passes from the cache
     assert loads == [str(out / "sft"), str(out / "M1")]  # the two policies only, no reference pass
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -160,13 +162,13 @@ def test_init_base_starts_each_step_from_s(tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
-    real = trainer.preference_loss
+    real = loop.preference_loss
 
     def poisoned(*args, **kwargs):
         losses, c, r = real(*args, **kwargs)
         return losses * float("nan"), c, r
 
-    monkeypatch.setattr(trainer, "preference_loss", poisoned)
+    monkeypatch.setattr(loop, "preference_loss", poisoned)
     with pytest.raises(TrainingError, match=r"sDPO step 1/2: non-finite loss at optimizer step 1/6"):
         train(small_cfg(tmp_path))
     assert (tmp_path / "run" / "sft" / "config.json").is_file()  # the last good model stays
@@ -230,7 +232,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 
 def test_easy_to_hard_orders_by_the_base_gamma(tmp_path, monkeypatch):
     seen = {}
-    real = trainer.split_steps
+    real = stepwise.split_steps
 
     def spy(datasets, strategy, **kw):
         seen["scores"], seen["pool"] = kw.get("scores"), [ex for d in datasets for ex in d]
@@ -238,7 +240,7 @@ def test_easy_to_hard_orders_by_the_base_gamma(tmp_path, monkeypatch):
         seen["steps"] = steps
         return steps
 
-    monkeypatch.setattr(trainer, "split_steps", spy)
+    monkeypatch.setattr(stepwise, "split_steps", spy)
     cfg = small_cfg(tmp_path, "--data.split=easy_to_hard", "--data.fractions=0.5,0.5", "--data.max_examples=16")
     train(cfg)
     scores, pool = seen["scores"], seen["pool"]
@@ -249,27 +251,28 @@ def test_easy_to_hard_orders_by_the_base_gamma(tmp_path, monkeypatch):
     assert [r["sdpo_step"] for r in metrics(tmp_path / "run") if "gamma_ref/mean" in r] == [1, 2]
 
 
-def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path, monkeypatch):
+def test_no_host_sync_or_transfer_from_the_training_modules_inside_a_micro_batch(tmp_path, monkeypatch):
     """On GPU, .item() / int() / float() / .cpu() / .to() on a device tensor stalls the host
     (or copies) every micro-batch; CPU tests can't feel it, so watch for the calls themselves.
     The window: from a batch's to_device until its micro-batch loss returns (training) or the
-    next collate / model.train() (the no-grad passes). Only calls made from trainer.py count:
-    the model's and logprobs' own syncs belong to those modules."""
+    next collate / model.train() (the no-grad passes). Only calls made from the training modules
+    (loop.py, reference.py) count: the model's and logprobs' own syncs belong to those modules."""
     from torch.overrides import TorchFunctionMode
 
     SYNCS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__bool__,
              torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.to}
-    trainer_file = str(Path(trainer.__file__))
+    watched = {str(Path(m.__file__)) for m in (loop, reference)}
     seen = []
 
     class Watch(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func in SYNCS:
                 f = sys._getframe(1)
-                while f is not None and f.f_code.co_filename != trainer_file and "/torch/" in f.f_code.co_filename:
+                while f is not None and f.f_code.co_filename not in watched and "/torch/" in f.f_code.co_filename:
                     f = f.f_back
-                if f is not None and f.f_code.co_filename == trainer_file:
-                    seen.append(f"{getattr(func, '__name__', func)} at trainer.py:{f.f_lineno} ({f.f_code.co_name})")
+                if f is not None and f.f_code.co_filename in watched:
+                    name = Path(f.f_code.co_filename).name
+                    seen.append(f"{getattr(func, '__name__', func)} at {name}:{f.f_lineno} ({f.f_code.co_name})")
             return func(*args, **(kwargs or {}))
 
     window = []
@@ -283,8 +286,8 @@ def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path
         if window:
             window.pop().__exit__(None, None, None)
 
-    def wrap(name, before=None, after=None):
-        real = getattr(trainer, name)
+    def wrap(module, name, before=None, after=None):
+        real = getattr(module, name)
 
         def spy(*a, **k):
             before and before()
@@ -292,12 +295,13 @@ def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path
             after and after()
             return out
 
-        monkeypatch.setattr(trainer, name, spy)
+        monkeypatch.setattr(module, name, spy)
 
-    wrap("collate", before=close_window)
-    wrap("to_device", after=open_window)
-    wrap("dpo_micro_loss", after=close_window)
-    wrap("sft_micro_loss", after=close_window)
+    for module in (loop, reference):
+        wrap(module, "collate", before=close_window)
+        wrap(module, "to_device", after=open_window)
+    wrap(loop, "dpo_micro_loss", after=close_window)
+    wrap(loop, "sft_micro_loss", after=close_window)
     real_train = torch.nn.Module.train
     monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: (close_window(), real_train(self, mode))[1])
     try:
@@ -312,11 +316,10 @@ def test_no_host_sync_or_transfer_from_the_trainer_inside_a_micro_batch(tmp_path
 def test_dpo_micro_loss_wires_the_loss_section(case):
     """The [loss] keys reach sdpo.loss: the per-pair loss is recomputed here from the policy's
     log-probs with the formulas written out (DPO Eq. 7; IPO, Azar et al. Eq. 17; NLL per token)."""
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
 
-    from sdpo.data import TokenizedPair, collate
+    from sdpo.packing import collate
+    from sdpo.pairs import TokenizedPair
     from sdpo.logprobs import concatenated_forward
     from sdpo.model import ModelConfig, Transformer
 
@@ -330,7 +333,7 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
     pairs = [TokenizedPair([1, 5, 6], [7, 8, 2], [9, 2], 0), TokenizedPair([1, 4], [3, 3, 3, 2], [10, 11, 2], 1)]
     batch = collate(pairs, pad_id=0)
     ref_c, ref_r = torch.tensor([-6.0, -9.0]), torch.tensor([-5.0, -7.5])
-    loss, stats = trainer.dpo_micro_loss(SimpleNamespace(cfg=cfg), model, batch, ref_c, ref_r, scale=0.25)
+    loss, stats = loop.dpo_micro_loss(cfg, model, batch, ref_c, ref_r)
 
     with torch.no_grad():
         c, r = concatenated_forward(model, batch)
@@ -346,7 +349,7 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
             per_pair = (h_mean - 1 / (2 * beta)) ** 2
         else:
             per_pair = -F.logsigmoid(beta * h)
-    torch.testing.assert_close(loss.detach(), per_pair.sum() * 0.25, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), per_pair.sum(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats[0], per_pair.sum(), rtol=1e-5, atol=1e-6)
 
 
@@ -355,10 +358,10 @@ def test_sft_datasets_replace_the_preference_data_for_the_base():
 
     tok = load_tokenizer(REPO / "data" / "tokenizer")
     default = load_config(TINY)
-    _, _, sft = trainer.load_steps(default, tok)
+    _, _, sft = stepwise.load_steps(default, tok)
     assert sft is None  # S trains on the chosen responses of data.datasets
     cfg = load_config(TINY, ['--sft.datasets=["data/demo/orca_pairs/test.jsonl"]'])
-    datasets, _, sft = trainer.load_steps(cfg, tok)
+    datasets, _, sft = stepwise.load_steps(cfg, tok)
     assert [e.origin for e in sft] == [f"data/demo/orca_pairs/test.jsonl:{i}" for i in range(1, 101)]
     assert not {e.origin for e in sft} & {e.origin for d in datasets for e in d}
 

@@ -1,0 +1,257 @@
+"""The one optimisation loop, shared by the SFT and DPO stages.
+
+A stage is a `Stage` record: the loss of a micro-batch, the hyperparameters, the names of
+the statistics it logs. SFT and DPO differ in that record only (`sft_stage`, `dpo_stage`);
+`optimize` knows neither. One optimizer step per global batch of pairs; the gradient is the
+global-batch mean whatever the world size and accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from sdpo import distributed as D
+from sdpo.config import Config
+from sdpo.logprobs import concatenated_forward, sequence_logps
+from sdpo.loss import preference_loss
+from sdpo.packing import batch_schedule, collate
+from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
+from sdpo.state import STATE, load_state, save_state, write_metrics
+
+# micro_loss(model, batch) -> (loss summed over the micro-batch's pairs or tokens, stats [K] summed)
+MicroLoss = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Stage:
+    name: str                         # "SFT", "sDPO step 1/2": progress lines and errors
+    kind: str                         # "sft" | "dpo": metrics rows and the resumable state's key
+    sdpo_step: int                    # 0 for SFT
+    micro_loss: MicroLoss
+    stat_names: list[str]             # names of stats[1:], logged as means per pair
+    show: list[tuple[str, str]]       # (stat name, label) shown on the progress line
+    per_token: bool                   # loss is a mean over chosen tokens (SFT) rather than pairs (DPO)
+    # hyperparameters
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    schedule: str
+    max_grad_norm: float | None
+    global_batch_size: int
+    micro_batch_size: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+    group_by_length: bool
+
+
+DPO_STATS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected"]
+
+
+def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected):
+    """DPO eq. (7): -log σ(β[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]), via sdpo.loss.
+
+    ref_chosen, ref_rejected: [N] float32 on the batch's device, indexed by the batch's "index"."""
+    lo = cfg.loss
+    idx = batch["index"]  # [B] long, on the device
+    policy_chosen, policy_rejected = concatenated_forward(model, batch)
+    needs_nll = "sft" in lo.types or lo.rpo_alpha is not None
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
+        loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
+        reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
+        policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
+        chosen_lengths=policy_chosen.counts if lo.length_normalize else None,
+        rejected_lengths=policy_rejected.counts if lo.length_normalize else None)
+    stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                         (chosen_rewards > rejected_rewards).float().sum(),
+                         (chosen_rewards - rejected_rewards).sum(),
+                         policy_chosen.logps.sum(), policy_rejected.logps.sum()]).detach().float()
+    return losses.sum(), stats
+
+
+def sft_micro_loss(model, batch):
+    """Summed NLL of the chosen responses (rows 0..B-1 of the collated batch)."""
+    B = batch["input_ids"].shape[0] // 2
+    out = sequence_logps(model, batch["input_ids"][:B], batch["labels"][:B],
+                         batch["attention_mask"][:B], batch["position_ids"][:B])
+    nll = -out.logps.sum()
+    return nll, nll.detach().float().reshape(1)
+
+
+def sft_stage(cfg: Config) -> Stage:
+    s = cfg.sft
+    return Stage(name="SFT", kind="sft", sdpo_step=0, micro_loss=sft_micro_loss, stat_names=[], show=[],
+                 per_token=True, optimizer="adamw", lr=s.lr, weight_decay=s.weight_decay,
+                 warmup_ratio=s.warmup_ratio, schedule=s.schedule, max_grad_norm=1.0,
+                 global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size, epochs=s.epochs,
+                 max_steps=s.max_steps, seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
+
+
+def dpo_stage(cfg: Config, t: int, num_steps: int, ref: tuple[torch.Tensor, torch.Tensor], device) -> Stage:
+    """Step t's DPO against the reference log-probs `ref` = ([N], [N]) of its pairs."""
+    # Moved once: indexed by each micro-batch's device-side "index" (positions in the step's pairs).
+    ref_chosen, ref_rejected = (r.to(device, torch.float32) for r in ref)
+    o, t_ = cfg.optim, cfg.train
+    return Stage(name=f"sDPO step {t}/{num_steps}", kind="dpo", sdpo_step=t,
+                 micro_loss=lambda model, batch: dpo_micro_loss(cfg, model, batch, ref_chosen, ref_rejected),
+                 stat_names=DPO_STATS, show=[("rewards/accuracies", "acc"), ("rewards/margins", "margin")],
+                 per_token=False, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                 warmup_ratio=o.warmup_ratio, schedule=o.schedule, max_grad_norm=o.max_grad_norm,
+                 global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size, epochs=t_.epochs,
+                 max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length)
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------
+
+def make_optimizer(model, stage: Stage, cfg: Config):
+    # Decay matrices only; norms (and biases) are not decayed.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    o = cfg.optim
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.RMSprop(groups, lr=stage.lr, alpha=o.alpha, eps=o.eps)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then constant / linear / cosine decay to 0 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak
+
+
+def peak_mem_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+def fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+def optimize(run: Run, model, pairs, stage: Stage) -> None:
+    """Train `model` in place on `pairs`; the learning-rate schedule restarts here."""
+    cfg, info = run.cfg, run.info
+    W, G, m = info.world_size, stage.global_batch_size, stage.micro_batch_size
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+
+    def schedule_for(epoch):
+        # Seeded per (stage, epoch): the order is a function of the step, so a resumed
+        # run sees exactly the batches an uninterrupted one would.
+        return batch_schedule(len(pairs), G, seed=stage.seed, epoch=epoch, rank=info.rank, world_size=W,
+                              lengths=lengths, group_by_length=stage.group_by_length)
+
+    per_epoch = len(schedule_for(0))
+    if per_epoch == 0:
+        raise TrainingError(f"{stage.name}: {len(pairs)} pairs make no full global batch of {G}")
+    total = per_epoch * stage.epochs if stage.max_steps is None else min(per_epoch * stage.epochs, stage.max_steps)
+    warmup = math.ceil(stage.warmup_ratio * total)
+    optimizer = make_optimizer(model, stage, cfg)
+
+    start = 0
+    if run.resume_state is not None and run.resume_state["stage"] == [stage.kind, stage.sdpo_step]:
+        load_state(run, model, optimizer)
+        start = run.resume_state["step"]
+        run.global_step = run.resume_state["global_step"]
+        log(run, f"{stage.name}: resumed at optimizer step {start}/{total} from {run.out / STATE}")
+    run.resume_state = None
+
+    model.train()
+    epoch_cache = {}
+    t_start, t_prev = time.perf_counter(), time.perf_counter()
+    # Logged values are means over the optimizer steps since the last log line (as other DPO
+    # trainers log them), not a snapshot of the last step.
+    tokens, window_steps, window_loss, window_grad_norm, window_stats = 0, 0, 0.0, 0.0, 0
+    for k in range(start, total):
+        epoch, j = divmod(k, per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: schedule_for(epoch)}
+        indices = epoch_cache[epoch][j]
+        cur_lr = lr_at(k, total, warmup, stage.lr, stage.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = cur_lr
+
+        # The loss is a mean over the global batch's pairs, or its chosen tokens (counted
+        # before backward, over all ranks); scale = W / count because FSDP averages over ranks.
+        if stage.per_token:
+            count = D.all_reduce(torch.tensor([float(sum(len(pairs[i].chosen_ids) for i in indices))])).item()
+        else:
+            count = G
+        scale = W / count
+        stats = None
+        for s in range(0, len(indices), m):
+            batch = collate([pairs[i] for i in indices[s:s + m]], pad_id=run.tokenizer.pad_id)
+            # Positions in `pairs`, as the reference log-probs are laid out. TokenizedPair.index is
+            # the example's position before tokenization dropped any pair, so it can differ.
+            batch["index"] = torch.tensor(indices[s:s + m])
+            # Counted on the CPU copy: int() of a device tensor would sync every micro-batch.
+            mask = batch["attention_mask"]
+            tokens += int(mask[: mask.shape[0] // 2].sum() if stage.per_token else mask.sum())
+            batch = to_device(batch, info.device)
+            with autocast(run):
+                loss, st = stage.micro_loss(model, batch)
+                loss = loss * scale
+            loss.backward()
+            stats = st if stats is None else stats + st
+        stats = D.all_reduce(stats).cpu()  # the step's one sync: the loss check below needs it
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        loss_value = float(stats[0] / count)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise TrainingError(
+                f"{stage.name}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at "
+                f"optimizer step {k + 1}/{total} (global step {run.global_step + 1}): loss={loss_value}, "
+                f"grad_norm={grad_norm}. Weights were not updated; the last good checkpoint is in {run.out}. "
+                f"Lower the learning rate (optim.lr) or set optim.max_grad_norm.")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.global_step += 1
+        done = k + 1
+        window_steps, window_loss, window_grad_norm = window_steps + 1, window_loss + loss_value, window_grad_norm + grad_norm
+        window_stats = window_stats + stats
+
+        if done % cfg.train.log_every == 0 or done == total:
+            now = time.perf_counter()
+            row = {"step": run.global_step, "sdpo_step": stage.sdpo_step, "stage": stage.kind, "epoch": epoch,
+                   "lr": cur_lr, "loss": window_loss / window_steps, "grad_norm": window_grad_norm / window_steps}
+            row.update({name: float(window_stats[i] / (G * window_steps))
+                        for i, name in enumerate(stage.stat_names, start=1)})
+            all_tokens = D.all_reduce(torch.tensor([float(tokens)])).item()
+            row["tokens_per_s"] = all_tokens / max(now - t_prev, 1e-9)
+            row["peak_mem_gb"] = peak_mem_gb(info.device)
+            write_metrics(run, row)
+            eta = (now - t_start) / (done - start) * (total - done)
+            extra = "".join(f" {label} {row[key]:.3f}" for key, label in stage.show)
+            log(run, f"{stage.name} | {done}/{total} | loss {row['loss']:.4f}{extra} | lr {cur_lr:.2e} | "
+                     f"gnorm {row['grad_norm']:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {fmt_time(eta)}")
+            t_prev, tokens, window_steps, window_loss, window_grad_norm, window_stats = now, 0, 0, 0.0, 0.0, 0
+
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
+            save_state(run, model, optimizer, {"stage": [stage.kind, stage.sdpo_step], "step": done,
+                                               "global_step": run.global_step})
+        if cfg.train.stop_after is not None and run.global_step >= cfg.train.stop_after:
+            raise StopRequested(f"stopped after {run.global_step} optimizer steps (train.stop_after)")

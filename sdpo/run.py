@@ -1,0 +1,110 @@
+"""What every stage of a training run shares: the `Run` record, logging, and models in and out.
+
+A model is float32 master weights on this rank's device, FSDP2-sharded under torchrun
+(sdpo.distributed); the model class itself knows nothing of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+from sdpo import distributed as D
+from sdpo.checkpoint import load_model, load_model_config, save_state_dict
+from sdpo.config import Config
+from sdpo.model import ModelConfig, Transformer
+from sdpo.tokenizer import check_vocab
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """train.stop_after reached (fault injection: the process exits as a kill would)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage needs; a record, not a class to subclass."""
+    cfg: Config
+    info: D.DistInfo
+    mesh: object
+    out: Path
+    tokenizer: object
+    tokenizer_dir: str
+    autocast_dtype: torch.dtype | None     # bf16 on GPU by default; None = float32 everywhere
+    num_steps: int = 0                     # T, the number of sDPO steps
+    global_step: int = 0                   # optimizer steps over all stages
+    resume_state: dict | None = None       # meta of the state/ checkpoint to continue from
+
+
+def log(run: Run, msg: str) -> None:
+    if run.info.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def autocast(run: Run):
+    if run.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.info.device.type, dtype=run.autocast_dtype)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def load_for_training(run: Run, model_dir: str | Path):
+    """float32 master weights on this rank's device; FSDP2-sharded under torchrun."""
+    check_vocab(run.tokenizer, load_model_config(model_dir))  # before any weights are read
+    if run.info.distributed:
+        # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
+        return D.load_sharded(model_dir, run.mesh, mp_policy=mp_policy(run),
+                              reshard_after_forward=run.cfg.train.reshard_after_forward,
+                              activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
+    model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
+    model.gradient_checkpointing = run.cfg.model.activation_checkpointing
+    return model
+
+
+def random_base(run: Run):
+    """The tiny default's starting point: a random-init Llama sized by [model], vocab from the tokenizer."""
+    m, tok = run.cfg.model, run.tokenizer
+    config = ModelConfig(
+        vocab_size=tok.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta, tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, torch_dtype="float32")
+    model = Transformer(config)
+    model.init_weights(seed=run.cfg.train.seed, std=m.init_std)
+    if run.info.distributed:
+        return D.apply_fsdp(model, run.mesh, mp_policy=mp_policy(run),
+                            reshard_after_forward=run.cfg.train.reshard_after_forward,
+                            activation_checkpointing=m.activation_checkpointing)
+    model.gradient_checkpointing = m.activation_checkpointing
+    return model.to(run.info.device)
+
+
+def mp_policy(run: Run):
+    return D.default_mp_policy(run.info.device, run.cfg.train.precision)
+
+
+def export(run: Run, model, path: Path, dtype: str | None) -> None:
+    """M_t as an HF directory (gathered to rank 0, written atomically by sdpo.checkpoint)."""
+    state = D.full_state_dict(model)
+    if run.info.is_main:
+        save_state_dict(state, model.config, path, tokenizer_dir=run.tokenizer_dir, dtype=dtype)
+    D.barrier()
+
+
+def free_memory() -> None:
+    """Return freed blocks to the allocator once the caller has dropped its last reference."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
