@@ -1,0 +1,90 @@
+"""Batched greedy and sampled decoding for sdpo.model.Transformer.
+
+Prompts of different lengths are left-padded into one batch: the attention mask holds 0
+at the pads, so each row's positions count from its own first token and no row sees
+another's pads; a padded row therefore decodes the same tokens as the prompt alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check(prompts, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """-> input_ids [B, T], attention_mask [B, T] (0 at the leading pads, 1 elsewhere)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """logits [B, V] -> next token ids [B]. temperature 0 is argmax; otherwise nucleus sampling
+    (Holtzman et al. 2020): sample from the smallest set of top tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Per prompt, the generated ids after it, stopped before the first eos_id (not included);
+    temperature 0 = greedy. All prompts decode as one batch; rows that have finished keep
+    running (their extra tokens are dropped) until every row is done or max_new_tokens is reached."""
+    _check(prompts, max_new_tokens, temperature, top_p)
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B = len(prompts)
+    out = torch.empty((B, 0), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        hidden = model.hidden_states(ids, mask)  # [B, T, H]
+        logits = model.lm_head(hidden[:, -1])  # [B, V]: only the last position is needed
+        nxt = sample_next(logits, temperature, top_p, generator)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):  # one host sync per token: the decode loop is sequential anyway
+                break
+    result = []
+    for row in out.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        result.append(row)
+    return result
