@@ -3,12 +3,16 @@
 Prompts of different lengths are left-padded into one batch: the attention mask holds 0
 at the pads, so each row's positions count from its own first token and no row sees
 another's pads; a padded row therefore decodes the same tokens as the prompt alone.
+One forward over the prompts fills a KVCache (sdpo/model.py); each later step feeds one
+token per row and attends to the cache, so a step costs O(T) rather than O(T^2).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from sdpo.model import KVCache
 
 
 def _check(prompts, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -66,22 +70,26 @@ def generate(
     temperature 0 = greedy. All prompts decode as one batch; rows that have finished keep
     running (their extra tokens are dropped) until every row is done or max_new_tokens is reached."""
     _check(prompts, max_new_tokens, temperature, top_p)
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
-    B = len(prompts)
-    out = torch.empty((B, 0), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        hidden = model.hidden_states(ids, mask)  # [B, T, H]
+    param = next(model.parameters())
+    ids, prompt_mask = left_pad(prompts, pad_id, param.device)
+    B, T = ids.shape
+    cache = KVCache(model.config, B, T + max_new_tokens, param.device, param.dtype)
+    mask = torch.zeros((B, T + max_new_tokens), dtype=torch.long, device=param.device)  # [B, cached + new]
+    mask[:, :T] = prompt_mask
+    out = torch.empty((B, max_new_tokens), dtype=torch.long, device=param.device)
+    done = torch.zeros(B, dtype=torch.bool, device=param.device)
+    n = 0
+    while n < max_new_tokens:
+        hidden = model.hidden_states(ids, mask[:, : cache.length + ids.shape[1]], kv_cache=cache)  # [B, t, H]
         logits = model.lm_head(hidden[:, -1])  # [B, V]: only the last position is needed
         nxt = sample_next(logits, temperature, top_p, generator)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+        out[:, n], mask[:, T + n], ids = nxt, 1, nxt[:, None]
+        n += 1
         if eos_id is not None:
             done |= nxt == eos_id
             if bool(done.all()):  # one host sync per token: the decode loop is sequential anyway
                 break
+    out = out[:, :n]
     result = []
     for row in out.tolist():
         if eos_id is not None and eos_id in row:

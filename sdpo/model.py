@@ -13,7 +13,8 @@ Masking convention (one rule for unpadded, padded and packed batches):
 attention_mask [B, T] holds 0 at padding and a positive segment id elsewhere; a token
 attends to earlier-or-equal positions of its own segment. position_ids default to
 0, 1, 2, ... counted from each segment's first token, so left padding and packing
-need nothing special.
+need nothing special. With a KVCache (incremental decoding, sdpo/generate.py) the mask
+covers the cached tokens and the new ones, [B, past + T], as in transformers.
 """
 
 from __future__ import annotations
@@ -141,27 +142,55 @@ def is_right_padded(attention_mask: Tensor) -> bool:
     return bool(((m.min() >= 0) & (m.max() <= 1) & (m[:, 1:] <= m[:, :-1]).all()).item())
 
 
-def build_attention_mask(attention_mask: Tensor | None, T: int, sliding_window: int | None, device) -> Tensor | None:
-    """Boolean [B or 1, 1, T, T], True = may attend; None means plain causal (SDPA's fast is_causal path),
-    used whenever it is exact: no mask or a right-padded one, and no sliding window shorter than T.
+def build_attention_mask(
+    attention_mask: Tensor | None, T: int, sliding_window: int | None, device, past: int = 0
+) -> Tensor | None:
+    """Boolean [B or 1, 1, T, past + T], True = may attend; None means plain causal (SDPA's fast
+    is_causal path), used whenever it is exact: nothing cached, no mask or a right-padded one, and
+    no sliding window shorter than T. past > 0 (a KVCache) needs the mask: SDPA's is_causal aligns
+    queries to the first keys, not the last.
 
-    Key j is visible to query i when j <= i, both are in the same non-pad segment and, with a
-    sliding window w, i - j < w (transformers: kv_idx > q_idx - w). A pad query sees only
-    itself, so its softmax row is never empty (no NaN).
+    Key j is visible to query i (both counted over past + T) when j <= i, both are in the same
+    non-pad segment and, with a sliding window w, i - j < w (transformers: kv_idx > q_idx - w).
+    A pad query sees only itself, so its softmax row is never empty (no NaN).
     """
-    window_bites = sliding_window is not None and sliding_window < T  # else the window hides nothing
-    if not window_bites and (attention_mask is None or is_right_padded(attention_mask)):
+    window_bites = sliding_window is not None and sliding_window < past + T  # else the window hides nothing
+    if past == 0 and not window_bites and (attention_mask is None or is_right_padded(attention_mask)):
         return None
-    i = torch.arange(T, device=device)
-    allowed = i[None, :] <= i[:, None]  # [T_q, T_k]
+    q, k = torch.arange(past, past + T, device=device), torch.arange(past + T, device=device)
+    allowed = k[None, :] <= q[:, None]  # [T_q, T_k]
     if sliding_window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
-    allowed = allowed[None]  # [1, T, T]
+        allowed = allowed & (q[:, None] - k[None, :] < sliding_window)
+    allowed = allowed[None]  # [1, T_q, T_k]
     if attention_mask is not None:
-        seg = attention_mask.long()
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, T_q, T_k]
-        allowed = (allowed & same) | torch.eye(T, dtype=torch.bool, device=device)[None]
+        seg = attention_mask.long()  # [B, T_k]
+        same = (seg[:, past:, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, T_q, T_k]
+        allowed = (allowed & same) | (k[None, :] == q[:, None])[None]
     return allowed[:, None]
+
+
+class KVCache:
+    """Rotated keys and values of every token seen so far, for incremental decoding: each layer's
+    slice is [B, n_kv_heads, max_len, head_dim] (stored before the GQA repeat), filled up to .length.
+    hidden_states(..., kv_cache=c) appends the new tokens' keys and values and advances c.length.
+
+    With "dynamic" RoPE the cached keys keep the base they were rotated with (transformers does the
+    same); a full recompute past max_position_embeddings would re-rotate them."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [B, n_kv, T, d] of the new tokens -> all keys and values so far, [B, n_kv, length + T, d]."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KVCache: {end} tokens exceed its max_len={self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -180,9 +209,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.config = config
+        self.config, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -196,12 +225,14 @@ class Attention(nn.Module):
         o_bias = bias and config.model_type != "qwen2"
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, d)
         # GQA (Ainslie et al. 2023): query head h reads kv head h // (n_heads / n_kv_heads).
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
@@ -226,15 +257,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -243,7 +274,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
@@ -256,29 +287,40 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def hidden_states(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
-        """input_ids [B, T] -> final-norm hidden states [B, T, H] in the model's dtype."""
+        """input_ids [B, T] -> final-norm hidden states [B, T, H] in the model's dtype.
+        With kv_cache, input_ids are the tokens after the cached ones and attention_mask spans both."""
         B, T = input_ids.shape
+        past = 0 if kv_cache is None else kv_cache.length
         if attention_mask is not None:
-            if attention_mask.shape != (B, T):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, T)}")
+            if attention_mask.shape != (B, past + T):
+                want = (B, past + T)  # (batch, cached + new tokens)
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {want}")
             if attention_mask.dtype == torch.bool:
                 attention_mask = attention_mask.long()
         if position_ids is None:
             if attention_mask is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             else:
-                position_ids = default_position_ids(attention_mask)
+                position_ids = default_position_ids(attention_mask)[:, past:]
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim) each
-        mask = build_attention_mask(attention_mask, T, self.config.sliding_window, input_ids.device)
+        mask = build_attention_mask(attention_mask, T, self.config.sliding_window, input_ids.device, past)
         for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if kv_cache is not None:
+                x = layer(x, cos, sin, mask, kv_cache)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # Keep only the block inputs; recompute the block's activations in backward.
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
+        if kv_cache is not None:
+            kv_cache.length = past + T
         return self.norm(x)
 
     def forward(
