@@ -154,6 +154,8 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
                     yield origin, json.loads(line)
                 except json.JSONDecodeError as e:
                     yield origin, RowError("invalid_json", None, f"invalid JSON: {e.msg} at column {e.colno}")
+                except RecursionError:
+                    yield origin, RowError("invalid_json", None, "JSON nested too deeply to parse")
     elif path.suffix == ".json":
         raw = path.read_bytes()
         try:
@@ -165,6 +167,8 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to parse; expected a list of flat records") from None
         if isinstance(data, dict) and isinstance(data.get("data", data.get("rows")), list):
             data = data.get("data", data.get("rows"))
         if not isinstance(data, list):
@@ -176,7 +180,11 @@ def iter_records(path: Path) -> Iterator[tuple[str, object]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid / OSError for a file that is not Parquet
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        for i, rec in enumerate(rows):
             yield f"{path}:row {i}", rec
 
 
@@ -371,6 +379,11 @@ def read_preferences(paths, schema: str = "auto", on_error: str = "fail") -> tup
                 report.dropped[e.reason] += 1
                 where = f"field '{e.field}': " if e.field else ""
                 report.errors.append(f"{origin}: {where}{e.message}")
+        if info["kept"] == 0 and info["dropped"] == 0:
+            raise DataError(f"{path}: holds no records; expected one preference pair per line (.jsonl), "
+                            "a JSON list (.json) or table rows (.parquet)", report)
+        if info["kept"] == 0 and on_error == "skip":
+            raise DataError(f"{path}: none of its {info['dropped']} record(s) is valid:\n{report.summary()}", report)
     report.kept = len(examples)
     if on_error == "fail" and not report.ok:
         raise DataError(f"{report.num_dropped} invalid record(s):\n{report.summary()}", report)
@@ -422,7 +435,9 @@ def split_steps(datasets: list[list[PreferenceExample]], strategy: str, *, fract
     pool = [ex for d in datasets for ex in d]
     if strategy == "natural":
         if any(not d for d in datasets):
-            raise DataError("natural split: a dataset is empty, which would make an empty sDPO step")
+            empty = [i + 1 for i, d in enumerate(datasets) if not d]
+            raise DataError(f"natural split: dataset {empty[0]} of {len(datasets)} (data.datasets[{empty[0] - 1}]) "
+                            "is empty, which would make an empty sDPO step")
         return datasets
     if strategy == "all":
         return [pool]

@@ -207,7 +207,10 @@ def test_invalid_utf8_line(tmp_path):
 def test_unknown_schema_record(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"input": "p", "output": "a"}\n')
-    _, report = read_preferences(path, on_error="skip")
+    # every record invalid: even on_error="skip" fails, naming the file (nothing would be left of it)
+    with pytest.raises(DataError, match=r"x\.jsonl: none of its 1 record\(s\) is valid") as e:
+        read_preferences(path, on_error="skip")
+    report = e.value.report
     assert report.dropped == {"unknown_schema": 1}
     assert "cannot tell the schema from keys ['input', 'output']" in report.errors[0]
 
@@ -401,3 +404,60 @@ def test_dataset_name_does_not_follow_symlinks_into_the_hf_cache(tmp_path):
     link.symlink_to(blob)
     (ex,), _ = read_preferences(link)
     assert ex.source == "my_dataset"
+
+
+# ---------------------------------------------------------------------------
+# Hostile files: each one a DataError naming the file (and line), never a raw exception
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("empty.json", "[]")])
+def test_a_file_without_records_is_an_error_naming_it(tmp_path, on_error, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=rf"{name}: holds no records"):
+        read_preferences(tmp_path / name, on_error=on_error)
+
+
+def test_check_command_fails_on_an_empty_file(tmp_path, capsys):
+    (tmp_path / "good.jsonl").write_text(GOOD + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["check", str(tmp_path / "good.jsonl"), str(tmp_path / "empty.jsonl")]) == 2
+    assert f"{tmp_path / 'empty.jsonl'}: holds no records" in capsys.readouterr().err
+
+
+def test_deeply_nested_json_names_file_and_line(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.jsonl").write_text(GOOD + "\n" + deep + "\n")
+    with pytest.raises(DataError) as e:
+        read_preferences(tmp_path / "deep.jsonl")
+    assert f"{tmp_path / 'deep.jsonl'}:2: JSON nested too deeply" in str(e.value)
+    _, report = read_preferences(tmp_path / "deep.jsonl", on_error="skip")  # the good line is kept
+    assert report.kept == 1 and report.dropped == {"invalid_json": 1}
+    (tmp_path / "deep.json").write_text(deep)
+    with pytest.raises(DataError, match=r"deep\.json: JSON nested too deeply"):
+        read_preferences(tmp_path / "deep.json")
+
+
+def test_a_parquet_file_that_is_not_parquet(tmp_path, monkeypatch):
+    import types
+
+    class ArrowInvalid(ValueError):  # what pyarrow raises; faked so the test runs without pyarrow
+        pass
+
+    def read_table(path):
+        if Path(path).read_bytes()[:4] != b"PAR1":
+            raise ArrowInvalid("Parquet magic bytes not found in footer")
+
+    pq = types.ModuleType("pyarrow.parquet")
+    pq.read_table = read_table
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", pq)
+    (tmp_path / "train.parquet").write_text(GOOD + "\n")
+    with pytest.raises(DataError, match=r"train\.parquet: not a readable Parquet file \(Parquet magic bytes"):
+        read_preferences(tmp_path / "train.parquet")
+
+
+def test_natural_split_names_the_empty_dataset():
+    with pytest.raises(DataError, match=r"dataset 2 of 2 \(data.datasets\[1\]\) is empty"):
+        split_steps([[example()], []], "natural")
