@@ -1,6 +1,7 @@
 """Per-token log-probs without the N×V log-softmax: `token_logprobs` dispatches
 to the Triton kernels (kernels/logsoftmax_gather.py) or the chunked PyTorch
-reference (kernels/reference.py).
+reference (kernels/reference.py). `linear_token_logprobs` also fuses the lm_head
+matmul in (kernels/fused_linear.py): no [N, V] logits at all, only [chunk, V].
 
 inplace_backward=True tells the op that the logits are a temporary nobody reads
 after this op (e.g. the lm_head output): its backward then overwrites the logits
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused_linear import FusedLinearLogprobs
 from .reference import chunked_token_logprobs, naive_token_logprobs
 
 try:  # triton is absent on e.g. macOS; the reference path must still work there.
@@ -23,7 +25,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 else:
     _TRITON_IMPORT_ERROR = None
 
-__all__ = ["token_logprobs", "naive_token_logprobs", "chunked_token_logprobs", "triton_available"]
+__all__ = ["token_logprobs", "linear_token_logprobs", "naive_token_logprobs", "chunked_token_logprobs",
+           "triton_available"]
 
 _IMPLS = ("auto", "triton", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -93,3 +96,57 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         _triton_impl.check_device(flat_logits)
         out = _triton_impl.triton_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward)
     return out.reshape(lead)
+
+
+def _pick_impl(impl: str, x: torch.Tensor, where: str) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"{where}: impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if (x.is_cuda and _triton_impl is not None and x.dtype != torch.float64) else "reference"
+    if impl == "triton":
+        if _triton_impl is None:
+            raise RuntimeError(f"{where}(impl='triton'): triton failed to import "
+                               f"({_TRITON_IMPORT_ERROR}); use impl='reference'")
+        _triton_impl.check_device(x)
+    return impl
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int = -100, chunk_size: int | None = None,
+                          impl: str = "auto") -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[targets] per row, without the [R, V] logits.
+
+    hidden [R, H], weight [V, H] (the lm_head weight; a tied embedding is the same Parameter),
+    targets [R] integer ids -> float32 [R] (float64 for float64 inputs), 0 where
+    targets == ignore_index. Gradients flow to hidden and weight. chunk_size: rows per chunk
+    (None: about 2^22 logits per chunk). Under autocast both inputs are cast to its dtype, as
+    F.linear would be; impl as in token_logprobs.
+    """
+    where = "kernels.linear_token_logprobs"
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{where}: hidden must be [R, H] and weight [V, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if tuple(targets.shape) != (hidden.shape[0],):
+        raise ValueError(f"{where}: targets shape {tuple(targets.shape)} must be ({hidden.shape[0]},) (one per row)")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be >= 1 or None, got {chunk_size}")
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)   # differentiable casts: grads reach the fp32 params
+    if hidden.dtype != weight.dtype or hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"{where}: hidden on {hidden.device} but weight on {weight.device}")
+    # The value checks of token_logprobs (range of targets, ignore_index) on a [R, V]-shaped
+    # stand-in that costs nothing (an expanded scalar).
+    _check_inputs(hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0]), targets, ignore_index)
+    impl = _pick_impl(impl, hidden, where)
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    with torch.autocast(dev, enabled=False):  # the matmuls stay in the dtype chosen above
+        return FusedLinearLogprobs.apply(hidden, weight, targets.long().contiguous(), ignore_index,
+                                         chunk_size, impl == "triton")
