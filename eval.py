@@ -178,9 +178,15 @@ def cmd_h4(args) -> int:
         batch_size=args.batch_size, max_length=args.max_length or model.config.max_position_embeddings,
         pad_id=tok.pad_id, prefix_ids=prefix, next_token_fn=model_next_token_fn(model, _device(args.device)))
     result = h4.evaluate_h4(runner, args.data_dir, tasks=tasks, num_fewshot=args.num_fewshot,
-                            seed=args.seed, limit=args.limit)
+                            seed=args.seed, limit=args.limit, sampler=args.fewshot_sampler,
+                            log_samples=args.log_samples is not None)
     result.update(kind="h4", model=args.model, name=args.name or _name(args.model),
                   data_dir=str(args.data_dir), add_bos=bool(prefix))
+    if args.log_samples is not None:
+        samples = Path(args.log_samples)
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        samples.write_text("".join(json.dumps(r) + "\n" for r in result.pop("samples")))
+        result["samples_file"] = str(samples)
     out = _out_path(args, f"h4-{_name(args.model)}.json")
     _write_json(out, result)
     rows = [[t, r["metric"], r["num_fewshot"], r["n"], f"{100 * r['score']:.2f}"] for t, r in result["tasks"].items()]
@@ -189,7 +195,7 @@ def cmd_h4(args) -> int:
         print(f"H4 = {100 * result['h4']:.2f}")
     else:
         print(f"mean of {len(tasks)} task(s) = {100 * result['mean']:.2f} (H4 needs all four)")
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" and {result['samples_file']}" if "samples_file" in result else ""))
     return 0
 
 
@@ -276,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tasks", default=",".join(h4.H4_TASKS))
     sp.add_argument("--limit", type=int, help="at most N documents per task (per subject for MMLU)")
     sp.add_argument("--num-fewshot", type=int, help="override the shots of ARC/HellaSwag/MMLU (TruthfulQA stays 0)")
-    sp.add_argument("--seed", type=int, default=1234, help="document shuffle and few-shot sampling")
+    sp.add_argument("--fewshot-sampler", default="leaderboard", choices=list(h4.SAMPLERS),
+                    help="leaderboard: lm-evaluation-harness b281b09 as the Open LLM Leaderboard v1 ran it "
+                         "(documents shuffled, shots sampled, Random(42)); lm-eval: lm-eval 0.4 (file order, "
+                         "shots sampled from Random(1234))")
+    sp.add_argument("--seed", type=int, help="override the sampler's seed (42 / 1234)")
+    sp.add_argument("--log-samples", metavar="FILE",
+                    help="write one jsonl line per item: task, doc id, prompt, per-choice log-likelihoods and "
+                         "lengths, prediction, gold")
     sp.add_argument("--max-length", type=int, help="context window in tokens (default: max_position_embeddings)")
     sp.add_argument("--add-bos", action="store_true", help="prefix every request with BOS (the harness did not)")
     sp.add_argument("--name", help="the model's name in the results and report")

@@ -257,57 +257,68 @@ class TaskItem:
     task: str          # "arc", "hellaswag", "mmlu", "truthfulqa"
     doc: MCDoc
     context: str       # description + few-shot blocks + query
+    doc_id: int = -1   # the document's position in its split file(s), before any shuffle
 
     def requests(self) -> list[tuple[str, str]]:
         return [(self.context, " " + c) for c in self.doc.choices]
 
 
-def build_items(spec: TaskSpec, docs: Sequence[MCDoc], fewshot_pool: Sequence[MCDoc], *,
-                num_fewshot: int, seed: int = 1234, limit: int | None = None) -> list[TaskItem]:
-    """Contexts for one task, deterministic in `seed`.
+# The two few-shot procedures, and the seed each harness uses by default:
+#   leaderboard  lm-evaluation-harness at b281b09, which the Open LLM Leaderboard v1 ran: per task
+#                (per subject for MMLU) one random.Random(42) shuffles the documents, --limit keeps
+#                the first ones, and the same generator then samples each document's examples in turn.
+#   lm-eval      lm-evaluation-harness 0.4: documents keep their file order, --limit keeps the first
+#                ones, and one random.Random(1234) per task samples each document's examples in turn.
+# MMLU, in both: the first k dev examples of the subject, in file order, unsampled.
+SAMPLERS = {"leaderboard": 42, "lm-eval": 1234}
 
-    As the harness did: a `random.Random(seed)` per task (per subject for MMLU)
-    shuffles the documents, `limit` keeps the first ones, and the same generator
-    then samples each document's few-shot examples from the pool in turn. MMLU
-    takes the first `num_fewshot` dev examples of the subject, unsampled.
-    """
+
+def build_items(spec: TaskSpec, docs: Sequence[MCDoc], fewshot_pool: Sequence[MCDoc], *,
+                num_fewshot: int, seed: int | None = None, limit: int | None = None,
+                sampler: str = "leaderboard") -> list[TaskItem]:
+    """Contexts for one task, deterministic in (sampler, seed); seed None is the sampler's default."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown few-shot sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    seed = SAMPLERS[sampler] if seed is None else seed
     if spec.fewshot_split is None and num_fewshot:
         raise ValueError(f"{spec.name} is zero-shot only (num_fewshot={num_fewshot})")
+    indexed = list(enumerate(docs))
+
+    def ordered(group: list, rng: random.Random) -> list:
+        if sampler == "leaderboard":
+            rng.shuffle(group)  # shuffle() draws depend on the length only, so (index, doc) pairs shuffle like docs
+        return group[:limit]
+
     if spec.name == "mmlu":
-        by_subject: dict[str, list[MCDoc]] = {}
-        for d in docs:
-            by_subject.setdefault(d.subject, []).append(d)
+        by_subject: dict[str, list] = {}
+        for i, d in indexed:
+            by_subject.setdefault(d.subject, []).append((i, d))
         items = []
         for subject in sorted(by_subject):
             shots = [d for d in fewshot_pool if d.subject == subject][:num_fewshot]
             if len(shots) < num_fewshot:
                 raise H4DataError(f"mmlu: subject '{subject}' has {len(shots)} dev examples, "
                                   f"{num_fewshot}-shot needs {num_fewshot}")
-            rng = random.Random(seed)
-            subject_docs = list(by_subject[subject])
-            rng.shuffle(subject_docs)
-            items += [TaskItem("mmlu", d, fewshot_context(d, shots, mmlu_description(subject)))
-                      for d in subject_docs[:limit]]
+            items += [TaskItem("mmlu", d, fewshot_context(d, shots, mmlu_description(subject)), i)
+                      for i, d in ordered(by_subject[subject], random.Random(seed))]
         return items
-    rng = random.Random(seed)
-    docs = list(docs)
-    rng.shuffle(docs)
     if num_fewshot > len(fewshot_pool):
         raise H4DataError(f"{spec.name}: {num_fewshot}-shot needs {num_fewshot} '{spec.fewshot_split}' "
                           f"examples, found {len(fewshot_pool)}")
-    return [TaskItem(spec.name, d, fewshot_context(d, rng.sample(list(fewshot_pool), num_fewshot) if num_fewshot else []))
-            for d in docs[:limit]]
+    rng, pool = random.Random(seed), list(fewshot_pool)
+    return [TaskItem(spec.name, d, fewshot_context(d, rng.sample(pool, num_fewshot) if num_fewshot else []), i)
+            for i, d in ordered(indexed, rng)]
 
 
 def load_task_items(data_dir: str | Path, task: str, *, num_fewshot: int | None = None,
-                    seed: int = 1234, limit: int | None = None) -> list[TaskItem]:
+                    seed: int | None = None, limit: int | None = None, sampler: str = "leaderboard") -> list[TaskItem]:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     spec = TASKS[task]
     k = spec.num_fewshot if num_fewshot is None or spec.fewshot_split is None else num_fewshot
     docs = load_split(data_dir, spec, spec.eval_split)
     pool = load_split(data_dir, spec, spec.fewshot_split) if k else []
-    return build_items(spec, docs, pool, num_fewshot=k, seed=seed, limit=limit)
+    return build_items(spec, docs, pool, num_fewshot=k, seed=seed, limit=limit, sampler=sampler)
 
 
 # --------------------------------------------------------------------------------------
@@ -360,23 +371,44 @@ def aggregate(task: str, items: Sequence[TaskItem], per_item: Sequence[dict[str,
 
 
 
+def sample_record(item: TaskItem, lls: Sequence[float], scores: dict[str, float]) -> dict:
+    """One item as `eval.py h4 --log-samples` writes it, to trace a disagreement with another harness."""
+    rec = {"task": item.task, "doc_id": item.doc_id, "origin": item.doc.origin, "prompt": item.context,
+           "choices": list(item.doc.choices), "loglikelihoods": list(lls),
+           "lengths": [len(c) for c in item.doc.choices],  # characters: acc_norm's denominators
+           **scores}
+    if item.doc.labels:
+        rec["labels"] = list(item.doc.labels)
+    else:
+        rec["gold"] = item.doc.gold
+        rec["prediction"] = _argmax(lls)
+        rec["prediction_norm"] = _argmax([ll / len(c) for ll, c in zip(lls, item.doc.choices)])
+    if item.doc.subject:
+        rec["subject"] = item.doc.subject
+    return rec
+
+
 def evaluate_h4(loglikelihood: Callable[..., list[float]], data_dir: str | Path, *,
-                tasks: Sequence[str] = H4_TASKS, num_fewshot: int | None = None, seed: int = 1234,
-                limit: int | None = None) -> dict:
+                tasks: Sequence[str] = H4_TASKS, num_fewshot: int | None = None, seed: int | None = None,
+                limit: int | None = None, sampler: str = "leaderboard", log_samples: bool = False) -> dict:
     """Score each task; `loglikelihood(requests, label=...)` maps (context, continuation) pairs to floats.
 
     Returns {"tasks": {task: {"metric", "score", "n", ...}}, "h4": mean score (only when
-    all four tasks ran, else None), "mean": mean over the tasks that ran}.
+    all four tasks ran, else None), "mean": mean over the tasks that ran}, plus "samples" (one
+    sample_record per item) with log_samples.
     """
     results: dict = {}
+    samples: list[dict] = []
     for task in tasks:
-        items = load_task_items(data_dir, task, num_fewshot=num_fewshot, seed=seed, limit=limit)
+        items = load_task_items(data_dir, task, num_fewshot=num_fewshot, seed=seed, limit=limit, sampler=sampler)
         requests = [r for item in items for r in item.requests()]
         lls = loglikelihood(requests, label=task)
         per_item, at = [], 0
         for item in items:
             n = len(item.doc.choices)
             per_item.append(score_item(item, lls[at : at + n]))
+            if log_samples:
+                samples.append(sample_record(item, lls[at : at + n], per_item[-1]))
             at += n
         spec = TASKS[task]
         results[task] = aggregate(task, items, per_item)
@@ -385,5 +417,8 @@ def evaluate_h4(loglikelihood: Callable[..., list[float]], data_dir: str | Path,
     scores = [r["score"] for r in results.values()]
     mean = sum(scores) / len(scores) if scores else float("nan")
     complete = all(t in results for t in H4_TASKS)
-    return {"tasks": results, "h4": mean if complete else None, "mean": mean,
-            "seed": seed, "limit": limit}
+    out = {"tasks": results, "h4": mean if complete else None, "mean": mean,
+           "sampler": sampler, "seed": SAMPLERS[sampler] if seed is None else seed, "limit": limit}
+    if log_samples:
+        out["samples"] = samples
+    return out

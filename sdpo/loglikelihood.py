@@ -1,8 +1,8 @@
 """(context, continuation) string requests -> summed continuation log-likelihoods, batched.
 
 The request form of lm-evaluation-harness's `loglikelihood`: the continuation's tokens are
-the ones the tokenizer produces in place after the context, and a model scores them through
-sdpo.logprobs (hidden states -> lm_head on the scored positions only -> token log-probs).
+the ones the tokenizer produces in place after the context, and a model scores them with
+lm_head on the scored positions only and the log-prob kernel (kernels.token_logprobs).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdpo.logprobs import sequence_logps
+import kernels
 from sdpo.packing import IGNORE_INDEX, pad_rows
 from sdpo.report import Progress
 
@@ -45,26 +45,34 @@ def encode_requests(encode: Callable[[str], list[int]], requests: Sequence[tuple
     return out
 
 
-# score_fn(input_ids [B, T], labels [B, T], attention_mask [B, T]) -> [B] summed log p of the
-# label tokens; labels are NOT shifted (logits at t score labels[t+1]), IGNORE_INDEX elsewhere.
+# score_fn(input_ids [B, T], targets [B, T], attention_mask [B, T]) -> [B] summed log p of the
+# targets: targets[t] is the token the logits at position t predict (already shifted), IGNORE_INDEX
+# where nothing is scored.
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_batch(pairs: Sequence[tuple[list[int], list[int]]], *, max_length: int, pad_id: int):
-    """Right-padded input_ids, labels, attention_mask [B, T] for (context, continuation) id pairs.
+    """Right-padded input_ids, targets, attention_mask [B, T ≤ max_length] for (context, continuation) id pairs.
 
-    A sequence longer than max_length loses tokens from the left (the context's start).
+    Truncated as both lm-evaluation-harness versions do: the model is fed
+    (context + continuation)[-(max_length + 1):][:-1], so it sees max_length tokens, every one
+    of them context or scored; the last continuation token is a target only. A longer
+    sequence loses tokens from the left (the context's start).
     """
-    rows = []
+    inputs, conts = [], []
     for ctx, cont in pairs:
-        if len(cont) >= max_length:
+        if len(cont) > max_length:
             raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
         if not ctx:
             raise ValueError("empty context: the first continuation token would have nothing to condition on")
-        seq = (ctx + cont)[-max_length:]
-        rows.append((seq[: len(seq) - len(cont)], cont))
-    batch = pad_rows(rows, pad_id=pad_id)
-    return batch["input_ids"], batch["labels"], batch["attention_mask"]
+        inputs.append((ctx + cont)[-(max_length + 1):][:-1])
+        conts.append(cont)
+    batch = pad_rows([(x, []) for x in inputs], pad_id=pad_id)
+    targets = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    for i, (x, cont) in enumerate(zip(inputs, conts)):
+        # position len(x) - len(cont) + j predicts continuation token j
+        targets[i, len(x) - len(cont):len(x)] = torch.tensor(cont, dtype=torch.long)
+    return batch["input_ids"], targets, batch["attention_mask"]
 
 
 # next_token_fn(input_ids [B, T], attention_mask [B, T]) -> [B, V] log-probs of the token
@@ -97,7 +105,7 @@ def batched_loglikelihoods(score_fn: ScoreFn, pairs: Sequence[tuple[list[int], l
         shared.sort(key=lambda g: -len(g[0]))
         for start in range(0, len(shared), batch_size):
             chunk = shared[start : start + batch_size]
-            rows = [list(ctx)[-(max_length - 1):] for ctx, _ in chunk]
+            rows = [list(ctx)[-max_length:] for ctx, _ in chunk]  # the harness's window for a 1-token continuation
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -113,8 +121,8 @@ def batched_loglikelihoods(score_fn: ScoreFn, pairs: Sequence[tuple[list[int], l
     order = sorted(rest, key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), pairs[i][0]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        input_ids, labels, mask = make_batch([pairs[i] for i in idx], max_length=max_length, pad_id=pad_id)
-        scores = score_fn(input_ids, labels, mask)
+        input_ids, targets, mask = make_batch([pairs[i] for i in idx], max_length=max_length, pad_id=pad_id)
+        scores = score_fn(input_ids, targets, mask)
         for i, s in zip(idx, scores.tolist()):
             out[i] = float(s)
         if progress is not None:
@@ -123,14 +131,18 @@ def batched_loglikelihoods(score_fn: ScoreFn, pairs: Sequence[tuple[list[int], l
 
 
 def model_score_fn(model: torch.nn.Module, device: torch.device | str | None = None) -> ScoreFn:
-    """ScoreFn over a Transformer through sdpo.logprobs.sequence_logps (fused log-prob kernel)."""
+    """ScoreFn over a Transformer: lm_head on the scored positions only, then the log-prob kernel."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     @torch.no_grad()
-    def score(input_ids, labels, attention_mask):
-        out = sequence_logps(model, input_ids.to(device), labels.to(device),
-                             attention_mask=attention_mask.to(device), ignore_index=IGNORE_INDEX)
-        return out.logps.float().cpu()
+    def score(input_ids, targets, attention_mask):
+        targets = targets.to(device)
+        hidden = model.hidden_states(input_ids.to(device), attention_mask.to(device))  # [B, T, H]
+        scored = targets != IGNORE_INDEX  # [B, T]
+        token_logps = kernels.token_logprobs(model.lm_head(hidden[scored]), targets[scored])  # [R]
+        dense = torch.zeros(scored.shape, dtype=torch.float32, device=device)
+        dense[scored] = token_logps.float()
+        return dense.sum(dim=1).cpu()  # [B], row sums: no atomics, the same bits every run
 
     return score
 

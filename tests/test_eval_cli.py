@@ -214,3 +214,23 @@ def test_one_token_groups_share_a_forward_and_agree_with_the_fused_path(models):
     assert grouped == pytest.approx(plain, abs=1e-4)
     # the 3 MMLU questions (4 one-token letters each) take 3 context rows, not 12
     assert sum(calls) == 3
+
+
+def test_h4_log_samples_and_samplers(models, tmp_path, capsys):
+    out, samples = tmp_path / "h4.json", tmp_path / "samples.jsonl"
+    rc, stdout, err = run(["h4", "--model", models["S"], "--data-dir", FIX, "--tasks", "arc,mmlu", "--num-fewshot", "1",
+                           "--out", out, "--log-samples", samples], capsys)
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == res["tasks"]["arc"]["n"] + res["tasks"]["mmlu"]["n"]
+    arc = [r for r in rows if r["task"] == "arc"]
+    assert sum(r["acc_norm"] for r in arc) / len(arc) == pytest.approx(res["tasks"]["arc"]["acc_norm"])
+    assert res["sampler"] == "leaderboard" and res["seed"] == 42 and "samples" not in res
+    rc, _, err = run(["h4", "--model", models["S"], "--data-dir", FIX, "--tasks", "arc", "--num-fewshot", "1",
+                      "--fewshot-sampler", "lm-eval", "--out", tmp_path / "b.json", "--log-samples", tmp_path / "b.jsonl"],
+                     capsys)
+    assert rc == 0, err
+    b = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in b] == list(range(len(b)))  # lm-eval 0.4 keeps file order
+    assert json.loads((tmp_path / "b.json").read_text())["seed"] == 1234

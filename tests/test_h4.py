@@ -145,6 +145,41 @@ def test_fewshot_sampling_is_the_seeded_shuffle_then_sample_procedure():
     assert len(contexts) > 1  # the seed matters
 
 
+def test_default_sampler_is_the_leaderboard_harness_and_lm_eval_is_the_second():
+    spec = h4.TASKS["arc"]
+    test, train = h4.load_split(FIX, spec, "test"), h4.load_split(FIX, spec, "train")
+    # leaderboard v1 (lm-eval b281b09): Random(42) shuffles the docs, then samples the shots
+    assert h4.build_items(spec, test, train, num_fewshot=2) == h4.build_items(spec, test, train, num_fewshot=2, seed=42)
+    # lm-eval 0.4: file order; one Random(1234) samples each doc's shots in turn
+    items = h4.build_items(spec, test, train, num_fewshot=2, sampler="lm-eval")
+    rng = random.Random(1234)
+    expected = ["".join(s.query + s.target() + "\n\n" for s in rng.sample(list(train), 2)) + d.query for d in test]
+    assert [i.context for i in items] == expected
+    assert [i.doc_id for i in items] == list(range(len(test)))
+    shuffled = h4.build_items(spec, test, train, num_fewshot=2)
+    assert sorted(i.doc_id for i in shuffled) == list(range(len(test)))
+    assert all(test[i.doc_id] == i.doc for i in shuffled)
+    with pytest.raises(ValueError, match="unknown few-shot sampler"):
+        h4.build_items(spec, test, train, num_fewshot=2, sampler="harness")
+
+
+def test_log_samples_one_record_per_item_with_its_scores():
+    fake = lambda requests, label: [float(len(c)) - 0.5 * i for i, (_, c) in enumerate(requests)]  # noqa: E731
+    res = h4.evaluate_h4(fake, FIX, tasks=["arc", "truthfulqa"], num_fewshot=0, log_samples=True)
+    samples = res["samples"]
+    assert len(samples) == res["tasks"]["arc"]["n"] + res["tasks"]["truthfulqa"]["n"]
+    arc = [r for r in samples if r["task"] == "arc"]
+    assert sum(r["acc"] for r in arc) / len(arc) == pytest.approx(res["tasks"]["arc"]["acc"])
+    for r in arc:
+        assert len(r["loglikelihoods"]) == len(r["choices"]) == len(r["lengths"])
+        assert r["prediction"] == max(range(len(r["choices"])), key=lambda i: (r["loglikelihoods"][i], -i))
+        assert r["acc"] == float(r["prediction"] == r["gold"])
+        assert r["prompt"].endswith("Answer:") and r["origin"].startswith(str(FIX))
+    tqa = [r for r in samples if r["task"] == "truthfulqa"]
+    assert all("labels" in r and "mc2" in r for r in tqa)
+    assert res["sampler"] == "leaderboard" and res["seed"] == 42
+
+
 def test_limit_keeps_the_first_shuffled_docs_and_mmlu_limits_per_subject():
     spec = h4.TASKS["arc"]
     test, train = h4.load_split(FIX, spec, "test"), h4.load_split(FIX, spec, "train")
@@ -279,11 +314,10 @@ def test_each_context_is_encoded_once():
 UNIGRAM = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0, 0.5]), 0)
 
 
-def unigram_score(input_ids, labels, attention_mask):
-    # log p(token) = UNIGRAM[token] whatever the context; sum over label positions past the first
-    assert (labels[:, 0] == IGNORE_INDEX).all()
-    mask = (labels != IGNORE_INDEX) & (attention_mask == 1)
-    return (UNIGRAM[labels.clamp(min=0)] * mask).sum(1)
+def unigram_score(input_ids, targets, attention_mask):
+    # log p(token) = UNIGRAM[token] whatever the context; sum over the scored targets
+    mask = (targets != IGNORE_INDEX) & (attention_mask == 1)
+    return (UNIGRAM[targets.clamp(min=0)] * mask).sum(1)
 
 
 def test_batched_loglikelihoods_keep_input_order_and_sum_continuation_tokens():
@@ -295,12 +329,46 @@ def test_batched_loglikelihoods_keep_input_order_and_sum_continuation_tokens():
 
 
 def test_make_batch_pads_right_and_truncates_the_context_from_the_left():
-    ids, labels, mask = ll.make_batch([([1, 2, 3, 4], [5, 5]), ([1], [2])], max_length=4, pad_id=0)
-    assert ids.tolist() == [[3, 4, 5, 5], [1, 2, 0, 0]]
-    assert labels.tolist() == [[-100, -100, 5, 5], [-100, 2, -100, -100]]
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # (ctx + cont)[-(max_length + 1):][:-1], as both harness versions: [2, 3, 4, 5] is fed, the
+    # last 5 is a target only; every one of the 4 fed tokens is context or predicts a scored token
+    ids, targets, mask = ll.make_batch([([1, 2, 3, 4], [5, 5]), ([1], [2])], max_length=4, pad_id=0)
+    assert ids.tolist() == [[2, 3, 4, 5], [1, 0, 0, 0]]
+    assert targets.tolist() == [[-100, -100, 5, 5], [2, -100, -100, -100]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    ids, targets, _ = ll.make_batch([([1], [2, 2, 2, 2])], max_length=4, pad_id=0)  # fits: 4 scored, 1 context
+    assert ids.tolist() == [[1, 2, 2, 2]] and targets.tolist() == [[2, 2, 2, 2]]
     with pytest.raises(ValueError, match="max_length=4"):
-        ll.make_batch([([1], [2, 2, 2, 2])], max_length=4, pad_id=0)
+        ll.make_batch([([1], [2, 2, 2, 2, 2])], max_length=4, pad_id=0)
+
+
+def test_truncation_matches_the_harness_formula_on_a_real_model():
+    """lm-eval's loglikelihood of a request whose context overflows the window, written out:
+    inp = (ctx + cont)[-(L + 1):][:-1]; the last len(cont) logits of model(inp) score cont."""
+    from sdpo.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=64))
+    model.init_weights(seed=3, std=0.3)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    L = 12
+    pairs = [(torch.randint(3, 50, (n,), generator=g).tolist(), torch.randint(3, 50, (m,), generator=g).tolist())
+             for n, m in [(20, 3), (11, 2), (5, 1), (9, 4), (30, 12)]]
+    expected = []
+    for ctx, cont in pairs:
+        inp = (ctx + cont)[-(L + 1):][:-1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([inp])).double(), -1)[0]
+        expected.append(sum(logp[len(inp) - len(cont) + j, t].item() for j, t in enumerate(cont)))
+    got = ll.batched_loglikelihoods(ll.model_score_fn(model, "cpu"), pairs, batch_size=2, max_length=L, pad_id=0)
+    assert got == pytest.approx(expected, rel=1e-5)
+    # the one-token groups (MMLU's letters) read the same window: the last L context tokens
+    one = [(pairs[0][0], [7]), (pairs[0][0], [9])]
+    grouped = ll.batched_loglikelihoods(ll.model_score_fn(model, "cpu"), one, max_length=L, pad_id=0,
+                                        next_token_fn=ll.model_next_token_fn(model, "cpu"))
+    with torch.no_grad():
+        last = torch.log_softmax(model(torch.tensor([pairs[0][0][-L:]])).double(), -1)[0, -1]
+    assert grouped == pytest.approx([last[7].item(), last[9].item()], rel=1e-5)
 
 
 # ---------------------------------------------------------------- bad files
