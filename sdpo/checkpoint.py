@@ -11,6 +11,7 @@ Only safetensors are read: pickle-based .bin/.pt files can run code on load, so 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,10 +20,10 @@ import uuid
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sdpo.model import ModelConfig, Transformer
+from sdpo.model import ROPE_TYPES, ModelConfig, Transformer
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,6 +40,8 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
+# The temporary and replaced directories save_state_dict leaves when killed: .M1.tmp-ab12cd, .M1.old-ab12cd34
+TEMP_DIR = re.compile(r"\.(.+)\.(tmp|old)-[0-9a-zA-Z_]+")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some old conversions stored; we recompute them, so they are skipped on load.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -127,19 +130,18 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         # Qwen2 applies the window only to layers >= max_window_layers; no released model uses it.
         raise CheckpointError(f"{where}: qwen2 with use_sliding_window=true is not supported")
 
+    sizes = {k: get(k, int) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                      "num_attention_heads")}
+    sizes.update(num_key_value_heads=get("num_key_value_heads", int, None), head_dim=get("head_dim", int, None),
+                 max_position_embeddings=get("max_position_embeddings", int, 4096))
+    rms_norm_eps = get("rms_norm_eps", float, 1e-6)
+    _check_values(sizes, rms_norm_eps, rope_theta, rope_scaling, sliding_window, where)
     try:
         return ModelConfig(
-            vocab_size=get("vocab_size", int),
-            hidden_size=get("hidden_size", int),
-            intermediate_size=get("intermediate_size", int),
-            num_hidden_layers=get("num_hidden_layers", int),
-            num_attention_heads=get("num_attention_heads", int),
-            num_key_value_heads=get("num_key_value_heads", int, None),
-            head_dim=get("head_dim", int, None),
-            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            **sizes,
+            rms_norm_eps=rms_norm_eps,
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            max_position_embeddings=get("max_position_embeddings", int, 4096),
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
             # Qwen2's config has no attention_bias field: its q/k/v biases are always there.
             attention_bias=True if model_type == "qwen2" else get("attention_bias", bool, False),
@@ -154,6 +156,40 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{where}: {e}") from e
+
+
+def _check_values(sizes: dict, rms_norm_eps: float, rope_theta, rope_scaling, sliding_window, where: str) -> None:
+    """Before any tensor exists: a size of -5 would otherwise reach torch.empty ("negative dimension")."""
+    problems = [f"{k} must be a positive integer, got {v}" for k, v in sizes.items() if v is not None and v <= 0]
+    heads, kv = sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    if not problems:
+        if sizes["head_dim"] is None and sizes["hidden_size"] % heads:
+            problems.append(f"hidden_size ({sizes['hidden_size']}) must be divisible by num_attention_heads ({heads})")
+        if kv is not None and heads % kv:
+            problems.append(f"num_key_value_heads ({kv}) must divide num_attention_heads ({heads})")
+        if (sizes["head_dim"] or sizes["hidden_size"] // heads) % 2:
+            problems.append(f"head_dim ({sizes['head_dim'] or sizes['hidden_size'] // heads}) must be even (rotary)")
+    if not (math.isfinite(rms_norm_eps) and rms_norm_eps > 0):
+        problems.append(f"rms_norm_eps must be a finite number > 0, got {rms_norm_eps}")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not (0 < rope_theta < math.inf):
+        problems.append(f"rope_theta must be a finite number > 0, got {rope_theta!r}")
+    if rope_scaling is not None:
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        if kind not in ROPE_TYPES:
+            problems.append(f"rope_scaling type {kind!r} is not supported; expected one of {list(ROPE_TYPES)}")
+        else:
+            factor = rope_scaling.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (0 < factor < math.inf):
+                problems.append(f"rope_scaling.factor must be a finite number > 0, got {factor!r}")
+            if kind == "llama3":
+                for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    v = rope_scaling.get(k)
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
+                        problems.append(f"rope_scaling.{k} must be a finite number > 0, got {v!r}")
+    if sliding_window is not None and sliding_window < 1:
+        problems.append(f"sliding_window must be >= 1 or null, got {sliding_window}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
 def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) -> dict:
@@ -428,8 +464,13 @@ def save_state_dict(
 
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory; refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise CheckpointError(f"save to {path}: cannot create a directory in {path.parent} ({e})") from e
+    # Built as .NAME.tmp-*; a kill leaves it (or .NAME.old-*) behind, never a NAME that looks complete.
+    # sdpo.state removes such leftovers (TEMP_DIR) when a run resumes.
     try:
         shards = _shards(tensors, limit)
         if len(shards) == 1:
@@ -455,8 +496,10 @@ def save_state_dict(
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions: name the path, not a traceback
+            raise CheckpointError(f"save to {path}: writing {tmp} failed ({e}); nothing was written to {path}") from e
         raise
 
 

@@ -1,3 +1,4 @@
+import errno
 import json
 from pathlib import Path
 
@@ -199,10 +200,11 @@ def test_save_replaces_existing_atomically(tmp_path, monkeypatch):
     (target / "stale.txt").write_text("old")
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    # a clear error naming the directory, not a raw OSError
+    with pytest.raises(CheckpointError, match=rf"save to {target}: writing .*\.m\.tmp-.* failed .*No space left"):
         save_model(make_model(tie_word_embeddings=True), target)
     assert (target / "model.safetensors").read_bytes() == before  # untouched on failure
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
@@ -276,6 +278,22 @@ def test_error_unknown_model_type(saved):
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
     (dict(hidden_size="16"), "field 'hidden_size' should be int"),
+    # values checked before any tensor is allocated (vocab_size -5 reached torch.empty)
+    (dict(vocab_size=-5), r"vocab_size must be a positive integer, got -5"),
+    (dict(num_hidden_layers=0), r"num_hidden_layers must be a positive integer, got 0"),
+    (dict(num_attention_heads=0), r"num_attention_heads must be a positive integer, got 0"),
+    (dict(num_key_value_heads=-1), r"num_key_value_heads must be a positive integer"),
+    (dict(head_dim=None, hidden_size=18), r"hidden_size \(18\) must be divisible by num_attention_heads \(4\)"),
+    (dict(num_key_value_heads=3), r"num_key_value_heads \(3\) must divide num_attention_heads \(4\)"),
+    (dict(head_dim=5), r"head_dim \(5\) must be even"),
+    (dict(max_position_embeddings=-1), r"max_position_embeddings must be a positive integer"),
+    (dict(rms_norm_eps=0), r"rms_norm_eps must be a finite number > 0"),
+    (dict(rope_theta=-1.0), r"rope_theta must be a finite number > 0"),
+    (dict(rope_theta="big"), r"rope_theta must be a finite number > 0, got 'big'"),
+    (dict(rope_scaling={"type": "linear"}), r"rope_scaling.factor must be a finite number > 0, got None"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"rope_scaling.low_freq_factor must be"),
+    (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), r"rope_scaling type 'ntk' is not supported"),
+    (dict(model_type="mistral", sliding_window=0), r"sliding_window must be >= 1"),
     (dict(torch_dtype="float8"), "dtype 'float8'"),
 ])
 def test_error_bad_config_fields(saved, changes, match):
@@ -392,3 +410,25 @@ def test_error_save_bad_state_dict(tmp_path):
     with pytest.raises(CheckpointError, match="sliding_window is only supported for model_type 'mistral'"):
         save_model(make_model(sliding_window=4), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_export_into_an_uncreatable_directory_names_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=rf"save to {tmp_path / 'file' / 'M1'}: cannot create a directory in"):
+        save_model(make_model(), tmp_path / "file" / "M1")
+
+
+@pytest.mark.parametrize("fail_on", ["safetensors", "config.json"])
+def test_disk_full_during_export_leaves_no_directory(tmp_path, monkeypatch, fail_on):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fail_on == "safetensors":
+        monkeypatch.setattr(ckpt, "save_file", full)
+    else:
+        real = Path.write_text
+        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full() if self.name == "config.json"
+                            else real(self, *a, **k))
+    with pytest.raises(CheckpointError, match=r"No space left on device\); nothing was written to .*M1"):
+        save_model(make_model(), tmp_path / "M1")
+    assert list(tmp_path.iterdir()) == []  # neither M1 nor a .M1.tmp-* that could pass for it
