@@ -13,7 +13,9 @@ exactly 0 to (1) and send exactly 0 gradient into their logits.
 Response-only logits: on real data prompts are most tokens, and V ≈ 32K-128K makes
 z the biggest activation in the step. So we run the model to the final hidden states
 [N, T, H], gather the rows that have a target ([R, H], R = response tokens), and apply
-lm_head only to those: the [N, T, V] logits are never materialised, only [R, V].
+lm_head only to those: the [N, T, V] logits are never materialised. With fused=True
+(the default; config model.fused_logprobs) not even [R, V]: lm_head and the log-softmax
+run together in chunks of rows (kernels.linear_token_logprobs), [chunk, V] at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from sdpo.packing import IGNORE_INDEX
 class SequenceLogps:
     logps: Tensor  # [N] Σ log p over response tokens, eq. (1); gradient flows
     counts: Tensor  # [N] long, number of response tokens (targets that are not ignored)
-    mean_logits: Tensor  # [N] float32 mean logit over response positions and vocab (detached, metrics)
 
     @property
     def mean_logps(self) -> Tensor:
@@ -44,6 +45,25 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
     targets = torch.full_like(labels, ignore_index)
     targets[:, :-1] = labels[:, 1:]
     return targets
+
+
+def _token_logps(model, h: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
+                 fused: bool | None = None) -> Tensor:
+    """h [R, H] final hidden states, targets [R] -> log p(target) [R] float32.
+
+    The one place lm_head is applied on the response-only paths (sequence_logps, packed_forward).
+    fused (None: model.fused_logprobs if set, else True): kernels.linear_token_logprobs, at most
+    [chunk, V] logits at a time; False: lm_head's [R, V] logits, then the log-prob kernel. With
+    FSDP2 lm_head.weight is the root's unsharded parameter here: the caller has just run the
+    registered forward method hidden_states, and the root is not resharded after forward."""
+    if fused is None:
+        fused = getattr(model, "fused_logprobs", True)
+    if fused and getattr(model.lm_head, "bias", None) is None:
+        return kernels.linear_token_logprobs(h, model.lm_head.weight, targets, ignore_index)  # [R]
+    logits = model.lm_head(h)  # [R, V], the only logits ever built
+    # The logits are a temporary: lm_head's backward needs h and its weight, not its
+    # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).
+    return kernels.token_logprobs(logits, targets, ignore_index, inplace_backward=True)  # [R]
 
 
 def _check_inputs(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None,
@@ -72,12 +92,13 @@ def sequence_logps(
     *,
     ignore_index: int = IGNORE_INDEX,
     response_only: bool = True,
+    fused: bool | None = None,
 ) -> SequenceLogps:
     """Eq. (1) for every row of a [N, T] batch.
 
     response_only=True needs `model.hidden_states(input_ids, attention_mask, position_ids)`
     -> [N, T, H] and `model.lm_head` (H -> V); False calls `model(...)` -> [N, T, V]
-    (the reference path for tests and benchmarks).
+    (the reference path for tests and benchmarks). fused: see _token_logps.
     """
     _check_inputs(input_ids, labels, attention_mask, position_ids)
     N, T = input_ids.shape
@@ -95,29 +116,17 @@ def sequence_logps(
         flat_idx = has_target.reshape(-1).nonzero().squeeze(1)  # [R] positions in N*T (one host sync)
         rows = flat_idx // T  # [R] which sequence each response token belongs to
         h = hidden.reshape(N * T, -1).index_select(0, flat_idx)  # [R, H]
-        logits = model.lm_head(h)  # [R, V], the only logits ever built
-        # The logits are a temporary: lm_head's backward needs h and its weight, not its
-        # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).
-        token_logps = kernels.token_logprobs(
-            logits, targets.reshape(-1).index_select(0, flat_idx), ignore_index, inplace_backward=True
-        )  # [R]
-        # Mean over V per row now, before backward reuses the buffer; [R] float32.
-        logit_means = logits.detach().mean(dim=-1, dtype=torch.float32)
+        token_logps = _token_logps(model, h, targets.reshape(-1).index_select(0, flat_idx), ignore_index, fused)
         logps = token_logps.new_zeros(N).index_add_(0, rows, token_logps)  # segment sums, [N]
-        logit_sums = logit_means.new_zeros(N).index_add_(0, rows, logit_means)
     else:
         logits = model(input_ids, attention_mask, position_ids)  # [N, T, V]
         token_logps = kernels.token_logprobs(logits, targets, ignore_index)  # [N, T], 0 where no target
         logps = token_logps.sum(dim=1)
-        logit_means = logits.detach().mean(dim=-1, dtype=torch.float32)  # [N, T]
-        logit_sums = torch.where(has_target, logit_means, 0.0).sum(dim=1)
-
-    mean_logits = logit_sums / counts.clamp(min=1).to(logit_sums.dtype)
-    return SequenceLogps(logps=logps, counts=counts, mean_logits=mean_logits)
+    return SequenceLogps(logps=logps, counts=counts)
 
 
 def concatenated_forward(
-    model, batch: dict, *, ignore_index: int = IGNORE_INDEX, response_only: bool = True
+    model, batch: dict, *, ignore_index: int = IGNORE_INDEX, response_only: bool = True, fused: bool | None = None
 ) -> tuple[SequenceLogps, SequenceLogps]:
     """One forward over the collated [2B, T] batch -> (chosen, rejected), each with [B] fields.
 
@@ -142,8 +151,9 @@ def concatenated_forward(
         batch.get("position_ids"),
         ignore_index=ignore_index,
         response_only=response_only,
+        fused=fused,
     )
     b = n // 2
-    chosen = SequenceLogps(out.logps[:b], out.counts[:b], out.mean_logits[:b])
-    rejected = SequenceLogps(out.logps[b:], out.counts[b:], out.mean_logits[b:])
+    chosen = SequenceLogps(out.logps[:b], out.counts[:b])
+    rejected = SequenceLogps(out.logps[b:], out.counts[b:])
     return chosen, rejected

@@ -45,20 +45,17 @@ def test_known_sums_bigram():
     """Row 0: ids 0 1 2 3 0, labels [-, -, 2, 3, 0] -> targets at t = 1, 2, 3: 1->2, 2->3, 3->0, all
     successor steps: 3·log(1/2), count 3.
     Row 1: ids 0 2 2 1 9(pad->0), labels [-, -, 2, 1, -] -> t = 1: 2|2 (1/6), t = 2: 1|2 (1/6):
-    2·log(1/6), count 2. The prompt step 0->1 / 0->2 (t = 0) is not counted.
-    mean logit of row a = mean of log P[a] = (log ½ + 3 log ⅙)/4, the same for every a."""
+    2·log(1/6), count 2. The prompt step 0->1 / 0->2 (t = 0) is not counted."""
     m = BigramLM()
     ids = torch.tensor([[0, 1, 2, 3, 0], [0, 2, 2, 1, 0]])
     labels = torch.tensor([[IGN, IGN, 2, 3, 0], [IGN, IGN, 2, 1, IGN]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
-    row_mean = (math.log(0.5) + 3 * math.log(1 / 6)) / 4
     for ro in (True, False):
         out = sequence_logps(m, ids, labels, mask, response_only=ro)
         assert out.logps.tolist() == pytest.approx([3 * math.log(0.5), 2 * math.log(1 / 6)], abs=1e-6)
         assert out.counts.tolist() == [3, 2]
-        assert out.mean_logits.tolist() == pytest.approx([row_mean, row_mean], abs=1e-6)
         assert out.mean_logps.tolist() == pytest.approx([math.log(0.5), math.log(1 / 6)], abs=1e-6)
-        assert not out.mean_logits.requires_grad and out.logps.requires_grad
+        assert out.logps.requires_grad
 
 
 def test_masked_positions_get_exactly_zero_gradient():
@@ -151,7 +148,6 @@ def test_fused_equals_two_separate_forwards():
         assert fused.logps.shape == (B,)
         assert torch.allclose(fused.logps, sep.logps, atol=1e-6, rtol=1e-6), (fused.logps, sep.logps)
         assert torch.equal(fused.counts, sep.counts)
-        assert torch.allclose(fused.mean_logits, sep.mean_logits, atol=1e-6, rtol=0)
     assert chosen.counts.tolist() == [len(c) for _, c, _ in pairs]
     assert rejected.counts.tolist() == [len(r) for _, _, r in pairs]
     # A wrong half (e.g. swapped) would differ: the responses differ, so the sums do.
@@ -168,18 +164,23 @@ def test_extra_padding_changes_nothing(left):
     for a, b in zip(base, padded):
         assert torch.allclose(a.logps, b.logps, atol=1e-6, rtol=1e-6), (a.logps, b.logps)  # see above
         assert torch.equal(a.counts, b.counts)
-        assert torch.allclose(a.mean_logits, b.mean_logits, atol=1e-6, rtol=0)
 
 
-def test_response_only_equals_full_logits_values_and_gradients():
-    """Also checks inplace_backward on the response-only path: its parameter gradients must equal
-    those of the full path (which does not overwrite its logits)."""
+@pytest.mark.parametrize("fused", [True, False, "model attribute"])
+def test_response_only_equals_full_logits_values_and_gradients(fused):
+    """The response-only path, fused (kernels.linear_token_logprobs) or not (lm_head, then the
+    in-place-backward kernel), gives the full path's values and parameter gradients."""
     pairs = _pairs(seed=3)
     batch = _collate(pairs)
     results = []
     for ro in (True, False):
         m = _tiny_model(seed=4)
-        c, r = concatenated_forward(m, batch, response_only=ro)
+        kwargs = {}
+        if fused == "model attribute":  # how run.py passes model.fused_logprobs
+            m.fused_logprobs = False
+        elif ro:
+            kwargs["fused"] = fused
+        c, r = concatenated_forward(m, batch, response_only=ro, **kwargs)
         loss = (c.logps * 0.3 - r.logps * 1.7).sum()  # an upstream gradient that is not all ones
         loss.backward()
         results.append((c, r, {n: p.grad.clone() for n, p in m.named_parameters()}))
@@ -187,10 +188,22 @@ def test_response_only_equals_full_logits_values_and_gradients():
     for a, b in ((c1, c2), (r1, r2)):
         assert torch.allclose(a.logps, b.logps, atol=1e-5, rtol=1e-6)
         assert torch.equal(a.counts, b.counts)
-        assert torch.allclose(a.mean_logits, b.mean_logits, atol=1e-6)
     for n in g1:
         assert g1[n].abs().sum() > 0, n
         assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_fused_path_builds_no_rv_logits(monkeypatch):
+    """fused=True never calls lm_head (so no [R, V] logits); fused=False does."""
+    m = _tiny_model(seed=4)
+    calls = []
+    monkeypatch.setattr(m.lm_head, "forward", lambda x: calls.append(x.shape) or torch.nn.functional.linear(
+        x, m.lm_head.weight))
+    batch = _collate(_pairs(seed=3))
+    concatenated_forward(m, batch)
+    assert calls == []
+    concatenated_forward(m, batch, fused=False)
+    assert len(calls) == 1
 
 
 def test_inplace_backward_is_safe_with_tied_embeddings():
@@ -199,13 +212,14 @@ def test_inplace_backward_is_safe_with_tied_embeddings():
                       num_attention_heads=4, tie_word_embeddings=True)
     batch = _collate(_pairs(seed=5, B=2))
     grads = []
-    for ro in (True, False):
+    for ro, fused in ((True, True), (True, False), (False, None)):
         m = Transformer(cfg)
         m.init_weights(seed=6, std=0.2)
-        c, r = concatenated_forward(m, batch, response_only=ro)
+        c, r = concatenated_forward(m, batch, response_only=ro, fused=fused)
         (c.logps - r.logps).sum().backward()
         grads.append(m.embed_tokens.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(grads[0], grads[2], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(grads[1], grads[2], atol=1e-6, rtol=1e-5)
 
 
 def test_errors():
@@ -228,7 +242,7 @@ def test_no_response_tokens_gives_zero():
     m = BigramLM()
     ids = torch.tensor([[0, 1, 2]])
     out = sequence_logps(m, ids, torch.full((1, 3), IGN))
-    assert out.logps.tolist() == [0.0] and out.counts.tolist() == [0] and out.mean_logits.tolist() == [0.0]
+    assert out.logps.tolist() == [0.0] and out.counts.tolist() == [0]
     assert isinstance(out, SequenceLogps)
 
 
