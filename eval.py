@@ -83,7 +83,7 @@ def _read_pairs(args, tok):
     if args.limit is not None:
         examples = examples[: args.limit]
     pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length)
+                                  max_prompt_length=args.max_prompt_length or args.max_length // 2)
     if not pairs:
         raise h4.H4DataError(f"{', '.join(args.data)}: no pairs left after tokenization ({stats})")
     return examples, pairs, stats
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--schema", default="auto", help="auto | generic | orca | ultrafeedback | conversational")
         sp.add_argument("--chat-template", help="a built-in template name or jinja text (default: the tokenizer's)")
         sp.add_argument("--max-length", type=int, default=1024)
-        sp.add_argument("--max-prompt-length", type=int, default=512)
+        sp.add_argument("--max-prompt-length", type=int, help="default: half of --max-length")
         sp.add_argument("--limit", type=int, help="use only the first N pairs")
 
     sp = sub.add_parser("preference", help="reward accuracy/margins of --model against --ref on held-out pairs")

@@ -22,6 +22,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # Each reproduces a published template; the comment says whose, and
 # tests/test_tokenizer.py checks the rendered strings literally.
 CHAT_TEMPLATES: dict[str, str] = {
+    # No template (TRL's behaviour for plain-string prompts): the prompt is the messages'
+    # texts joined by a blank line (one message: its text unchanged), no generation prompt,
+    # and the response follows it directly.
+    "none": (
+        "{% for message in messages %}{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+        "{{ message['content'] }}{% endfor %}"
+    ),
     # The ChatML template transformers used as its class default (also what
     # teknium/OpenHermes-2.5-Mistral-7B publishes): "<|im_start|>{role}\n{content}<|im_end|>\n".
     "chatml": (

@@ -64,13 +64,22 @@ class DataSection:
     schema: str = "auto"
     on_error: str = "fail"              # fail | skip
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: max_length // 2 (valid for any max_length)
     truncation: str = "keep_end"
     max_examples: int | None = None     # cap per sDPO step after the split (smoke runs)
-    group_by_length: bool = False
+    group_by_length: bool = False       # sort by length within mega-batches (less padding when packing is off)
+    # Throughput (exact: the same log-probs as padded rows). packing: several pairs per row,
+    # no padding; share_prompt: one row segment prompt | chosen | rejected per pair.
+    packing: bool = True
+    share_prompt: bool = True
     # Held-out sets (one per sDPO step, same order) for the end-of-run summary table.
     test_datasets: list[str] = field(default_factory=list)
     max_test_examples: int | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        """max_prompt_length, or half of max_length when it is unset."""
+        return self.max_prompt_length if self.max_prompt_length is not None else max(1, self.max_length // 2)
 
 
 @dataclass
@@ -119,6 +128,10 @@ class TrainSection:
     resume: bool = False                # also `--resume`
     ref_cache_dir: str | None = None    # None -> <output_dir>/ref_cache
     ref_batch_size: int | None = None   # pairs per no-grad reference forward; None -> micro_batch_size
+    # Token budgets per forward (packed tokens; micro_batch_size / ref_batch_size still cap the
+    # pairs). None: no budget. The global batch stays global_batch_size pairs either way.
+    tokens_per_micro_batch: int | None = None
+    ref_tokens_per_batch: int | None = None  # None -> tokens_per_micro_batch
     reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
     # Fault injection for tests: exit with code 3 after this many optimizer steps in
     # total, as a kill would (no state saved beyond the last save_every checkpoint).
@@ -326,6 +339,11 @@ def validate_config(cfg: Config) -> None:
             problems.append(msg)
 
     m, d, lo, o, t, s, e = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.train, cfg.sft, cfg.eval
+    # TOML reads inf and nan; no key means either (loss.beta = inf would fail only after the reference pass).
+    for section, values in config_to_dict(cfg).items():
+        for key, v in values.items():
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+                problems.append(f"{section}.{key} must be finite, got {v}")
     if m.path is None:
         need(m.tokenizer is not None, "model.tokenizer is required when model.path is unset (random init)")
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
@@ -347,7 +365,7 @@ def validate_config(cfg: Config) -> None:
         need(d.split in ("natural", "all"), f"data.split = {d.split!r} needs data.fractions (e.g. [0.5, 0.5])")
     need(d.on_error in ("fail", "skip"), f"data.on_error must be 'fail' or 'skip', got {d.on_error!r}")
     need(d.max_length > 0, f"data.max_length must be > 0, got {d.max_length}")
-    need(0 < d.max_prompt_length < d.max_length,
+    need(d.max_prompt_length is None or 0 < d.max_prompt_length < d.max_length,
          f"data.max_prompt_length ({d.max_prompt_length}) must be in (0, data.max_length = {d.max_length})")
     need(d.max_examples is None or d.max_examples > 0, f"data.max_examples must be > 0, got {d.max_examples}")
     need(d.max_test_examples is None or d.max_test_examples > 0, f"data.max_test_examples must be > 0, got {d.max_test_examples}")
@@ -378,6 +396,10 @@ def validate_config(cfg: Config) -> None:
     need(t.save_every is None or t.save_every > 0, f"train.save_every must be > 0 (or unset), got {t.save_every}")
     need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
     need(t.ref_batch_size is None or t.ref_batch_size > 0, f"train.ref_batch_size must be > 0, got {t.ref_batch_size}")
+    for key in ("tokens_per_micro_batch", "ref_tokens_per_batch"):
+        v = getattr(t, key)
+        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+             f"train.{key} must be a positive number of tokens (or unset), got {v!r}")
     need(t.stop_after is None or t.stop_after > 0, f"train.stop_after must be > 0, got {t.stop_after}")
     need(bool(t.output_dir), "train.output_dir is empty")
 
@@ -444,8 +466,12 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def parse_args(argv: list[str], default_config: str | os.PathLike | None = None) -> Config:
-    """`[--config FILE] [--resume] [--section.key=value | --section.key value ...]`."""
-    config_path, overrides, resume = default_config, [], False
+    """`[--config FILE] [--resume] [--section.key=value | --section.key value ...]`.
+
+    Without --config the file is `default_config` (the tiny demo), unless --model.path is given:
+    then a user's own model starts from the dataclass defaults, the paper's recipe, with no demo
+    data, SFT stage or demo tokenizer carried along."""
+    config_path, overrides, resume, explicit = default_config, [], False, False
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -460,6 +486,7 @@ def parse_args(argv: list[str], default_config: str | os.PathLike | None = None)
                 config_path = argv[i]
             else:
                 raise ConfigError("--config needs a file")
+            explicit = True
         elif arg == "--resume":
             resume = True
         elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
@@ -474,7 +501,15 @@ def parse_args(argv: list[str], default_config: str | os.PathLike | None = None)
         i += 1
     if resume:
         overrides.append("--train.resume=true")
+    if not explicit and any(o.split("=", 1)[0] in ("--model.path", "model.path") for o in overrides):
+        config_path = None
     return load_config(config_path, overrides)
+
+
+def non_defaults(cfg: Config) -> list[str]:
+    """`section.key = value` for every value that differs from the dataclass default."""
+    now, default = config_to_dict(cfg), config_to_dict(Config())
+    return [f"{s}.{k} = {v!r}" for s in now for k, v in now[s].items() if v != default[s][k]]
 
 
 def _usage() -> str:

@@ -489,7 +489,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     check.add_argument("--max-errors", type=int, default=50, help="error lines to print")
     check.add_argument("--tokenizer", help="also tokenize with this tokenizer directory and report lengths")
     check.add_argument("--max-length", type=int, default=1024)
-    check.add_argument("--max-prompt-length", type=int, default=512)
+    check.add_argument("--max-prompt-length", type=int, help="default: half of --max-length")
     args = ap.parse_args(list(argv) if argv is not None else None)
     try:
         examples, report = read_preferences(args.paths, schema=args.schema, on_error="skip")
@@ -506,7 +506,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
         tok = load_tokenizer(args.tokenizer)
         pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
-                                      max_prompt_length=args.max_prompt_length)
+                                      max_prompt_length=args.max_prompt_length or args.max_length // 2)
         lens = np.array([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] or [0])
         print("tokens: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k != "dropped_indices"))
         print(f"pair length (prompt + longer response): mean {lens.mean():.1f}, max {lens.max()}")

@@ -69,7 +69,7 @@ def _truncate_prompt(ids: list[int], max_prompt_length: int, truncation: str, bo
     return ids[len(ids) - max_prompt_length:]
 
 
-def tokenize_pairs(examples, tokenizer, *, max_length: int = 1024, max_prompt_length: int = 512,
+def tokenize_pairs(examples, tokenizer, *, max_length: int = 1024, max_prompt_length: int | None = None,
                    truncation: str = "keep_end") -> tuple[list[TokenizedPair], dict]:
     """Tokenize pairs with a boundary-safe split and the usual DPO truncation.
 
@@ -87,6 +87,8 @@ def tokenize_pairs(examples, tokenizer, *, max_length: int = 1024, max_prompt_le
     truncated_rejected, dropped_no_room, dropped_identical_after_truncation, responses_encoded_alone,
     and dropped_indices.
     """
+    if max_prompt_length is None:
+        max_prompt_length = max(1, max_length // 2)
     if truncation not in ("keep_end", "keep_start"):
         raise DataError(f"truncation must be 'keep_end' or 'keep_start', got {truncation!r}")
     if max_length < 2 or not (1 <= max_prompt_length <= max_length):

@@ -16,13 +16,14 @@ directory's housekeeping (progress, resumable state, metrics) is sdpo.state's.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from sdpo import distributed as D
 from sdpo.checkpoint import load_model_config
-from sdpo.config import Config, ConfigError
+from sdpo.config import Config, ConfigError, non_defaults
 from sdpo.data import read_preferences, split_steps
 from sdpo.loop import dpo_stage, optimize, sft_stage
 from sdpo.metrics import gamma
@@ -55,6 +56,7 @@ def train(cfg: Config) -> dict:
     progress = prepare_output(run)
     log(run, f"sdpo: world size {info.world_size}, device {info.device}, "
              f"{'bf16 autocast' if bf16 else 'float32'}, output {run.out}")
+    log(run, "config (keys that differ from the defaults): " + "; ".join(non_defaults(cfg)))
 
     # M_0 = S: the given base, or SFT on chosen responses.
     base = cfg.model.path
@@ -126,6 +128,12 @@ def check_setup(cfg: Config, world_size: int) -> None:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"train.output_dir: {out} exists and is not a directory")
+    else:
+        base = next(p for p in [out, *out.absolute().parents] if p.exists())  # what mkdir would start from
+        if not base.is_dir():
+            problems.append(f"train.output_dir: {out} cannot be created: {base} is a file, not a directory")
+        elif not os.access(base, os.W_OK | os.X_OK):
+            problems.append(f"train.output_dir: {base} is not writable")
     for name, s in (("train", cfg.train), ("sft", cfg.sft if cfg.sft.enabled else None)):
         if s is not None and s.global_batch_size % (world_size * s.micro_batch_size):
             problems.append(f"{name}.global_batch_size ({s.global_batch_size}) must be divisible by world size "
@@ -151,7 +159,7 @@ def load_steps(cfg: Config, tokenizer):
 
 def tokenize(cfg: Config, examples, tokenizer, what: str, *, require: bool = True):
     pairs, stats = tokenize_pairs(examples, tokenizer, max_length=cfg.data.max_length,
-                                  max_prompt_length=cfg.data.max_prompt_length, truncation=cfg.data.truncation)
+                                  max_prompt_length=cfg.data.prompt_length, truncation=cfg.data.truncation)
     if require and not pairs:
         raise TrainingError(f"{what}: no pairs left after tokenization ({stats})")
     return pairs

@@ -217,3 +217,18 @@ def test_response_ids_are_the_prompts_continuation_with_a_sentencepiece_tokenize
         assert ids[0] != alone[0]  # the case matters: on its own the text starts with a "▁" piece
     assert stats["responses_encoded_alone"] == 0
 
+
+
+def test_chat_template_none_is_plain_concatenation(tmp_path):
+    """model.chat_template = "none" (TRL's plain-string behaviour): BOS, the prompt text as it
+    is, then the response and EOS; a system message and the question join with a blank line."""
+    tok = load_tokenizer(ROOT / "data" / "tokenizer", chat_template="none")
+    f, g = tmp_path / "plain.jsonl", tmp_path / "orca.jsonl"
+    f.write_text(json.dumps({"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5"}) + "\n")
+    g.write_text(json.dumps({"system": "Be brief.", "question": "abc?", "chosen": "yes", "rejected": "no"}) + "\n")
+    exs = read_preferences(f)[0] + read_preferences(g)[0]
+    pairs, _ = tokenize_pairs(exs, tok, max_length=64)
+    assert tok.decode(pairs[0].prompt_ids + pairs[0].chosen_ids) == "<s>Q: 2+2?\nA: 4</s>"
+    assert tok.decode(pairs[0].prompt_ids + pairs[0].rejected_ids) == "<s>Q: 2+2?\nA: 5</s>"
+    assert tok.decode(pairs[1].prompt_ids) == "<s>Be brief.\n\nabc?"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True) == "x"

@@ -341,6 +341,11 @@ EXPECTED = {
         "<|system|>\nYou are terse.</s>\n<|user|>\nHi there</s>\n<|assistant|>\n",
         "<|system|>\nYou are terse.</s>\n<|user|>\nHi there</s>\n",
     ),
+    "none": (
+        "You are terse.\n\nHi there\n\nHello.",
+        "You are terse.\n\nHi there",
+        "You are terse.\n\nHi there",
+    ),
     "solar": (
         "### System:\nYou are terse.\n\n### User:\nHi there\n\n### Assistant:\nHello.",
         "### System:\nYou are terse.\n\n### User:\nHi there\n\n### Assistant:\n",
@@ -516,7 +521,7 @@ def test_error_no_chat_template(sp_dir):
 
 
 def test_error_unknown_template_name(sp_dir):
-    with pytest.raises(TokenizerError, match="unknown chat template name 'vicuna'.*chatml, llama-2, mistral, solar, zephyr"):
+    with pytest.raises(TokenizerError, match="unknown chat template name 'vicuna'.*chatml, llama-2, mistral, none, solar, zephyr"):
         load_tokenizer(sp_dir, chat_template="vicuna")
 
 
