@@ -9,6 +9,10 @@ token per row and attends to the cache, so a step costs O(T) rather than O(T^2).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -60,16 +64,19 @@ def generate(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int | None,
+    eos_id: int | list[int] | None,
     pad_id: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Per prompt, the generated ids after it, stopped before the first eos_id (not included);
-    temperature 0 = greedy. All prompts decode as one batch; rows that have finished keep
-    running (their extra tokens are dropped) until every row is done or max_new_tokens is reached."""
+    """Per prompt, the generated ids after it, stopped before the first eos_id (not included;
+    a list stops at any of them, as Llama-3's several end tokens need); temperature 0 = greedy.
+    All prompts decode as one batch; rows that have finished keep running (their extra tokens
+    are dropped) until every row is done or max_new_tokens is reached. Sampled tokens depend on
+    the generator's state, hence on the batch a prompt is in."""
     _check(prompts, max_new_tokens, temperature, top_p)
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
     param = next(model.parameters())
     ids, prompt_mask = left_pad(prompts, pad_id, param.device)
     B, T = ids.shape
@@ -85,14 +92,69 @@ def generate(
         nxt = sample_next(logits, temperature, top_p, generator)
         out[:, n], mask[:, T + n], ids = nxt, 1, nxt[:, None]
         n += 1
-        if eos_id is not None:
-            done |= nxt == eos_id
+        if stops:
+            done |= torch.isin(nxt, torch.tensor(stops, device=nxt.device))
             if bool(done.all()):  # one host sync per token: the decode loop is sequential anyway
                 break
     out = out[:, :n]
     result = []
     for row in out.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        result.append(row)
+        end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+        result.append(row[:end])
     return result
+
+
+# ---------------------------------------------------------------- prompt files (eval.py generate)
+
+class PromptFileError(ValueError):
+    """A prompts file that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class Prompt:
+    line: int
+    text: str | None = None  # "prompt": one user turn, through the chat template
+    messages: list | None = None  # "messages": [{"role", "content"}, ...], through the chat template
+    input_ids: list[int] | None = None  # "input_ids": used as they are (no tokenizer needed)
+
+
+def read_prompts(path) -> list[Prompt]:
+    """A .jsonl file: one object per line with "prompt" (a string), "messages" (a list of
+    {"role", "content"}) or "input_ids" (a list of token ids). Any other file: one prompt
+    string per non-empty line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            out.append(Prompt(n, text=line))
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise PromptFileError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if isinstance(rec.get("prompt"), str):
+            out.append(Prompt(n, text=rec["prompt"]))
+        elif isinstance(rec.get("messages"), list) and rec["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in rec["messages"]):
+            out.append(Prompt(n, messages=rec["messages"]))
+        elif isinstance(rec.get("input_ids"), list) and rec["input_ids"] and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rec["input_ids"]):
+            out.append(Prompt(n, input_ids=rec["input_ids"]))
+        else:
+            raise PromptFileError(
+                f"{where}: expected \"prompt\" (a string), \"messages\" (a non-empty list of "
+                f"{{\"role\": str, \"content\": str}}) or \"input_ids\" (a non-empty list of token ids); "
+                f"got keys {sorted(rec)}")
+    if not out:
+        raise PromptFileError(f"{path}: no prompts")
+    return out

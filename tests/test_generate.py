@@ -147,3 +147,14 @@ def test_hf_fixture_cache_matches_no_cache(name):
     prompts = [[1, 5, 6, 7, 40, 11], [1, 9], [1, V - 1, 3]]
     got = generate(model, prompts, max_new_tokens=10, eos_id=None)
     assert got == [greedy_no_cache(model, p, 10) for p in prompts]
+
+
+def test_several_eos_ids_stop_at_the_first_of_any():
+    model = make_model(seed=2)
+    free = generate(model, PROMPTS, max_new_tokens=12, eos_id=None)
+    a, b = free[0][3], free[1][5]
+    got = generate(model, PROMPTS, max_new_tokens=12, eos_id=[a, b])
+    for g, f in zip(got, free):
+        end = next((i for i, t in enumerate(f) if t in (a, b)), len(f))
+        assert g == f[:end]
+    assert len(got[0]) <= 3 and len(got[1]) <= 5
