@@ -4,8 +4,9 @@
     python eval.py gamma --models S M1 M2 --data FILE...
     python eval.py h4 --model M --data-dir DIR [--tasks arc,hellaswag,mmlu,truthfulqa] [--limit N]
     python eval.py report RESULT.json...
+    python eval.py generate --model M --prompts FILE [--max-new-tokens N] [--temperature T --top-p P --seed S]
 
-Each writes its results to --out (JSON; markdown for report) and prints a table.
+Each writes its results to --out (JSON; markdown for report; jsonl for generate) and prints a table.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from sdpo import h4
 from sdpo import metrics as M
 from sdpo.checkpoint import CheckpointError, load_model
 from sdpo.data import DataError, read_preferences
+from sdpo.generate import PromptFileError, generate, read_prompts
 from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
 from sdpo.loss import preference_loss
-from sdpo.pairs import tokenize_pairs
+from sdpo.pairs import encode_prompt, tokenize_pairs
 from sdpo.reference import pair_logps
 from sdpo.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
 from sdpo.tokenizer import TokenizerError, check_vocab, load_tokenizer
@@ -199,6 +201,73 @@ def cmd_h4(args) -> int:
     return 0
 
 
+def _stop_ids(tok, model_config) -> list[int]:
+    # the tokenizer's EOS and the model config's (Llama-3 lists several end tokens there)
+    ids = [tok.eos_id] if tok is not None and tok.eos_id is not None else []
+    cfg_eos = model_config.eos_token_id
+    ids += cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else []
+    return sorted(set(ids))
+
+
+def cmd_generate(args) -> int:
+    prompts = read_prompts(args.prompts)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    model = _load_model(args.model, args)
+    V = model.config.vocab_size
+    needs_text = any(p.input_ids is None for p in prompts)
+    try:
+        tok = _load_tokenizer(args.tokenizer or args.model, args, model.config)
+    except TokenizerError:
+        if needs_text:
+            raise
+        tok = None  # token-id prompts on a model without tokenizer files: ids out, no text
+    ids = []
+    for p in prompts:
+        if p.input_ids is not None:
+            if max(p.input_ids) >= V:
+                raise UsageError(f"{args.prompts}:{p.line}: input_ids has id {max(p.input_ids)} >= vocab_size {V}")
+            ids.append(list(p.input_ids))
+        else:
+            ids.append(encode_prompt(p.messages or [{"role": "user", "content": p.text}], tok))
+            if not ids[-1]:
+                raise UsageError(f"{args.prompts}:{p.line}: the prompt encodes to no tokens")
+    stops = _stop_ids(tok, model.config)
+    pad = tok.pad_id if tok is not None else (model.config.pad_token_id or 0)
+    g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same seed draws the same on any device
+    # longest first, so each batch pads little; results go back in file order
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    outputs: list[list[int]] = [[] for _ in ids]
+    bar = Progress("generate", len(ids))
+    for start in range(0, len(order), args.batch_size):
+        chunk = order[start:start + args.batch_size]
+        for i, out in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens=args.max_new_tokens,
+                                          eos_id=stops, pad_id=pad, temperature=args.temperature,
+                                          top_p=args.top_p, generator=g)):
+            outputs[i] = out
+        bar.update(len(chunk))
+    bar.close()
+    out_path = _out_path(args, f"generate-{_name(args.model)}.jsonl")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p, prompt_ids, out in zip(prompts, ids, outputs):
+        rows.append({"line": p.line, "prompt": p.text if p.text is not None else p.messages if p.messages else None,
+                     "prompt_tokens": len(prompt_ids), "completion": tok.decode(out) if tok is not None else None,
+                     "completion_ids": out, "tokens": len(out),
+                     "stopped": "eos" if len(out) < args.max_new_tokens else "length"})
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out_path)
+    n_eos = sum(r["stopped"] == "eos" for r in rows)
+    mean = sum(r["tokens"] for r in rows) / len(rows)
+    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}"
+    print(f"generate: {_name(args.model)}, {len(rows)} prompts, {mode}")
+    print(format_table(["prompts", "mean tokens", "stopped at EOS", "hit max_new_tokens"],
+                       [[len(rows), f"{mean:.1f}", n_eos, len(rows) - n_eos]]))
+    print(f"wrote {out_path}")
+    return 0
+
+
 REPORT_COLUMNS = [("arc", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa", "TruthfulQA")]
 
 
@@ -296,6 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, "JSON results (default: results/h4-<model>.json)")
     sp.set_defaults(func=cmd_h4)
 
+    sp = sub.add_parser(
+        "generate", help="completions for a prompts file (greedy or sampled, KV-cached, batched)",
+        description="Prompts FILE: a .jsonl with one object per line holding \"prompt\" (a string: one user "
+                    "turn), \"messages\" (a list of {\"role\", \"content\"}) or \"input_ids\" (token ids, "
+                    "used as they are: no tokenizer needed); any other file is one prompt string per non-empty "
+                    "line. Prompts go through the chat template with the generation prompt (use "
+                    "--chat-template none for raw text). Output: one jsonl line per prompt: line, prompt, "
+                    "prompt_tokens, completion (text; null without a tokenizer), completion_ids, tokens, stopped "
+                    "(eos | length). Decoding stops at the tokenizer's EOS or any eos_token_id of config.json.")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--prompts", required=True, metavar="FILE")
+    sp.add_argument("--max-new-tokens", type=int, default=256)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed and --batch-size repeat a run")
+    sp.add_argument("--chat-template", help="a built-in template name (none = raw text) or jinja text "
+                                            "(default: the tokenizer's)")
+    common(sp, "jsonl completions (default: results/generate-<model>.jsonl)")
+    sp.set_defaults(func=cmd_generate)
+
     sp = sub.add_parser("report", help="a Table-2-style markdown table from h4 result files")
     sp.add_argument("results", nargs="+")
     sp.add_argument("--out", help="markdown file (default: results/report.md)")
@@ -307,7 +396,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, h4.H4DataError, DataError, CheckpointError, TokenizerError) as e:
+    except (UsageError, h4.H4DataError, DataError, CheckpointError, TokenizerError, PromptFileError) as e:
         print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -234,3 +234,90 @@ def test_h4_log_samples_and_samplers(models, tmp_path, capsys):
     b = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [r["doc_id"] for r in b] == list(range(len(b)))  # lm-eval 0.4 keeps file order
     assert json.loads((tmp_path / "b.json").read_text())["seed"] == 1234
+
+
+# ---------------------------------------------------------------- generate
+
+def test_generate_jsonl_and_text_prompts_match_the_library(models, tmp_path, capsys):
+    from sdpo.checkpoint import load_model
+    from sdpo.generate import generate
+    from sdpo.pairs import encode_prompt
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Is the answer good?"}) + "\n\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Pick a model."}]}) + "\n")
+    out = tmp_path / "gen.jsonl"
+    rc, stdout, stderr = run(["generate", "--model", models["S"], "--prompts", prompts, "--max-new-tokens", "6",
+                              "--batch-size", "2", "--out", out], capsys)
+    assert rc == 0, stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3]
+    model, tok = load_model(models["S"]).eval(), load_tokenizer(models["S"])
+    want_ids = [encode_prompt([{"role": "user", "content": "Is the answer good?"}], tok),
+                encode_prompt([{"role": "user", "content": "Pick a model."}], tok)]
+    want = [generate(model, [w], max_new_tokens=6, eos_id=tok.eos_id, pad_id=tok.pad_id)[0] for w in want_ids]
+    assert [r["completion_ids"] for r in rows] == want
+    assert [r["prompt_tokens"] for r in rows] == [len(w) for w in want_ids]
+    for r in rows:
+        assert r["completion"] == tok.decode(r["completion_ids"]) and r["tokens"] == len(r["completion_ids"])
+        assert r["stopped"] == ("eos" if r["tokens"] < 6 else "length")
+    assert rows[0]["prompt"] == "Is the answer good?" and rows[1]["prompt"][0]["content"] == "Pick a model."
+    assert "wrote" in stdout and "mean tokens" in stdout
+
+    # plain text: one prompt per line, the same encoding as a "prompt" record
+    txt = tmp_path / "p.txt"
+    txt.write_text("Is the answer good?\n")
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", txt, "--max-new-tokens", "6",
+                         "--out", tmp_path / "t.jsonl"], capsys)
+    assert rc == 0, stderr
+    assert json.loads((tmp_path / "t.jsonl").read_text())["completion_ids"] == want[0]
+
+
+def test_generate_sampling_is_seeded(models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Say no.", "Pick a model.", "the a"]))
+
+    def sample(seed, name):
+        rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", prompts, "--max-new-tokens", "8",
+                             "--temperature", "1.5", "--top-p", "0.9", "--seed", seed, "--out", tmp_path / name],
+                            capsys)
+        assert rc == 0, stderr
+        return [json.loads(line)["completion_ids"] for line in (tmp_path / name).read_text().splitlines()]
+
+    a, b, c = sample(3, "a.jsonl"), sample(3, "b.jsonl"), sample(4, "c.jsonl")
+    assert a == b and a != c
+
+
+def test_generate_on_an_hf_fixture_model_with_token_ids(tmp_path, capsys):
+    from sdpo.checkpoint import load_model
+    from sdpo.generate import generate
+
+    fixture = Path(__file__).parent / "fixtures" / "hf_reference" / "mistral"  # no tokenizer files
+    prompts = tmp_path / "ids.jsonl"
+    ids = [[1, 5, 6, 7, 40], [1, 9]]
+    prompts.write_text("".join(json.dumps({"input_ids": i}) + "\n" for i in ids))
+    out = tmp_path / "gen.jsonl"
+    rc, _, stderr = run(["generate", "--model", fixture, "--prompts", prompts, "--max-new-tokens", "7",
+                         "--out", out], capsys)
+    assert rc == 0, stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model = load_model(fixture).eval()
+    assert [r["completion_ids"] for r in rows] == generate(model, ids, max_new_tokens=7, eos_id=2)
+    assert all(r["completion"] is None for r in rows)  # no tokenizer: ids only
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"prompt": "ok"}\n{"prompt": 3}\n', ["p.jsonl:2", '"prompt" (a string)', "got keys ['prompt']"]),
+    ('{"prompt": "ok"}\nnot json\n', ["p.jsonl:2", "not valid JSON"]),
+    ('{"input_ids": [1, 99999]}\n', ["p.jsonl:1", "99999", "vocab_size"]),
+    ("\n\n", ["p.jsonl", "no prompts"]),
+])
+def test_generate_bad_prompts_name_file_and_line(models, tmp_path, capsys, content, words):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", prompts, "--out", tmp_path / "o.jsonl"],
+                        capsys)
+    assert rc == 2 and "Traceback" not in stderr
+    for w in words:
+        assert w in stderr
+    assert not (tmp_path / "o.jsonl").exists()
