@@ -109,6 +109,82 @@ def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: fl
     return torch.sigmoid(beta * chosen_logratios) - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
 
 
+def bco_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """BCO for pairs: a binary classifier of chosen (1) vs rejected (0) on the implicit rewards."""
+    r_w, r_l = beta * chosen_logratios, beta * rejected_logratios
+    # Jung et al. 2024, "Binary Classifier Optimization for LLM Alignment", Eq. 8 with the reward
+    # shift δ: -log σ(r_w - δ) - log σ(-(r_l - δ)). The paper keeps δ as a moving average of the
+    # rewards; as a pure function we use this batch's mean reward (detached), which is the
+    # average TRL's running estimate tracks.
+    delta = torch.cat([r_w, r_l]).mean().detach()
+    return -F.logsigmoid(r_w - delta) - F.logsigmoid(-(r_l - delta))
+
+
+def aot_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """AOT-pair: first-order stochastic dominance of the chosen log-ratios over the rejected ones."""
+    # Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
+    # the paired-data objective (Eq. 9, logistic loss): the 1-D optimal transport between the two
+    # empirical distributions matches them sorted, so Δ_(i) = ρ_w,(i) - ρ_l,(i) over the batch's
+    # order statistics, then the smoothed logistic loss of βΔ. Entries are per rank, not per pair;
+    # only their sum (the batch loss) is meaningful, and it is a statistic of the micro-batch.
+    delta = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def aot_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """AOT (unpaired form): the policy's margins dominate the reference's, in distribution."""
+    # Melnyk et al. 2024, Eq. 8 (logistic loss): sort the policy margins log π(y_w) - log π(y_l)
+    # and the reference margins separately, Δ_(i) = their difference by rank; as AOT-pair, only
+    # the batch sum is meaningful.
+    delta = (torch.sort(policy_chosen_logps - policy_rejected_logps).values
+             - torch.sort(ref_chosen_logps - ref_rejected_logps).values)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+
+
+def discopop_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float, tau: float) -> Tensor:
+    """DiscoPOP: the logistic loss blended into an exponential one as the margin grows."""
+    rho = beta * (chosen_logratios - rejected_logratios)
+    # Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for LLMs", the
+    # log-ratio modulated loss (LRML, Eq. 7): (1 - σ(ρ/τ))·(-log σ(ρ)) + σ(ρ/τ)·exp(-ρ), τ = 0.05.
+    # Written as σ(-ρ/τ)·softplus(-ρ) + exp(log σ(ρ/τ) - ρ): the product σ(ρ/τ)·exp(-ρ) is
+    # 0·inf = NaN at ρ = -1e4 in the plain form; in log space it is exp(≈19ρ) → 0.
+    return torch.sigmoid(-rho / tau) * F.softplus(-rho) + torch.exp(F.logsigmoid(rho / tau) - rho)
+
+
+def simpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, label_smoothing: float,
+               gamma: float) -> Tensor:
+    """SimPO: reference-free, length-normalised, with a target reward margin γ."""
+    # Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    # Eq. 6: -log σ(β/|y_w|·log π(y_w|x) - β/|y_l|·log π(y_l|x) - γ); ε-smoothed as cDPO.
+    z = beta * (chosen_mean_logps - rejected_mean_logps) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def cpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    """CPO's preference term: DPO with a uniform reference (the NLL term is added by the caller)."""
+    # Xu et al. 2024, "Contrastive Preference Optimization", Eq. 6: L_prefer =
+    # -log σ(β log π(y_w|x) - β log π(y_l|x)); L_CPO = L_prefer + L_NLL (Eq. 7).
+    z = beta * (policy_chosen_logps - policy_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, accurate at both ends (Mächler 2012, "Accurately computing log(1 - exp(-|a|))")."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float) -> Tensor:
+    """ORPO's odds-ratio term, weighted by λ = β (the NLL term is added by the caller)."""
+    # Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    # Eqs. 4-7: odds(y|x) = P(y|x) / (1 - P(y|x)) with P the per-token mean likelihood
+    # exp(mean log p); L_OR = -log σ(log odds(y_w|x) - log odds(y_l|x)); L = L_SFT + λ·L_OR.
+    # A mean log-prob of exactly 0 (P = 1) has infinite odds: clamp to -1e-6 nats per token.
+    w, lo = chosen_mean_logps.clamp(max=-1e-6), rejected_mean_logps.clamp(max=-1e-6)
+    log_odds = (w - _log1mexp(w)) - (lo - _log1mexp(lo))
+    return -beta * F.logsigmoid(log_odds)
+
+
 _PAIR_LOSSES = {
     "sigmoid": sigmoid_loss,
     "robust": robust_loss,
@@ -119,11 +195,20 @@ _PAIR_LOSSES = {
     "sppo_hard": sppo_hard_loss,
     "apo_zero": apo_zero_loss,
     "apo_down": apo_down_loss,
+    "bco_pair": bco_pair_loss,
+    "aot_pair": aot_pair_loss,
 }
+# Types with their own inputs (dispatched in preference_loss): the raw log-probs (aot, cpo),
+# per-token means (simpo, orpo), an extra constant (discopop's τ, simpo's γ).
+_OTHER_LOSSES = ("aot", "discopop", "simpo", "cpo", "orpo")
 # "sft" is the chosen-response NLL alone (the caller's `policy_chosen_nll`), for mixing with
 # a preference term, e.g. loss_type=("sigmoid", "sft") as in MPO-style recipes.
-LOSS_TYPES: tuple[str, ...] = (*_PAIR_LOSSES, "sft")
-USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair"})
+LOSS_TYPES: tuple[str, ...] = (*_PAIR_LOSSES, *_OTHER_LOSSES, "sft")
+USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_pair", "simpo", "cpo"})
+# SimPO, CPO and ORPO need no reference model: the trainer skips the reference pass for them.
+REFERENCE_FREE_TYPES = frozenset({"simpo", "cpo", "orpo"})
+NEEDS_NLL = frozenset({"sft", "cpo", "orpo"})       # policy_chosen_nll
+NEEDS_LENGTHS = frozenset({"simpo", "orpo"})        # chosen_lengths / rejected_lengths
 # How check_loss_options names each option: preference_loss's arguments by default; the run
 # config passes its own keys (loss.type, loss.weights, ...).
 ARG_NAMES = {"type": "loss_type", "weights": "loss_weights", "beta": "beta", "label_smoothing": "label_smoothing"}
@@ -185,6 +270,9 @@ def preference_loss(
     rpo_alpha: float | None = None,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    cpo_alpha: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference losses and implicit rewards.
 
@@ -206,7 +294,12 @@ def preference_loss(
         chosen_lengths, rejected_lengths: [B] response token counts. When given, the "ipo"
             term uses per-token mean log-ratios ρ/|y| (length-normalised IPO, as in the Zephyr
             recipe and TRL); when absent, IPO uses the summed log-probs as in Azar et al. They
-            affect "ipo" only and must be passed together.
+            must be passed together; "simpo" and "orpo" need them (per-token mean log-probs).
+        simpo_gamma: SimPO's target margin γ (the paper's recipes use 0.5-1.6 with β = 2-10).
+        discopop_tau: DiscoPOP's temperature τ of the modulating sigmoid (the paper's 0.05).
+        cpo_alpha: weight of CPO's NLL term (the paper's 1). ORPO's NLL has weight 1 and its
+            odds-ratio term weight λ = beta (the paper's λ = 0.1).
+        "simpo", "cpo" and "orpo" use no reference: for them ref_* may be None.
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each [B]. losses is not reduced. The
@@ -223,7 +316,7 @@ def preference_loss(
     _check_logps("policy_chosen_logps", policy_chosen_logps, None)
     shape = policy_chosen_logps.shape
     _check_logps("policy_rejected_logps", policy_rejected_logps, shape)
-    if reference_free:
+    if reference_free or REFERENCE_FREE_TYPES.issuperset(types):
         ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     else:
@@ -234,14 +327,18 @@ def preference_loss(
         _check_logps("ref_chosen_logps", ref_chosen_logps, shape)
         _check_logps("ref_rejected_logps", ref_rejected_logps, shape)
 
-    needs_nll = "sft" in types or rpo_alpha is not None
+    needs_nll = bool(NEEDS_NLL.intersection(types)) or rpo_alpha is not None
     if needs_nll:
         if policy_chosen_nll is None:
-            why = "loss_type 'sft'" if "sft" in types else f"rpo_alpha={rpo_alpha}"
+            nll_types = sorted(NEEDS_NLL.intersection(types))
+            why = f"loss_type {nll_types[0]!r}" if nll_types else f"rpo_alpha={rpo_alpha}"
             raise ValueError(f"sdpo/loss.py: {why} needs policy_chosen_nll ([B] mean NLL of the chosen response)")
         _check_logps("policy_chosen_nll", policy_chosen_nll, shape)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("sdpo/loss.py: pass both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is None and NEEDS_LENGTHS.intersection(types):
+        raise ValueError(f"sdpo/loss.py: loss_type {sorted(NEEDS_LENGTHS.intersection(types))} needs "
+                         "chosen_lengths and rejected_lengths (per-token mean log-probs)")
     if chosen_lengths is not None:
         for name, n in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
             if not isinstance(n, Tensor) or n.shape != shape:
@@ -253,10 +350,24 @@ def preference_loss(
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # ρ_w [B]
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # ρ_l [B]
 
+    if chosen_lengths is not None:  # per-token means, [B]
+        chosen_mean = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)
+        rejected_mean = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype)
     losses = torch.zeros_like(chosen_logratios)
     for t, w in zip(types, weights):
         if t == "sft":
             term = policy_chosen_nll
+        elif t == "aot":
+            term = aot_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                            beta, label_smoothing)
+        elif t == "discopop":
+            term = discopop_loss(chosen_logratios, rejected_logratios, beta, discopop_tau)
+        elif t == "simpo":
+            term = simpo_loss(chosen_mean, rejected_mean, beta, label_smoothing, simpo_gamma)
+        elif t == "cpo":
+            term = cpo_loss(policy_chosen_logps, policy_rejected_logps, beta, label_smoothing) + cpo_alpha * policy_chosen_nll
+        elif t == "orpo":
+            term = policy_chosen_nll + orpo_loss(chosen_mean, rejected_mean, beta)
         elif t == "ipo" and chosen_lengths is not None:
             term = ipo_loss(
                 chosen_logratios / chosen_lengths.to(chosen_logratios.dtype),

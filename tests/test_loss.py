@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from sdpo.loss import LOSS_TYPES, preference_loss
+from sdpo.loss import LOSS_TYPES, NEEDS_LENGTHS, NEEDS_NLL, REFERENCE_FREE_TYPES, preference_loss
 
-PAIR_TYPES = [t for t in LOSS_TYPES if t != "sft"]
+# Types that are functions of (ρ_w, ρ_l) alone; the others have their own tests below.
+PAIR_TYPES = [t for t in LOSS_TYPES if t not in NEEDS_NLL | NEEDS_LENGTHS | {"aot"}]
 
 
 def _t(*xs, dtype=torch.float32, grad=False):
@@ -24,8 +25,10 @@ def _logsig(x):
 
 def test_loss_types_listed():
     assert set(LOSS_TYPES) == {
-        "sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "sft"
+        "sigmoid", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "sft",
+        "bco_pair", "aot", "aot_pair", "discopop", "simpo", "cpo", "orpo",
     }
+    assert REFERENCE_FREE_TYPES == {"simpo", "cpo", "orpo"}
 
 
 def test_sigmoid_policy_equals_reference_is_ln2_with_gradient_minus_beta_over_2():
@@ -81,6 +84,18 @@ CLOSED_FORM = [
     # APO-down: σ(βρ_w) - σ(β(ρ_w - ρ_l)). 0,0 -> 0; βρ_w = 1, βρ_l = -1 -> σ(1) - σ(2).
     ("apo_down", 0.5, 0.0, 0.0, 0.0, 0.0),
     ("apo_down", 0.5, 2.0, -2.0, 0.0, _sig(1) - _sig(2)),
+    # BCO pair, one pair: δ = mean(βρ_w, βρ_l); -log σ(βρ_w - δ) - log σ(δ - βρ_l).
+    # βρ_w = 0.5, βρ_l = -0.5 -> δ = 0 -> 2·log(1 + e^-0.5); βρ_w = 1.5, βρ_l = 0.5 -> δ = 1, the same.
+    ("bco_pair", 0.5, 1.0, -1.0, 0.0, 2 * math.log1p(math.exp(-0.5))),
+    ("bco_pair", 0.5, 3.0, 1.0, 0.0, 2 * math.log1p(math.exp(-0.5))),
+    # AOT pair, one pair: the sorted difference is h itself -> the cDPO loss of βh.
+    ("aot_pair", 0.5, 1.0, -1.0, 0.1, 0.9 * math.log1p(math.exp(-1)) + 0.1 * math.log1p(math.e)),
+    # DiscoPOP (τ = 0.05): ρ = βh. ρ = 0 -> ½·ln 2 + ½·e^0 = ½ ln 2 + ½.
+    ("discopop", 0.5, 1.0, 1.0, 0.0, 0.5 * math.log(2) + 0.5),
+    # ρ = 1: σ(-20)·log(1 + e^-1) + σ(20)·e^-1.
+    ("discopop", 0.5, 1.0, -1.0, 0.0, _sig(-20) * math.log1p(math.exp(-1)) + _sig(20) * math.exp(-1)),
+    # ρ = -2: σ(40)·log(1 + e^2) + σ(-40)·e^2.
+    ("discopop", 1.0, -1.0, 1.0, 0.0, _sig(40) * math.log1p(math.exp(2)) + _sig(-40) * math.exp(2)),
 ]
 
 
@@ -135,7 +150,9 @@ def test_cdpo_and_robust_formulas_at_eps_0_1():
     assert got_r.tolist() == pytest.approx(rdpo, abs=1e-12)
 
 
-GRADCHECK_CASES = [(t, 0.0) for t in PAIR_TYPES + [("sigmoid", "sft"), "sft"]] + [
+# bco_pair's shift δ is a detached batch statistic (a constant to the gradient, as the paper's
+# moving average is), so finite differences disagree by design: its gradient is tested by hand.
+GRADCHECK_CASES = [(t, 0.0) for t in [t for t in PAIR_TYPES if t != "bco_pair"] + [("sigmoid", "sft"), "sft"]] + [
     (t, 0.15) for t in ("sigmoid", "robust", "exo_pair", ("sigmoid", "sft"))  # the types that use ε
 ]
 
@@ -277,3 +294,97 @@ def test_shape_errors():
         preference_loss(x, x, None, None)
     with pytest.raises(TypeError, match="floating"):
         preference_loss(torch.zeros(3, dtype=torch.long), x, x, x)
+
+
+def test_aot_losses_match_sorted_differences():
+    """AOT-pair: sort ρ_w and ρ_l separately. ρ_w = [3, -1], ρ_l = [0, 2] -> sorted [-1, 3] and
+    [0, 2] -> Δ = [-1, 1] -> log(1 + e) + log(1 + e^-1) at β = 1 (vs DPO's pairing: Δ = [3, -3]).
+    AOT: sort the policy margins [2, -1] -> [-1, 2] and the reference margins [1, -3] -> [-3, 1]
+    -> Δ = [2, 1] -> log(1 + e^-2) + log(1 + e^-1)."""
+    z = torch.zeros(2, dtype=torch.float64)
+    pc, pr = _t(3.0, -1.0, dtype=torch.float64), _t(0.0, 2.0, dtype=torch.float64)
+    got, _, _ = preference_loss(pc, pr, z, z, loss_type="aot_pair", beta=1.0)
+    assert got.sum().item() == pytest.approx(math.log1p(math.e) + math.log1p(math.exp(-1)), abs=1e-12)
+    pc, pr = _t(-1.0, -4.0, dtype=torch.float64), _t(-3.0, -3.0, dtype=torch.float64)
+    rc, rr = _t(-2.0, -6.0, dtype=torch.float64), _t(-3.0, -3.0, dtype=torch.float64)
+    got, _, _ = preference_loss(pc, pr, rc, rr, loss_type="aot", beta=1.0)
+    assert got.sum().item() == pytest.approx(math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)), abs=1e-12)
+
+
+def test_bco_pair_shift_is_the_batch_mean_reward():
+    """Two pairs at β = 1: rewards r_w = [2, 0], r_l = [0, -2] -> δ = 0 ->
+    Σ -log σ(r_w) - log σ(-r_l) = [log(1+e^-2) + log 2, log 2 + log(1+e^-2)]."""
+    z = torch.zeros(2, dtype=torch.float64)
+    got, _, _ = preference_loss(_t(2.0, 0.0, dtype=torch.float64), _t(0.0, -2.0, dtype=torch.float64), z, z,
+                                loss_type="bco_pair", beta=1.0)
+    assert got.tolist() == pytest.approx([math.log1p(math.exp(-2)) + math.log(2)] * 2, abs=1e-12)
+
+
+def test_bco_pair_gradient_holds_the_shift_constant():
+    """∂L/∂π_w,i = -β σ(-(βρ_w,i - δ)), ∂L/∂π_l,i = +β σ(βρ_l,i - δ), δ = 0 here (rewards [2, 0, 0, -2])."""
+    pc, pr = _t(2.0, 0.0, dtype=torch.float64, grad=True), _t(0.0, -2.0, dtype=torch.float64, grad=True)
+    z = torch.zeros(2, dtype=torch.float64)
+    preference_loss(pc, pr, z, z, loss_type="bco_pair", beta=1.0)[0].sum().backward()
+    assert pc.grad.tolist() == pytest.approx([-_sig(-2.0), -_sig(0.0)], abs=1e-12)
+    assert pr.grad.tolist() == pytest.approx([_sig(0.0), _sig(-2.0)], abs=1e-12)
+
+
+LENGTHS = dict(chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([2]))
+
+
+def test_simpo_cpo_orpo_closed_forms_ignore_the_reference():
+    """SimPO (β = 2, γ = 1): means -6/3 = -2 and -8/2 = -4 -> z = 2·2 - 1 = 3 -> log(1 + e^-3).
+    CPO (β = 0.5, α = 1): z = 0.5·(-2 - (-4)) = 1 -> log(1 + e^-1) + NLL.
+    ORPO (λ = β = 0.5): means log ½ and log ¼ -> log odds 0 and log(1/3) -> their difference ln 3
+    -> NLL - λ·log σ(ln 3) = NLL + λ·log(4/3)."""
+    nll = _t(1.25, dtype=torch.float64)
+    pc, pr = _t(-6.0, dtype=torch.float64), _t(-8.0, dtype=torch.float64)
+    simpo, _, _ = preference_loss(pc, pr, None, None, loss_type="simpo", beta=2.0, simpo_gamma=1.0, **LENGTHS)
+    assert simpo.item() == pytest.approx(math.log1p(math.exp(-3)), abs=1e-12)
+    cpo, _, _ = preference_loss(_t(-2.0, dtype=torch.float64), _t(-4.0, dtype=torch.float64), None, None,
+                                loss_type="cpo", beta=0.5, policy_chosen_nll=nll)
+    assert cpo.item() == pytest.approx(math.log1p(math.exp(-1)) + 1.25, abs=1e-12)
+    mw, ml = math.log(0.5), math.log(0.25)
+    orpo, _, _ = preference_loss(_t(3 * mw, dtype=torch.float64), _t(2 * ml, dtype=torch.float64), None, None,
+                                 loss_type="orpo", beta=0.5, policy_chosen_nll=nll, **LENGTHS)
+    assert orpo.item() == pytest.approx(1.25 + 0.5 * math.log(4 / 3), abs=1e-12)
+    # a reference, when passed, changes nothing for these types
+    again, _, _ = preference_loss(pc, pr, pc + 3, pr - 1, loss_type="simpo", beta=2.0, simpo_gamma=1.0, **LENGTHS)
+    assert torch.equal(again, simpo)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair", "discopop", "simpo", "cpo", "orpo"])
+def test_gradcheck_new_types_float64(loss_type):
+    g = torch.Generator().manual_seed(2)
+    # log-probs < 0 (ORPO's odds need P < 1), distinct (the sorts of AOT have no ties)
+    args = [(-torch.rand(4, generator=g, dtype=torch.float64) * 3 - 0.5).requires_grad_() for _ in range(5)]
+    lengths = dict(chosen_lengths=torch.tensor([1, 2, 3, 4]), rejected_lengths=torch.tensor([2, 2, 1, 5]))
+
+    def f(pc, pr, rc, rr, nll):
+        return preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=0.7, policy_chosen_nll=nll, **lengths)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(args))
+
+
+@pytest.mark.parametrize("loss_type", ["bco_pair", "aot", "aot_pair", "discopop", "simpo", "cpo", "orpo"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_new_types_extreme_margins_stay_finite(loss_type, sign):
+    pc = torch.tensor([sign * 1e4 - 2e4, -5e3], requires_grad=True)
+    pr = torch.tensor([-sign * 1e4 - 2e4, -1e-9], requires_grad=True)
+    z, nll = torch.zeros(2), torch.ones(2)
+    losses, _, _ = preference_loss(pc, pr, z, z, loss_type=loss_type, beta=1.0, policy_chosen_nll=nll,
+                                   chosen_lengths=torch.tensor([1, 1]), rejected_lengths=torch.tensor([1, 1]))
+    losses.sum().backward()
+    assert torch.isfinite(losses).all(), losses
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+
+
+def test_length_and_nll_needs_are_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"\['simpo'\] needs chosen_lengths"):
+        preference_loss(x, x, None, None, loss_type="simpo")
+    with pytest.raises(ValueError, match="loss_type 'cpo' needs policy_chosen_nll"):
+        preference_loss(x, x, None, None, loss_type="cpo")
+    with pytest.raises(ValueError, match="reference_free=True"):
+        preference_loss(x, x, None, None, loss_type=("simpo", "sigmoid"), **dict(
+            chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3)))
