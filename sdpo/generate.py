@@ -2,7 +2,9 @@
 
 Prompts of different lengths are left-padded into one batch: the attention mask holds 0
 at the pads, so each row's positions count from its own first token and no row sees
-another's pads; a padded row therefore decodes the same tokens as the prompt alone.
+another's pads; a padded row therefore decodes the same tokens as the prompt alone (except
+with "dynamic" RoPE scaling past max_position_embeddings, whose base follows the batch's
+longest position, in transformers too).
 One forward over the prompts fills a KVCache (sdpo/model.py); each later step feeds one
 token per row and attends to the cache, so a step costs O(T) rather than O(T^2).
 """
