@@ -4,6 +4,7 @@
     python eval.py gamma --models S M1 M2 --data FILE...
     python eval.py h4 --model M --data-dir DIR [--tasks arc,hellaswag,mmlu,truthfulqa] [--limit N]
     python eval.py report RESULT.json...
+    python eval.py plot RUN_DIR [--out PNG]
     python eval.py generate --model M --prompts FILE [--max-new-tokens N] [--temperature T --top-p P --seed S]
 
 Each writes its results to --out (JSON; markdown for report; jsonl for generate) and prints a table.
@@ -25,6 +26,7 @@ from sdpo.generate import PromptFileError, generate, read_prompts
 from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
 from sdpo.loss import preference_loss
 from sdpo.pairs import encode_prompt, tokenize_pairs
+from sdpo.plots import PlotError, plot_run
 from sdpo.reference import pair_logps
 from sdpo.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
 from sdpo.tokenizer import TokenizerError, check_vocab, load_tokenizer
@@ -260,7 +262,8 @@ def cmd_generate(args) -> int:
     tmp.replace(out_path)
     n_eos = sum(r["stopped"] == "eos" for r in rows)
     mean = sum(r["tokens"] for r in rows) / len(rows)
-    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}"
+    mode = ("greedy" if args.temperature == 0
+            else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
     print(f"generate: {_name(args.model)}, {len(rows)} prompts, {mode}")
     print(format_table(["prompts", "mean tokens", "stopped at EOS", "hit max_new_tokens"],
                        [[len(rows), f"{mean:.1f}", n_eos, len(rows) - n_eos]]))
@@ -285,6 +288,12 @@ def report_table(results: list[tuple[str, dict]]) -> str:
         score = f"{100 * r['h4']:.2f}" if r.get("h4") is not None else "—"
         rows.append([r.get("name") or r.get("model", origin), score, *cells])
     return format_table(["Model", "H4", *(title for _, title in REPORT_COLUMNS)], rows)
+
+
+def cmd_plot(args) -> int:
+    out = plot_run(args.run_dir, args.out or Path(args.run_dir) / "curves.png")
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -389,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("results", nargs="+")
     sp.add_argument("--out", help="markdown file (default: results/report.md)")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("plot", help="loss, reward margins, reward accuracy and γ per sDPO step of a run (PNG)")
+    sp.add_argument("run_dir", help="a train.py output directory (reads its metrics.jsonl)")
+    sp.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png); needs matplotlib")
+    sp.set_defaults(func=cmd_plot)
     return p
 
 
@@ -396,7 +410,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, h4.H4DataError, DataError, CheckpointError, TokenizerError, PromptFileError) as e:
+    except (UsageError, h4.H4DataError, DataError, CheckpointError, TokenizerError, PromptFileError,
+            PlotError) as e:
         print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
         return 2
 
