@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sdpo.data import SPLIT_STRATEGIES
 from sdpo.loss import check_loss_options
+from sdpo.model import checkpoint_every
 
 
 class ConfigError(ValueError):
@@ -49,7 +50,12 @@ class ModelSection:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     init_std: float = 0.02
-    activation_checkpointing: bool = False
+    # Recompute block activations in backward: "none", "full" (every block) or "every:K" (blocks
+    # 0, K, 2K, ...; the int K works too; old configs' true / false mean full / none). The
+    # cheapest setting that fits: python -m sdpo.memory MODEL_DIR --config FILE.
+    activation_checkpointing: str = "none"
+    # lm_head + log-softmax in chunks of rows (kernels.linear_token_logprobs): no [R, V] logits.
+    fused_logprobs: bool = True
     # dtype of the exported M_t directories; None -> the base config's torch_dtype.
     export_dtype: str | None = None
 
@@ -291,6 +297,8 @@ def _set(cfg: Config, section: str, key: str, value, *, source: str, from_text: 
         raise ConfigError(f"{source}: " + str(_unknown(f"key in [{section}]", key, hints)))
     where = f"{source}: {section}.{key}"
     tp = hints[key]
+    if (section, key) == ("model", "activation_checkpointing") and isinstance(value, (bool, int)):
+        value = str(value).lower()  # true / false / K from configs written before it was a string
     setattr(sec, key, _parse_text(value, tp, where) if from_text else _check(value, tp, where))
 
 
@@ -353,6 +361,10 @@ def validate_config(cfg: Config) -> None:
         kv = m.num_key_value_heads
         need(kv is None or (kv > 0 and m.num_attention_heads % kv == 0),
              f"model.num_key_value_heads ({kv}) must divide model.num_attention_heads ({m.num_attention_heads})")
+    try:
+        checkpoint_every(m.activation_checkpointing)
+    except ValueError as e:
+        problems.append(f"model.{e}")
     need(m.export_dtype is None or m.export_dtype in DTYPES, f"model.export_dtype must be one of {DTYPES}, got {m.export_dtype!r}")
 
     need(len(d.datasets) > 0, "data.datasets is empty: give at least one preference file or directory")

@@ -89,7 +89,7 @@ def default_mp_policy(device: torch.device, precision: str):
 
 
 def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward: bool = True,
-               activation_checkpointing: bool = False) -> nn.Module:
+               activation_checkpointing: bool | int | str = False) -> nn.Module:
     """Shard each transformer block, then the root (embeddings, final norm, lm_head).
 
     sdpo.logprobs calls `model.hidden_states(...)` and then `model.lm_head(...)` on the
@@ -98,10 +98,14 @@ def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward:
     for it), and the root is told not to reshard after forward: lm_head (tied to
     embed_tokens or not) is then still unsharded when called right after, and backward
     needs the root's params straight away anyway. The root's gradients, lm_head's
-    included, are reduce-scattered in FSDP's end-of-backward callback.
+    included, are reduce-scattered in FSDP's end-of-backward callback. A no-grad pass
+    (the reference) has no backward to reshard the root: call `reshard_root` after it.
+
+    activation_checkpointing: "none" | "full" | "every:K" | K | bool (sdpo.model.checkpoint_every);
+    the blocks are checkpointed inside their FSDP wrappers, so a recomputed block all-gathers
+    its parameters again in backward, as it would without checkpointing.
     """
-    if activation_checkpointing:
-        model.gradient_checkpointing = True
+    model.gradient_checkpointing = activation_checkpointing
     kwargs = {"mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
@@ -110,6 +114,13 @@ def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward:
     fully_shard(model, reshard_after_forward=False, **kwargs)
     register_fsdp_forward_method(model, "hidden_states")
     return model
+
+
+def reshard_root(model: nn.Module) -> None:
+    """Free the root's all-gathered parameters (embeddings, final norm, lm_head) kept after
+    forward (reshard_after_forward=False), e.g. once a no-grad pass is over; no-op unsharded."""
+    if hasattr(model, "reshard"):  # an FSDPModule
+        model.reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,7 +186,7 @@ def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = True,
-                 activation_checkpointing: bool = False, device=None) -> nn.Module:
+                 activation_checkpointing: bool | int | str = False, device=None) -> nn.Module:
     """An HF model directory as an FSDP2-sharded float32 Transformer, without a full copy anywhere.
 
     Build on the meta device, fully_shard it (blocks, then root, as apply_fsdp), allocate

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass
@@ -193,6 +195,29 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def checkpoint_every(value) -> int:
+    """model.activation_checkpointing -> k: 0 none, 1 every block ("full"), k every k-th block
+    (blocks 0, k, 2k, ...: "every:k" or the int k). Old configs' true / false mean full / none.
+
+    A checkpointed block keeps only its input [B, T, H] and recomputes its activations in
+    backward (one extra block forward); every k-th trades 1/k of that compute for 1/k of the
+    memory saving, so the cheapest k that fits is the one to use (python -m sdpo.memory)."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v is True or v in ("full", "true", "all"):
+        return 1
+    if v is False or v in ("none", "false", "", None):
+        return 0
+    if isinstance(v, str) and v.startswith("every:"):
+        v = v[len("every:"):]
+    try:
+        k = int(v)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0 or isinstance(value, float):
+        raise ValueError(f"activation_checkpointing must be 'none', 'full' or 'every:K' (K >= 1), got {value!r}")
+    return k
+
+
 class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps) (Zhang & Sennrich 2019). Normalise in float32, cast back, then
     scale by w — the exact order transformers uses, so bf16 results match bit for bit."""
@@ -233,13 +258,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, d)
-        # GQA (Ainslie et al. 2023): query head h reads kv head h // (n_heads / n_kv_heads).
+        # GQA (Ainslie et al. 2023): query head h reads kv head h // (n_heads / n_kv_heads). SDPA
+        # does that itself since torch 2.5 (enable_gqa): no [B, n_heads, T, d] copies of K and V.
         rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
+        if rep > 1 and not SDPA_GQA:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         # softmax(q kᵀ / sqrt(d)) v, with the default scale 1/sqrt(head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        gqa = {"enable_gqa": True} if rep > 1 and SDPA_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -277,7 +304,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # or "full", "every:K", K (checkpoint_every)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -311,10 +338,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim) each
         mask = build_attention_mask(attention_mask, T, self.config.sliding_window, input_ids.device, past)
-        for layer in self.layers:
+        every = checkpoint_every(self.gradient_checkpointing)  # 0 none, 1 all blocks, k: 0, k, 2k, ...
+        for i, layer in enumerate(self.layers):
             if kv_cache is not None:
                 x = layer(x, cos, sin, mask, kv_cache)
-            elif self.gradient_checkpointing and torch.is_grad_enabled():
+            elif every and i % every == 0 and torch.is_grad_enabled():
                 # Keep only the block inputs; recompute the block's activations in backward.
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:

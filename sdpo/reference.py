@@ -47,6 +47,7 @@ def pair_logps(model, pairs, *, pad_id: int, batch_size: int, device=None, autoc
         if progress is not None:
             progress.update(len(batch["input_ids"]) // 2)
     model.train(was_training)
+    D.reshard_root(model)  # no backward follows to free the root's gathered params (FSDP)
     chosen, rejected = torch.cat(chosen)[: len(mine)].cpu(), torch.cat(rejected)[: len(mine)].cpu()
     full_c, full_r = torch.empty(len(pairs)), torch.empty(len(pairs))
     for r, (c, rj) in enumerate(D.all_gather_objects((chosen, rejected))):

@@ -64,11 +64,13 @@ def load_for_training(run: Run, model_dir: str | Path):
     check_vocab(run.tokenizer, load_model_config(model_dir))  # before any weights are read
     if run.info.distributed:
         # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
-        return D.load_sharded(model_dir, run.mesh, mp_policy=mp_policy(run),
-                              reshard_after_forward=run.cfg.train.reshard_after_forward,
-                              activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
-    model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
-    model.gradient_checkpointing = run.cfg.model.activation_checkpointing
+        model = D.load_sharded(model_dir, run.mesh, mp_policy=mp_policy(run),
+                               reshard_after_forward=run.cfg.train.reshard_after_forward,
+                               activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
+    else:
+        model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
+        model.gradient_checkpointing = run.cfg.model.activation_checkpointing
+    model.fused_logprobs = run.cfg.model.fused_logprobs  # read by sdpo.logprobs
     return model
 
 
@@ -83,6 +85,7 @@ def random_base(run: Run):
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, torch_dtype="float32")
     model = Transformer(config)
     model.init_weights(seed=run.cfg.train.seed, std=m.init_std)
+    model.fused_logprobs = m.fused_logprobs  # read by sdpo.logprobs
     if run.info.distributed:
         return D.apply_fsdp(model, run.mesh, mp_policy=mp_policy(run),
                             reshard_after_forward=run.cfg.train.reshard_after_forward,

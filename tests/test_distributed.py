@@ -1,5 +1,7 @@
 """FSDP2 under torchrun with gloo on CPU: `hidden_states` + `lm_head` called outside
-`forward` (as sdpo.logprobs does) must give the unsharded model's values and gradients."""
+`forward` (as sdpo.logprobs does), or the fused kernels.linear_token_logprobs on the root's
+unsharded lm_head weight with every-2nd-block checkpointing, must give the unsharded model's
+values and gradients; reshard_root frees the root after a no-grad pass."""
 
 import json
 import os
@@ -18,10 +20,12 @@ WORKER = textwrap.dedent(
     import sys
     import torch
     import torch.distributed as dist
-    from sdpo.distributed import apply_fsdp, build_mesh, full_state_dict, init_distributed, all_reduce
+    from torch.distributed.tensor import DTensor
+    import kernels
+    from sdpo.distributed import apply_fsdp, build_mesh, full_state_dict, init_distributed, all_reduce, reshard_root
     from sdpo.model import ModelConfig, Transformer
 
-    tied = sys.argv[1] == "tied"
+    tied, fused = sys.argv[1] == "tied", sys.argv[2] == "fused"
     info = init_distributed("cpu")
     assert info.world_size == 2 and dist.get_backend() == "gloo"
     cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
@@ -30,7 +34,8 @@ WORKER = textwrap.dedent(
     ref.init_weights(seed=3)
     model = Transformer(cfg)
     model.load_state_dict(ref.state_dict())
-    apply_fsdp(model, build_mesh(info), reshard_after_forward=True)
+    apply_fsdp(model, build_mesh(info), reshard_after_forward=True,
+               activation_checkpointing="every:2" if fused else "none")
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (4, 7), generator=g)            # the global batch
@@ -39,6 +44,9 @@ WORKER = textwrap.dedent(
     def loss_of(m, ids, targets):
         # as sdpo.logprobs: hidden states, then lm_head outside forward
         h = m.hidden_states(ids)                                 # [B, T, H]
+        if fused:                                                # the root's unsharded weight
+            return -kernels.linear_token_logprobs(h.reshape(-1, h.shape[-1]), m.lm_head.weight,
+                                                  targets.reshape(-1), chunk_size=5).mean()
         logp = torch.log_softmax(m.lm_head(h).float(), -1)       # [B, T, V]
         return -logp.gather(-1, targets[..., None]).mean()
 
@@ -56,6 +64,13 @@ WORKER = textwrap.dedent(
         torch.testing.assert_close(total, loss_of(ref, ids, targets).detach())
         model.zero_grad()
 
+    # The reference pass: no backward, so the root stays gathered until reshard_root.
+    with torch.no_grad():
+        model.hidden_states(ids[:1])
+    assert not isinstance(model.lm_head.weight, DTensor)
+    reshard_root(model)
+    assert isinstance(model.lm_head.weight, DTensor) and isinstance(model.embed_tokens.weight, DTensor)
+
     sd = full_state_dict(model)
     if info.rank == 0:
         for n, t in ref.state_dict().items():
@@ -67,14 +82,15 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("tied", ["untied", "tied"])
-def test_fsdp_hidden_states_then_lm_head_matches_unsharded(tmp_path, tied):
+@pytest.mark.parametrize("tied, fused", [("untied", "unfused"), ("tied", "unfused"), ("untied", "fused"),
+                                         ("tied", "fused")])
+def test_fsdp_hidden_states_then_lm_head_matches_unsharded(tmp_path, tied, fused):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(script), tied],
+         str(script), tied, fused],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -11,6 +11,7 @@ from sdpo.model import (
     Transformer,
     apply_rope,
     build_attention_mask,
+    checkpoint_every,
     is_right_padded,
     default_position_ids,
     rope_cos_sin,
@@ -221,6 +222,42 @@ def test_gqa_equals_repeated_kv():
     close(out, expected)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_gqa_without_copies_equals_repeat_interleave_fallback(monkeypatch, masked):
+    """enable_gqa (no K/V copies) gives exactly the repeat_interleave path's outputs and gradients."""
+    import sdpo.model as model_mod
+
+    if not model_mod.SDPA_GQA:
+        pytest.skip("torch < 2.5: only the repeat_interleave path exists")
+    x = ids(2, 7)
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5]) if masked else None
+    results = []
+    for gqa in (True, False):
+        monkeypatch.setattr(model_mod, "SDPA_GQA", gqa)
+        model = make_model(num_attention_heads=6, num_key_value_heads=2, hidden_size=24).train()
+        out = model(x, mask)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (o1, g1), (o0, g0) = results
+    torch.testing.assert_close(o1, o0, atol=1e-6, rtol=1e-6)
+    for n in g0:  # K/V gradients are summed over the query heads in another order: fp32 ulps apart
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-6 * g0[n].abs().max().item(), rtol=1e-6, msg=n)
+
+
+def test_gqa_passes_unrepeated_kv_to_sdpa(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    make_model(num_attention_heads=6, num_key_value_heads=2, hidden_size=24)(ids(1, 5))
+    import sdpo.model as model_mod
+    assert seen and all(s == ((6, 2, True) if model_mod.SDPA_GQA else (6, 6, False)) for s in seen), seen
+
+
 def test_sliding_window_mask_exact():
     got = build_attention_mask(None, 6, 3, "cpu")[0, 0]
     expected = torch.tensor([
@@ -280,8 +317,10 @@ def test_rmsnorm_matches_formula_and_keeps_dtype():
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral"])
-def test_gradient_checkpointing_same_gradients(name):
-    model = make_model(**CONFIGS[name]).train()
+@pytest.mark.parametrize("setting", [True, 2, 3])
+def test_gradient_checkpointing_same_gradients(name, setting):
+    """Every block (True) or every k-th block (2, 3 of 3 layers): same loss, same gradients."""
+    model = make_model(num_hidden_layers=3, **CONFIGS[name]).train()
     x = ids(2, 8)
     mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
 
@@ -293,11 +332,41 @@ def test_gradient_checkpointing_same_gradients(name):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss0, g0 = grads(False)
-    loss1, g1 = grads(True)
+    loss1, g1 = grads(setting)
     assert torch.equal(loss0, loss1)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-6, rtol=1e-5, msg=n)
     assert any(g.abs().sum() > 0 for g in g0.values())
+
+
+def test_every_kth_block_is_checkpointed(monkeypatch):
+    import sdpo.model as model_mod
+
+    calls = []
+    real = model_mod.checkpoint
+    monkeypatch.setattr(model_mod, "checkpoint", lambda layer, *a, **k: calls.append(layer) or real(layer, *a, **k))
+    model = make_model(num_hidden_layers=5).train()
+    for setting, expected in ((False, []), (True, [0, 1, 2, 3, 4]), (2, [0, 2, 4]), (3, [0, 3])):
+        calls.clear()
+        model.gradient_checkpointing = setting
+        model(ids(1, 4)).sum().backward()
+        assert [list(model.layers).index(layer) for layer in calls] == expected, setting
+    with torch.no_grad():  # no graph, nothing to recompute
+        calls.clear()
+        model(ids(1, 4))
+        assert calls == []
+
+
+@pytest.mark.parametrize("value, k", [("none", 0), ("full", 1), (True, 1), (False, 0), ("true", 1),
+                                      ("every:2", 2), ("every:1", 1), (4, 4), ("3", 3), (0, 0)])
+def test_checkpoint_every_parses(value, k):
+    assert checkpoint_every(value) == k
+
+
+@pytest.mark.parametrize("value", ["sometimes", "every:x", "every:-1", -2, 1.5])
+def test_checkpoint_every_rejects(value):
+    with pytest.raises(ValueError, match="'none', 'full' or 'every:K'"):
+        checkpoint_every(value)
 
 
 def test_init_weights_deterministic():
