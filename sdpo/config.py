@@ -363,8 +363,8 @@ def validate_config(cfg: Config) -> None:
              f"model.num_key_value_heads ({kv}) must divide model.num_attention_heads ({m.num_attention_heads})")
     try:
         checkpoint_every(m.activation_checkpointing)
-    except ValueError as e:
-        problems.append(f"model.{e}")
+    except ValueError as err:  # not `e`: that name is the [eval] section here
+        problems.append(f"model.{err}")
     need(m.export_dtype is None or m.export_dtype in DTYPES, f"model.export_dtype must be one of {DTYPES}, got {m.export_dtype!r}")
 
     need(len(d.datasets) > 0, "data.datasets is empty: give at least one preference file or directory")
