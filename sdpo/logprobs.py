@@ -157,3 +157,47 @@ def concatenated_forward(
     chosen = SequenceLogps(out.logps[:b], out.counts[:b])
     rejected = SequenceLogps(out.logps[b:], out.counts[b:])
     return chosen, rejected
+
+
+PACKED_KEYS = ("input_ids", "position_ids", "doc_ids", "segments", "gather_index", "targets", "token_slot", "counts")
+
+
+def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> SequenceLogps:
+    """Eq. (1) for every sequence of a packed batch (sdpo.packing.pack) -> [S] fields.
+
+    One forward over the packed rows [n, T] with the shared-prompt mask (sdpo.attention), the
+    hidden states gathered at the precomputed positions ([R, H]; the last prompt position
+    twice, for the first chosen and the first rejected token), lm_head on those rows only.
+    Sums per sequence are dense row sums over token_slot [S, L] (no index_add_: deterministic)."""
+    from sdpo.attention import packed_mask
+
+    missing = [k for k in PACKED_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.packing.pack)")
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    mask = packed_mask(batch["doc_ids"], batch["segments"], pos, window, backend=backend)
+    hidden = model.hidden_states(ids, None, pos, attn_mask=mask)  # [n, T, H]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])  # [R, H]
+    token_logps = _token_logps(model, h, batch["targets"])  # [R]
+    slot = batch["token_slot"]  # [S, L], R = the appended 0
+    logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
+    return SequenceLogps(logps=logps, counts=batch["counts"])
+
+
+def packed_forward(model, batch: dict, *, backend: str = "auto") -> tuple[SequenceLogps, SequenceLogps]:
+    """packed_sequence_logps of a pair batch -> (chosen, rejected), each with [B] fields
+    (sequences 0..B-1 chosen, B..2B-1 rejected), as concatenated_forward returns them."""
+    out = packed_sequence_logps(model, batch, backend=backend)
+    b = batch["index"].shape[0] if "index" in batch else out.logps.shape[0] // 2
+    if out.logps.shape[0] != 2 * b:
+        raise ValueError(f"sdpo/logprobs.py: packed_forward: {out.logps.shape[0]} sequences for {b} pairs "
+                         "(a chosen_only batch? use packed_sequence_logps)")
+    chosen = SequenceLogps(out.logps[:b], out.counts[:b])
+    rejected = SequenceLogps(out.logps[b:], out.counts[b:])
+    return chosen, rejected
+
+
+def pair_forward(model, batch: dict) -> tuple[SequenceLogps, SequenceLogps]:
+    """(chosen, rejected) of a packed (sdpo.packing.pack) or padded (collate) pair batch."""
+    return packed_forward(model, batch) if "doc_ids" in batch else concatenated_forward(model, batch)

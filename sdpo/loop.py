@@ -18,9 +18,9 @@ import torch
 
 from sdpo import distributed as D
 from sdpo.config import Config
-from sdpo.logprobs import concatenated_forward, sequence_logps
+from sdpo.logprobs import packed_sequence_logps, pair_forward, sequence_logps
 from sdpo.loss import preference_loss
-from sdpo.packing import batch_schedule, collate
+from sdpo.packing import batch_schedule, collate, micro_batches, pack, pack_options, pair_cost
 from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
 from sdpo.state import STATE, load_state, save_state, write_metrics
 
@@ -45,7 +45,9 @@ class Stage:
     schedule: str
     max_grad_norm: float | None
     global_batch_size: int
-    micro_batch_size: int
+    micro_batch_size: int             # pairs per forward, at most
+    tokens_per_micro_batch: int | None  # packed tokens per forward, at most (None: no budget)
+    chosen_only: bool                 # batches hold the chosen responses only (SFT)
     epochs: int
     max_steps: int | None
     seed: int
@@ -62,7 +64,7 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected):
     ref_chosen, ref_rejected: [N] float32 on the batch's device, indexed by the batch's "index"."""
     lo = cfg.loss
     idx = batch["index"]  # [B] long, on the device
-    policy_chosen, policy_rejected = concatenated_forward(model, batch)
+    policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
     needs_nll = "sft" in lo.types or lo.rpo_alpha is not None
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
@@ -79,10 +81,13 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected):
 
 
 def sft_micro_loss(model, batch):
-    """Summed NLL of the chosen responses (rows 0..B-1 of the collated batch)."""
-    B = batch["input_ids"].shape[0] // 2
-    out = sequence_logps(model, batch["input_ids"][:B], batch["labels"][:B],
-                         batch["attention_mask"][:B], batch["position_ids"][:B])
+    """Summed NLL of the chosen responses (a chosen_only packed batch, or rows 0..B-1 of a collated one)."""
+    if "doc_ids" in batch:
+        out = packed_sequence_logps(model, batch)
+    else:
+        B = batch["input_ids"].shape[0] // 2
+        out = sequence_logps(model, batch["input_ids"][:B], batch["labels"][:B],
+                             batch["attention_mask"][:B], batch["position_ids"][:B])
     nll = -out.logps.sum()
     return nll, nll.detach().float().reshape(1)
 
@@ -92,7 +97,8 @@ def sft_stage(cfg: Config) -> Stage:
     return Stage(name="SFT", kind="sft", sdpo_step=0, micro_loss=sft_micro_loss, stat_names=[], show=[],
                  per_token=True, optimizer="adamw", lr=s.lr, weight_decay=s.weight_decay,
                  warmup_ratio=s.warmup_ratio, schedule=s.schedule, max_grad_norm=1.0,
-                 global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size, epochs=s.epochs,
+                 global_batch_size=s.global_batch_size, micro_batch_size=s.micro_batch_size,
+                 tokens_per_micro_batch=None, chosen_only=True, epochs=s.epochs,
                  max_steps=s.max_steps, seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
 
 
@@ -106,7 +112,8 @@ def dpo_stage(cfg: Config, t: int, num_steps: int, ref: tuple[torch.Tensor, torc
                  stat_names=DPO_STATS, show=[("rewards/accuracies", "acc"), ("rewards/margins", "margin")],
                  per_token=False, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay,
                  warmup_ratio=o.warmup_ratio, schedule=o.schedule, max_grad_norm=o.max_grad_norm,
-                 global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size, epochs=t_.epochs,
+                 global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size,
+                 tokens_per_micro_batch=t_.tokens_per_micro_batch, chosen_only=False, epochs=t_.epochs,
                  max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length)
 
 
@@ -157,12 +164,24 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
     cfg, info = run.cfg, run.info
     W, G, m = info.world_size, stage.global_batch_size, stage.micro_batch_size
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    opts = pack_options(packing=cfg.data.packing, share_prompt=cfg.data.share_prompt, device=info.device)
+    costs = [pair_cost(p, opts is not None and opts["share_prompt"], stage.chosen_only) for p in pairs]
 
     def schedule_for(epoch):
         # Seeded per (stage, epoch): the order is a function of the step, so a resumed
-        # run sees exactly the batches an uninterrupted one would.
-        return batch_schedule(len(pairs), G, seed=stage.seed, epoch=epoch, rank=info.rank, world_size=W,
-                              lengths=lengths, group_by_length=stage.group_by_length)
+        # run sees exactly the batches an uninterrupted one would. Each step's share is cut
+        # into micro-batches by pairs and tokens; every rank cuts every rank's share, so all
+        # run as many forwards as the rank that needs most (FSDP's all-gathers are collective).
+        shares = [batch_schedule(len(pairs), G, seed=stage.seed, epoch=epoch, rank=r, world_size=W,
+                                 lengths=lengths, group_by_length=stage.group_by_length) for r in range(W)]
+        cut = lambda ids, n=0: micro_batches(ids, costs, max_pairs=m,  # noqa: E731
+                                             max_tokens=stage.tokens_per_micro_batch, min_count=n)
+        return [cut(step[info.rank], max(len(cut(s)) for s in step)) for step in zip(*shares)]
+
+    def make_batch(chunk):
+        if opts is None:
+            return collate([pairs[i] for i in chunk], pad_id=run.tokenizer.pad_id)
+        return pack([pairs[i] for i in chunk], pad_id=run.tokenizer.pad_id, chosen_only=stage.chosen_only, **opts)
 
     per_epoch = len(schedule_for(0))
     if per_epoch == 0:
@@ -189,7 +208,8 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
         epoch, j = divmod(k, per_epoch)
         if epoch not in epoch_cache:
             epoch_cache = {epoch: schedule_for(epoch)}
-        indices = epoch_cache[epoch][j]
+        plan = epoch_cache[epoch][j]  # this rank's micro-batches of pair indices
+        indices = [i for chunk in plan for i in chunk]
         cur_lr = lr_at(k, total, warmup, stage.lr, stage.schedule)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
@@ -202,14 +222,18 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             count = G
         scale = W / count
         stats = None
-        for s in range(0, len(indices), m):
-            batch = collate([pairs[i] for i in indices[s:s + m]], pad_id=run.tokenizer.pad_id)
+        for chunk in plan:
+            batch = make_batch(chunk)
             # Positions in `pairs`, as the reference log-probs are laid out. TokenizedPair.index is
             # the example's position before tokenization dropped any pair, so it can differ.
-            batch["index"] = torch.tensor(indices[s:s + m])
-            # Counted on the CPU copy: int() of a device tensor would sync every micro-batch.
-            mask = batch["attention_mask"]
-            tokens += int(mask[: mask.shape[0] // 2].sum() if stage.per_token else mask.sum())
+            batch["index"] = torch.tensor(chunk)
+            # Tokens the forward computes (padding aside), counted on the CPU copy: int() of a
+            # device tensor would sync every micro-batch.
+            if opts is None:
+                mask = batch["attention_mask"]
+                tokens += int(mask[: mask.shape[0] // 2].sum() if stage.per_token else mask.sum())
+            else:
+                tokens += int((batch["doc_ids"] > 0).sum())
             batch = to_device(batch, info.device)
             with autocast(run):
                 loss, st = stage.micro_loss(model, batch)

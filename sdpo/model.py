@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sdpo.attention import attend
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -265,8 +267,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         # softmax(q kᵀ / sqrt(d)) v, with the default scale 1/sqrt(head_dim)
-        gqa = {"enable_gqa": True} if rep > 1 and SDPA_GQA else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        y = attend(q, k, v, mask)  # SDPA; FlexAttention for packed rows on CUDA (sdpo/attention.py)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -319,6 +320,8 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        *,
+        attn_mask=None,
     ) -> Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, H] in the model's dtype.
         With kv_cache, input_ids are the tokens after the cached ones and attention_mask spans both."""
@@ -337,7 +340,10 @@ class Transformer(nn.Module):
                 position_ids = default_position_ids(attention_mask)[:, past:]
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim) each
-        mask = build_attention_mask(attention_mask, T, self.config.sliding_window, input_ids.device, past)
+        # attn_mask: a precomputed mask (sdpo.attention.packed_mask: shared-prompt rows, which
+        # segment ids cannot express) replaces the one built from attention_mask.
+        mask = attn_mask if attn_mask is not None else build_attention_mask(
+            attention_mask, T, self.config.sliding_window, input_ids.device, past)
         every = checkpoint_every(self.gradient_checkpointing)  # 0 none, 1 all blocks, k: 0, k, 2k, ...
         for i, layer in enumerate(self.layers):
             if kv_cache is not None:
@@ -352,10 +358,11 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+        *, attn_mask=None,
     ) -> Tensor:
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, attn_mask=attn_mask))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

@@ -1,10 +1,14 @@
-"""Collation and the batch schedule: tokenized pairs -> [2B, T] batches, indices per optimizer step.
+"""Collation, packing and the batch schedule: tokenized pairs -> batches, indices per optimizer step.
 
-    [TokenizedPair] ──batch_schedule + collate──> [2B, T] batches (rows 0..B-1 chosen, B..2B-1 rejected)
+    [TokenizedPair] ──batch_schedule──> pair indices per optimizer step (a fixed number of pairs)
+        ──micro_batches (token budget)──> pair indices per forward
+        ──pack──> packed rows: prompt | chosen | rejected per pair, several pairs per row
+        (or collate──> [2B, T] padded rows: 0..B-1 chosen, B..2B-1 rejected; the unpacked path)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -101,4 +105,184 @@ def batch_schedule(num_examples: int, global_batch_size: int, *, seed: int, epoc
             out.append(b[rank * per_rank:(rank + 1) * per_rank].tolist())
         else:
             out.append(np.array_split(b, world_size)[rank].tolist())
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Packing: padding-free rows, one document per pair with a shared prompt
+# --------------------------------------------------------------------------------------
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segment ids, as sdpo.attention reads them
+MIN_ROW = 256  # CPU rows hold at least this many tokens: short pairs share a row, T² stays small
+
+
+def pair_cost(p: TokenizedPair, share_prompt: bool = True, chosen_only: bool = False) -> int:
+    """Tokens one pair puts through the model when packed."""
+    P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+    if chosen_only:
+        return P + C
+    return P + C + R if share_prompt else 2 * P + C + R
+
+
+@dataclass
+class _Doc:
+    pair: int  # position in the micro-batch
+    parts: list[tuple[int, list[int]]]  # (segment, ids) in row order; prompt first
+
+
+def _docs(pairs: Sequence[TokenizedPair], share_prompt: bool, chosen_only: bool) -> list[_Doc]:
+    docs = []
+    for k, p in enumerate(pairs):
+        if chosen_only:
+            docs.append(_Doc(k, [(PROMPT, p.prompt_ids), (CHOSEN, p.chosen_ids)]))
+        elif share_prompt:
+            docs.append(_Doc(k, [(PROMPT, p.prompt_ids), (CHOSEN, p.chosen_ids), (REJECTED, p.rejected_ids)]))
+        else:
+            docs.append(_Doc(k, [(PROMPT, p.prompt_ids), (CHOSEN, p.chosen_ids)]))
+            docs.append(_Doc(k, [(PROMPT, p.prompt_ids), (REJECTED, p.rejected_ids)]))
+    return docs
+
+
+def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = True, chosen_only: bool = False,
+         rows: str = "one", row_tokens: int | None = None,
+         pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> packed rows [n_rows, T] plus the gather of every scored token, all on the CPU.
+
+    Documents (one per pair `prompt | chosen | rejected` with share_prompt, else `prompt | chosen`
+    and `prompt | rejected`; `prompt | chosen` only with chosen_only, for SFT) are laid first-fit
+    decreasing (longest first; the outputs are per pair, so row order is free) into rows of at most
+    row_tokens tokens (a longer document gets a row of its own); without row_tokens, `rows` sets
+    it: "one" (a single row: FlexAttention skips the masked tiles), "longest" (the longest document,
+    at least MIN_ROW tokens, balanced: a dense [T, T] mask stays near an unpacked row's cost),
+    "each" (one document per row: padded rows with a shared prompt). Rows are right-padded to the
+    longest (rounded up to pad_to_multiple_of).
+
+    Keys: input_ids, position_ids, doc_ids (0 = pad), segments (PROMPT/CHOSEN/REJECTED) [n_rows, T]
+    for sdpo.attention.packed_mask; and for sdpo.logprobs.packed_forward, with S = B sequences
+    (chosen_only) or 2B (0..B-1 chosen, B..2B-1 rejected) and R scored tokens:
+      gather_index [R]  flat index into n_rows*T of the hidden state that predicts each target;
+                        the last prompt position serves both the first chosen and the first
+                        rejected token, so an index may occur twice
+      targets      [R]  the token ids scored
+      token_slot   [S, L] index into [R] of each sequence's tokens in order, R where the sequence
+                        is shorter (an extra 0 entry), so the sums are dense row sums (deterministic)
+      counts       [S]  scored tokens per sequence
+      index        [B]  TokenizedPair.index
+    As in collate, the first token of a row-sequence is never scored: with an empty prompt the
+    first response token has no context, and the unpacked path skips it too.
+    """
+    if not pairs:
+        raise DataError("pack got an empty batch")
+    docs = _docs(pairs, share_prompt, chosen_only)
+    if rows not in ("one", "longest", "each"):
+        raise ValueError(f"pack: rows must be 'one', 'longest' or 'each', got {rows!r}")
+    size = {id(d): sum(len(ids) for _, ids in d.parts) for d in docs}
+    docs = sorted(docs, key=lambda d: -size[id(d)])  # stable: ties keep their order
+    if row_tokens is None and rows == "longest":
+        # As many rows as rows of max(longest, MIN_ROW) tokens need, filled longest-first into the
+        # emptiest row (LPT): the rows come out nearly equal, so right-padding them costs little.
+        n_rows = -(-sum(size.values()) // max(size[id(docs[0])], MIN_ROW))
+        table: list[list[_Doc]] = [[] for _ in range(n_rows)]
+        fill = [0] * n_rows
+        for d in docs:
+            r = min(range(n_rows), key=fill.__getitem__)
+            table[r].append(d)
+            fill[r] += size[id(d)]
+    else:
+        cap = {"one": None, "longest": None, "each": 0}[rows] if row_tokens is None else row_tokens
+        table, fill = [], []
+        for d in docs:  # first-fit decreasing
+            r = next((r for r in range(len(table)) if cap is None or fill[r] + size[id(d)] <= cap), None)
+            if r is None:
+                table.append([])
+                fill.append(0)
+                r = len(table) - 1
+            table[r].append(d)
+            fill[r] += size[id(d)]
+    rows = table
+    T = max(fill)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    n_rows, B = len(rows), len(pairs)
+    S = B if chosen_only else 2 * B
+    input_ids = torch.full((n_rows, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, T), dtype=torch.long)
+    doc_ids = torch.zeros((n_rows, T), dtype=torch.long)
+    segments = torch.zeros((n_rows, T), dtype=torch.long)
+    gather, targets = [], []  # tensors, one per response segment
+    spans = [(0, 0)] * S  # (first position in gather/targets, count) per sequence
+    R = 0
+    for r, row in enumerate(rows):
+        o = 0
+        for j, d in enumerate(row, start=1):
+            P = len(d.parts[0][1])
+            start = o
+            for seg, ids in d.parts:
+                n = len(ids)
+                input_ids[r, o:o + n] = torch.tensor(ids, dtype=torch.long)
+                segments[r, o:o + n] = seg
+                # Responses continue from the prompt: the rejected positions restart at len(prompt).
+                first_pos = 0 if seg == PROMPT else P
+                position_ids[r, o:o + n] = torch.arange(first_pos, first_pos + n)
+                if seg != PROMPT and n:
+                    # Target ids[t] is predicted at the previous token of its own sequence: the
+                    # last prompt token for t = 0, else the response's own token t - 1.
+                    src = torch.cat([torch.tensor([start + P - 1]), torch.arange(o, o + n - 1)])
+                    tgt = input_ids[r, o:o + n]
+                    if P == 0:  # empty prompt: no context for the first token
+                        src, tgt = src[1:], tgt[1:]
+                    spans[d.pair if seg == CHOSEN else B + d.pair] = (R, len(tgt))
+                    gather.append(r * T + src)
+                    targets.append(tgt)
+                    R += len(tgt)
+                o += n
+            doc_ids[r, start:o] = j
+    counts = torch.tensor([m for _, m in spans], dtype=torch.long)
+    first = torch.tensor([b for b, _ in spans], dtype=torch.long)
+    t = torch.arange(max(1, int(counts.max())))
+    token_slot = torch.where(t[None, :] < counts[:, None], first[:, None] + t[None, :], R)  # [S, L]
+    empty = torch.zeros(0, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "segments": segments,
+            "gather_index": torch.cat(gather) if gather else empty, "targets": torch.cat(targets) if targets else empty,
+            "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long)}
+
+
+def pack_options(*, packing: bool, share_prompt: bool, device) -> dict | None:
+    """pack() keyword arguments for the data.packing / data.share_prompt switches on `device`, or
+    None: both off, the padded [2B, T] collate path. CUDA rows are padded to FlexAttention's block
+    (one compile per length bucket); CPU rows are not padded beyond the longest."""
+    from sdpo.attention import FLEX_BLOCK, flex_available
+
+    if not (packing or share_prompt):
+        return None
+    flex = flex_available(device)
+    rows = ("one" if flex else "longest") if packing else "each"
+    return {"share_prompt": share_prompt, "rows": rows, "pad_to_multiple_of": FLEX_BLOCK if flex else None}
+
+
+def micro_batches(indices: Sequence[int], costs: Sequence[int], *, max_pairs: int | None = None,
+                  max_tokens: int | None = None, min_count: int = 0) -> list[list[int]]:
+    """Cut one optimizer step's pair indices (in order) into micro-batches of at most max_pairs pairs
+    and at most max_tokens tokens (costs[i]: pair i's tokens, see pair_cost; a pair over the budget
+    goes alone). min_count: split the largest micro-batches in two until there are at least that
+    many, so every rank runs the same number of forwards (FSDP's all-gathers are collective)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i in indices:
+        c = costs[i]
+        if cur and ((max_pairs is not None and len(cur) >= max_pairs) or
+                    (max_tokens is not None and used + c > max_tokens)):
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += c
+    if cur:
+        out.append(cur)
+    while len(out) < min_count:
+        k = max(range(len(out)), key=lambda j: (sum(costs[i] for i in out[j]), len(out[j])))
+        if len(out[k]) < 2:
+            raise DataError(f"micro_batches: cannot make {min_count} micro-batches from {len(indices)} pairs")
+        mb = out[k]
+        out[k:k + 1] = [mb[: len(mb) // 2], mb[len(mb) // 2:]]
     return out

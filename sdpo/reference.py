@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdpo import distributed as D
@@ -95,21 +96,29 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple
     cache_dir = Path(cfg.train.ref_cache_dir or run.out / "ref_cache")
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():
-        t = load_file(path)
-        if t["chosen"].shape == (len(pairs),):
-            log(run, f"{label}: reference log-probs from cache {path}")
-            return t["chosen"], t["rejected"]
+        try:
+            t = load_file(path)
+            if t["chosen"].shape == t["rejected"].shape == (len(pairs),):
+                log(run, f"{label}: reference log-probs from cache {path}")
+                return t["chosen"], t["rejected"]
+        except (OSError, SafetensorError, KeyError) as e:  # damaged on disk: the cache is only a cache
+            log(run, f"{label}: ignoring the unreadable cache file {path} ({e}); computing the log-probs again")
     t0 = time.perf_counter()
     model = load_for_training(run, model_dir)
     chosen, rejected = run_pair_logps(run, model, pairs, cfg.train.ref_batch_size or cfg.train.micro_batch_size)
     del model
     free_memory()
     if run.info.is_main:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Temp name + rename: a kill leaves the old file or none (sdpo.state.recover removes the temp).
         tmp = cache_dir / f".{key}.tmp{os.getpid()}"
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, tmp,
-                  metadata={"model_dir": str(model_dir), "pairs": str(len(pairs))})
-        os.replace(tmp, path)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, tmp,
+                      metadata={"model_dir": str(model_dir), "pairs": str(len(pairs))})
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as e:  # disk full, read-only: the run goes on without the cache
+            tmp.unlink(missing_ok=True)
+            log(run, f"{label}: warning: cannot write the reference cache {path} ({e}); continuing without it")
     D.barrier()
     log(run, f"{label}: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s -> {path}")
     return chosen, rejected
