@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass sections, TOML files, `--section.key=value` overrides.
 
 A config is one `Config` made of sections (`[model]`, `[data]`, `[loss]`, `[optim]`,
-`[train]`, `[sft]`, `[eval]`). Each field has one type; TOML values and command-line
+`[train]`, `[sft]`, `[eval]`, `[lora]`). Each field has one type; TOML values and command-line
 overrides are checked against it, so a typo or a wrong type fails before any work:
 
     cfg = load_config("configs/tiny.toml", overrides=["--loss.beta=0.2"])
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sdpo.data import SPLIT_STRATEGIES
 from sdpo.loss import check_loss_options
+from sdpo.lora import LORA_TARGETS
 from sdpo.model import checkpoint_every
 
 
@@ -169,6 +170,18 @@ class EvalSection:
 
 
 @dataclass
+class LoRASection:
+    # Low-rank adapters on the DPO steps' policy (Hu et al. 2021; sdpo/lora.py): base frozen,
+    # M_t exported merged, plus its adapter in peft's layout under M_t/adapter/. One process only.
+    enabled: bool = False                 # train LoRA adapters instead of all weights (DPO steps; SFT trains all)
+    rank: int = 16                        # r, the adapters' rank
+    alpha: float = 32.0                   # α: the update is scaled by α / r
+    dropout: float = 0.05                 # dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # projections that get adapters
+    base_dtype: str = "auto"              # frozen targeted weights: auto (bfloat16 under bf16 autocast) | float32 | bfloat16
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -177,6 +190,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     sft: SFTSection = field(default_factory=SFTSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
 
 LOSS_OPTION_NAMES = {"type": "loss.type", "weights": "loss.weights", "beta": "loss.beta",
@@ -187,6 +201,7 @@ INITS = ("previous", "base")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _hints(cls) -> dict[str, object]:
@@ -429,6 +444,16 @@ def validate_config(cfg: Config) -> None:
     need(e.batch_size > 0, f"eval.batch_size must be > 0, got {e.batch_size}")
     if e.summary:
         need(len(d.test_datasets) > 0, "eval.summary = true needs data.test_datasets")
+    la = cfg.lora
+    if la.enabled:
+        need(la.rank > 0, f"lora.rank must be > 0, got {la.rank}")
+        need(la.alpha > 0, f"lora.alpha must be > 0, got {la.alpha}")
+        need(0 <= la.dropout < 1, f"lora.dropout must be in [0, 1), got {la.dropout}")
+        bad = [x for x in la.targets if x not in LORA_TARGETS]
+        need(bool(la.targets) and not bad, f"lora.targets must be a non-empty list from {list(LORA_TARGETS)}, "
+                                            f"got {la.targets}")
+        need(la.base_dtype in LORA_BASE_DTYPES, f"lora.base_dtype must be one of {LORA_BASE_DTYPES}, "
+                                                 f"got {la.base_dtype!r}")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -16,7 +16,8 @@ import torch
 
 from sdpo import distributed as D
 from sdpo.checkpoint import load_model, load_model_config, save_state_dict
-from sdpo.config import Config
+from sdpo.config import Config, ConfigError
+from sdpo.lora import apply_lora, merge_state_dict, save_peft_adapter
 from sdpo.model import ModelConfig, Transformer
 from sdpo.tokenizer import check_vocab
 
@@ -59,9 +60,15 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def load_for_training(run: Run, model_dir: str | Path):
-    """float32 master weights on this rank's device; FSDP2-sharded under torchrun."""
+def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False):
+    """float32 master weights on this rank's device; FSDP2-sharded under torchrun.
+
+    lora=True (the DPO policy when lora.enabled; never the no-grad reference): frozen base with
+    float32 adapters (sdpo.lora), single process only (stepwise.check_setup says so up front)."""
     check_vocab(run.tokenizer, load_model_config(model_dir))  # before any weights are read
+    if lora and run.info.distributed:
+        raise ConfigError("lora.enabled is not supported under torchrun yet (the adapters would have to "
+                          "exist before FSDP2 shards the model while it loads); run one process")
     if run.info.distributed:
         # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
         model = D.load_sharded(model_dir, run.mesh, mp_policy=mp_policy(run),
@@ -71,6 +78,10 @@ def load_for_training(run: Run, model_dir: str | Path):
         model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
         model.gradient_checkpointing = run.cfg.model.activation_checkpointing
     model.fused_logprobs = run.cfg.model.fused_logprobs  # read by sdpo.logprobs
+    if lora:
+        la = run.cfg.lora
+        bf16_base = la.base_dtype == "bfloat16" or (la.base_dtype == "auto" and run.autocast_dtype == torch.bfloat16)
+        apply_lora(model, la, base_dtype=torch.bfloat16 if bf16_base else None, seed=run.cfg.train.seed)
     return model
 
 
@@ -98,11 +109,18 @@ def mp_policy(run: Run):
     return D.default_mp_policy(run.info.device, run.cfg.train.precision)
 
 
-def export(run: Run, model, path: Path, dtype: str | None) -> None:
-    """M_t as an HF directory (gathered to rank 0, written atomically by sdpo.checkpoint)."""
+def export(run: Run, model, path: Path, dtype: str | None, *, base_model_path=None) -> None:
+    """M_t as an HF directory (gathered to rank 0, written atomically by sdpo.checkpoint).
+
+    A LoRA policy is written merged (W + (α/r)·BA: the next step's reference loads it like any
+    model), and its adapter in peft's layout under path/adapter/, for base_model_path."""
     state = D.full_state_dict(model)
     if run.info.is_main:
-        save_state_dict(state, model.config, path, tokenizer_dir=run.tokenizer_dir, dtype=dtype)
+        lora = getattr(model, "lora_config", None)
+        merged = state if lora is None else merge_state_dict(state, lora["alpha"] / lora["rank"])
+        save_state_dict(merged, model.config, path, tokenizer_dir=run.tokenizer_dir, dtype=dtype)
+        if lora is not None:
+            save_peft_adapter(model, path / "adapter", base_model_path, state=state)
     D.barrier()
 
 

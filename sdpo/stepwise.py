@@ -92,9 +92,10 @@ def train(cfg: Config) -> dict:
                                 "reference": str(prev), "pairs": len(pairs)})
         log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {prev}, gamma_ref/mean {gamma_ref:.3f}")
         # The policy starts from M_{t-1} too (train.init = "base": from S).
-        model = load_for_training(run, prev if cfg.train.init == "previous" else base)
+        start = prev if cfg.train.init == "previous" else base
+        model = load_for_training(run, start, lora=cfg.lora.enabled)  # adapters on the policy only
         optimize(run, model, pairs, dpo_stage(cfg, t, len(steps), ref, info.device))
-        export(run, model, out_t, export_dtype)
+        export(run, model, out_t, export_dtype, base_model_path=start)  # merged, when LoRA
         del model
         free_memory()
         progress = {"done": progress["done"] + [f"M{t}"], "global_step": run.global_step}
@@ -138,6 +139,9 @@ def check_setup(cfg: Config, world_size: int) -> None:
         if s is not None and s.global_batch_size % (world_size * s.micro_batch_size):
             problems.append(f"{name}.global_batch_size ({s.global_batch_size}) must be divisible by world size "
                             f"({world_size}) x {name}.micro_batch_size ({s.micro_batch_size})")
+    if cfg.lora.enabled and world_size > 1:
+        problems.append(f"lora.enabled: LoRA runs in one process for now, not under torchrun (world size "
+                        f"{world_size}); FSDP2 shards the model while loading, before adapters could be added")
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))
 

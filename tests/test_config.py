@@ -94,7 +94,7 @@ def test_unknown_key_and_wrong_type_in_a_file_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.toml: train\.global_batch_size: expected int, got '32'"):
         load_config(p)
     p = write(tmp_path, MINIMAL + "[bogus]\nx = 1\n")
-    with pytest.raises(ConfigError, match=r"unknown section 'bogus'.*valid: data, eval, loss, model"):
+    with pytest.raises(ConfigError, match=r"unknown section 'bogus'.*valid: data, eval, .*loss, model"):
         load_config(p)
     p = write(tmp_path, "lr = 1\n")
     with pytest.raises(ConfigError, match="must be a \\[section\\] table"):
