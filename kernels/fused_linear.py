@@ -11,10 +11,10 @@ For hidden rows h_i [H], weight W [V, H] and targets t_i:
 Forward walks the rows in chunks of c: one [c, V] logits buffer is filled by a matmul,
 (2) is taken from it, and only the row max m and log Σ exp(z - m) ([R] each) are kept.
 Backward walks the chunks again, recomputes (1) into the same kind of buffer, turns it into
-g·D in place (3), and accumulates (4). So at most one [c, V] chunk (plus the [V, H] weight
-gradient that any lm_head backward produces) exists at a time, for one extra matmul
-(4 instead of 3) — Liger-Kernel's fused linear losses and Cut-Cross-Entropy (Wijmans et
-al. 2024) trade the same way.
+g·D in place (3), and accumulates (4). With 16-bit weights it does so one vocab block of W at
+a time, so the float32 accumulator of grad W is [Vb, H], not [V, H]. At most one chunk of
+logits exists at a time, for one extra matmul (4 instead of 3) — Liger-Kernel's fused
+linear losses and Cut-Cross-Entropy (Wijmans et al. 2024) trade the same way.
 
 (2) and (3) per chunk are the Triton log-softmax-gather kernels on CUDA (kernels/
 logsoftmax_gather.py, in-place backward) and a chunk-sized PyTorch version on CPU.
@@ -30,6 +30,9 @@ import torch
 # R = 4096, V = 32000 -> c = 131, 3% of the [R, V] bytes; V = 128256 -> c = 32. Smaller
 # chunks cost matmul efficiency (a [c, H] x [H, V] GEMM with few rows), larger ones memory.
 CHUNK_ELEMENTS = 1 << 22
+# Rows of W per backward block for 16-bit weights: a [4096, H] float32 gradient accumulator
+# (64 MiB at H = 4096) instead of [V, H].
+VOCAB_BLOCK = 4096
 
 
 def rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None) -> int:
@@ -59,12 +62,13 @@ def _chunk_forward_torch(z, targets, valid):
     return torch.where(valid, picked - logsum, 0.0), m, logsum
 
 
-def _chunk_backward_torch(z, targets, m, logsum, g):
-    """z [c, V] recomputed logits -> g·D [c, V] in z's dtype (in z's buffer when it is the acc dtype)."""
+def _chunk_backward_torch(z, idx, m, logsum, g, g_hit):
+    """z [c, Vb] recomputed logits of a vocab block -> g·D [c, Vb] in z's dtype (in z's buffer when
+    it is the acc dtype). idx [c]: the target's column in the block; g_hit [c]: g where it is in it."""
     acc = _acc_dtype(z.dtype)
     x = z if z.dtype == acc else z.to(acc)
     x.sub_(m[:, None]).sub_(logsum[:, None]).exp_().mul_(-g[:, None])   # -g·softmax(z)
-    x.scatter_add_(1, targets[:, None], g[:, None])                      # + g·onehot(t)
+    x.scatter_add_(1, idx[:, None], g_hit[:, None])                      # + g·onehot(t)
     return x if x.dtype == z.dtype else z.copy_(x)
 
 
@@ -78,15 +82,15 @@ def _chunk_backward_triton(z, targets_raw, m, logsum, g, ignore_index):
     return lg.logprobs_backward(z, targets_raw, m, logsum, g, ignore_index, inplace=True)
 
 
-def _add_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """acc [V, H] += dzᵀ h. acc is float32 for 16-bit weights: one rounding at the end, as the
-    unfused path's single [R, V]ᵀ x [R, H] GEMM has, not one per chunk."""
-    if acc.dtype == dz.dtype:
-        acc.addmm_(dz.t(), h)
+def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc float32 for 16-bit a, b: one rounding at the end, as the unfused
+    path's single GEMM over all R rows has, not one per chunk."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
     elif acc.is_cuda:
-        torch.addmm(acc, dz.t(), h, out_dtype=acc.dtype, out=acc)   # bf16 GEMM, fp32 accumulate
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)   # bf16 GEMM, fp32 accumulate
     else:
-        acc.add_(dz.t() @ h)
+        acc.add_(a @ b)
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
@@ -116,25 +120,51 @@ class FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, safe, valid, row_max, logsum = ctx.saved_tensors
-        R, V = hidden.shape[0], weight.shape[0]
+        (R, H), V = hidden.shape, weight.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = _acc_dtype(hidden.dtype)
+        dev = hidden.device
         g = torch.where(valid, grad_out.to(acc), 0.0).contiguous()          # [R]; 0 on ignored rows
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if want_w else None
-        c = rows_per_chunk(R, V, ctx.chunk_size)
-        buf = torch.empty(c, V, dtype=hidden.dtype, device=hidden.device)
-        for s in range(0, R, c):
-            e = min(s + c, R)
-            z = torch.mm(hidden[s:e], weight.t(), out=buf[:e - s])          # (1) recomputed
-            if ctx.use_triton:
-                dz = _chunk_backward_triton(z, targets[s:e], row_max[s:e], logsum[s:e], g[s:e], ctx.ignore_index)
-            else:
-                dz = _chunk_backward_torch(z, safe[s:e], row_max[s:e], logsum[s:e], g[s:e])   # (3) · g
-            if want_h:
-                torch.mm(dz, weight, out=grad_h[s:e])                       # (4) [c, H]
+        # 16-bit weights: (4) is accumulated over the row chunks in float32, one vocab block of Vb
+        # rows of W at a time ([Vb, H] float32, not [V, H]: that would be 2x the weight gradient
+        # itself); (3) only needs the saved row statistics, so a block's logits are exact alone.
+        # float32 weights: one block, accumulated straight into the gradients.
+        Vb = V if weight.dtype == acc else min(V, VOCAB_BLOCK)
+        c = rows_per_chunk(R, Vb, ctx.chunk_size)
+        grad_w = torch.empty_like(weight) if want_w else None
+        w_acc = torch.empty(Vb, H, dtype=acc, device=dev) if want_w and weight.dtype != acc else None
+        grad_h = None
+        if want_h:
+            grad_h = torch.empty_like(hidden) if Vb == V else torch.zeros(R, H, dtype=acc, device=dev)
+        flat = torch.empty(c * Vb, dtype=hidden.dtype, device=dev)           # one [c, Vb] chunk, reused
+        for v0 in range(0, V, Vb):
+            v1 = min(v0 + Vb, V)
+            wb = weight[v0:v1]                                               # [vb, H]
+            hit = valid & (targets >= v0) & (targets < v1)                  # target inside this block
+            idx = torch.where(hit, targets - v0, 0)
+            g_hit = torch.where(hit, g, 0.0)
+            if ctx.use_triton:   # the kernel's one-hot never matches column v1 - v0 (out of the block)
+                t_blk = torch.where(valid, torch.where(hit, targets - v0, v1 - v0), ctx.ignore_index).contiguous()
+            gw = None
             if want_w:
-                _add_weight_grad(grad_w, dz, hidden[s:e])                   # (4) [V, H]
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
+                gw = grad_w[v0:v1] if w_acc is None else w_acc[:v1 - v0]
+                gw.zero_()
+            for s in range(0, R, c):
+                e = min(s + c, R)
+                z = torch.mm(hidden[s:e], wb.t(), out=flat[:(e - s) * (v1 - v0)].view(e - s, v1 - v0))  # (1)
+                if ctx.use_triton:
+                    dz = _chunk_backward_triton(z, t_blk[s:e], row_max[s:e], logsum[s:e], g[s:e], ctx.ignore_index)
+                else:
+                    dz = _chunk_backward_torch(z, idx[s:e], row_max[s:e], logsum[s:e], g[s:e], g_hit[s:e])  # (3)·g
+                if want_h:
+                    if Vb == V:
+                        torch.mm(dz, wb, out=grad_h[s:e])                    # (4) [c, H]
+                    else:
+                        _add_mm(grad_h[s:e], dz, wb)
+                if want_w:
+                    _add_mm(gw, dz.t(), hidden[s:e])                         # (4) [vb, H]
+            if w_acc is not None:
+                grad_w[v0:v1].copy_(w_acc[:v1 - v0])                         # the one rounding
+        if grad_h is not None and grad_h.dtype != hidden.dtype:
+            grad_h = grad_h.to(hidden.dtype)
         return grad_h, grad_w, None, None, None, None

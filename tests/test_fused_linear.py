@@ -83,6 +83,21 @@ def test_matches_float64_truth(impl, dtype, shape):
         assert err(mine, exact) <= err(theirs, exact) + 4 * eps * exact.abs().max().item()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_backward_in_many_vocab_blocks(impl, monkeypatch):
+    """16-bit weights: backward walks W in vocab blocks (float32 accumulators of [Vb, H] only);
+    blocks of 96 rows, the last one partial, targets in every block."""
+    from kernels import fused_linear
+    monkeypatch.setattr(fused_linear, "VOCAB_BLOCK", 96)
+    h, w, t, g = make_case(47, 16, 1000, torch.bfloat16, seed=7)
+    out, gh, gw = fused(h, w, t, g, chunk_size=10, impl=impl)
+    o64, gh64, gw64 = truth(h, w, t, g)
+    uo, ugh, ugw = unfused_same_dtype(h, w, t, g)
+    eps = torch.finfo(torch.bfloat16).eps
+    for mine, theirs, exact in ((out, uo, o64), (gh, ugh, gh64), (gw, ugw, gw64)):
+        assert err(mine, exact) <= err(theirs, exact) + 4 * eps * exact.abs().max().item()
+
+
 def test_gradcheck_float64_several_chunks():
     h, w, t, _ = make_case(11, 6, 37, torch.float64)
     h, w = h.requires_grad_(True), w.requires_grad_(True)

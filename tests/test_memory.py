@@ -84,3 +84,85 @@ def test_activation_checkpointing_key_accepts_old_and_new_forms(tmp_path, monkey
 def test_activation_checkpointing_bad_value_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="model.activation_checkpointing must be 'none', 'full' or 'every:K'"):
         load_config(TINY, ["--model.activation_checkpointing=sometimes"])
+
+
+# --------------------------------------------------------------------------------------
+# The memory plan
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True),
+                                dict(model_type="qwen2", attention_bias=True, num_key_value_heads=1)])
+def test_param_counts_equal_the_model(kw):
+    from sdpo.memory import param_counts
+    from sdpo.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=kw.pop("num_key_value_heads", 2), **kw)
+    model = Transformer(cfg)
+    n = param_counts(cfg)
+    assert n["total"] == sum(p.numel() for p in model.parameters())
+    assert n["block"] == sum(p.numel() for p in model.layers[0].parameters())
+
+
+def test_plan_shards_by_world_size_and_checkpointing_lowers_activations():
+    from sdpo.memory import Setup, plan
+    from sdpo.checkpoint import load_model_config
+
+    c = load_model_config(REPO / "bench" / "shapes" / "solar-10.7b")
+    one, eight = plan(c, Setup(world_size=1)), plan(c, Setup(world_size=8))
+    assert one["optimizer state"] == pytest.approx(8 * eight["optimizer state"], rel=1e-6)
+    assert 10.6e9 < one["parameters"] / 4 < 10.8e9                     # SOLAR: 10.7B parameters
+    acts = [plan(c, Setup(world_size=8, checkpoint=k))["activations"] for k in (0, 4, 2, 1)]
+    assert acts == sorted(acts, reverse=True) and acts[-1] < acts[0] / 5
+    fused, unfused = (plan(c, Setup(world_size=8, micro_batch_size=4, fused=f))["logits"] for f in (True, False))
+    assert unfused == 2 * 4 * 512 * 32000 * 2 and fused < unfused / 1.5 and fused < 0.2e9
+
+
+def test_plan_cli_on_solar_8x80(capsys):
+    from sdpo import memory
+
+    assert memory.main([str(REPO / "bench" / "shapes" / "solar-10.7b"), "--gpus", "8", "--gpu-mem-gb", "80",
+                        "--config", str(REPO / "configs" / "solar-10.7b-sdpo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "| optimizer state | 10.73 |" in out and "-> fits" in out and "cheapest setting that fits" in out
+    assert memory.main([str(REPO / "bench" / "shapes" / "solar-10.7b"), "--gpus", "1", "--gpu-mem-gb", "24"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_plan_cli_bad_model_dir(tmp_path, capsys):
+    from sdpo import memory
+
+    assert memory.main([str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def _plan_vs_measured(ckpt):
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    import memory_plan
+
+    args = dict(hidden=256, inter=688, layers=4, heads=4, kv_heads=2, vocab=8000, pairs=4, seq=256,
+                checkpoint=ckpt, fused=True)
+    return memory_plan.planned(args), memory_plan.measure(args)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux RSS")
+def test_plan_within_15_percent_of_measured_peak_rss():
+    """Two AdamW steps of a 7M-parameter float32 model on 2048 tokens, measured in a fresh process:
+    the plan's total is within 15% of the peak RSS growth (bench/memory_plan.py has the table)."""
+    planned, measured = _plan_vs_measured("none")
+    assert 0.85 < planned / measured < 1.15, (planned, measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt", ["every:2", "full"])
+def test_plan_within_15_percent_with_checkpointing(ckpt):
+    planned, measured = _plan_vs_measured(ckpt)
+    assert 0.85 < planned / measured < 1.15, (ckpt, planned, measured)
+
+
+def test_plan_constants_follow_the_kernel():
+    from kernels import fused_linear
+    from sdpo import memory
+
+    assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK) == (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK)

@@ -1,0 +1,233 @@
+"""A memory plan to read before renting GPUs: per-rank bytes of a DPO step, from config.json alone.
+
+    python -m sdpo.memory MODEL_DIR --gpus 8 --gpu-mem-gb 80 --config configs/solar-10.7b-sdpo.toml
+
+Counts what this code keeps alive at the peak of a micro-batch's backward, per rank, with W
+ranks under FSDP2 (sdpo.distributed.apply_fsdp):
+
+  parameters       float32 master weights, sharded:               4·P / W
+  gradients        float32, sharded (reduce-scattered):           4·P / W
+  optimizer state  AdamW m and v (RMSprop: v), float32, sharded:  8·P / W  (4·P / W)
+  unsharded root   embeddings + final norm + lm_head in the compute dtype, kept gathered from
+                   hidden_states until backward (reshard_after_forward=False on the root)
+  blocks in flight FSDP2 gathers a block and prefetches the next; in backward one more for the
+                   block's unsharded gradient: 3 blocks (all L when blocks are not resharded)
+  activations      saved for backward, per token per block (below), x tokens x blocks; a
+                   checkpointed block keeps only its input [T, H], plus one block recomputed;
+                   plus one block's worth for backward's gradients of those intermediates
+  logits           fused: one [c, V] chunk (backward: a chunk, float32 [4096, H] and [R, H]
+                   accumulators); unfused: the [R, V] logits (overwritten by their gradient)
+  reference pass   the no-grad M_{t-1} pass before the policy exists: its own peak, not added
+
+Per token, saved by one block (b = compute dtype bytes, r = residual-stream bytes, Q = heads x
+head_dim, K = kv heads x head_dim, I = intermediate size; SDPA's flash/efficient kernels keep
+q, k, v, out and a float32 log-sum-exp, not the [T, T] scores):
+
+  2 RMSNorms  2·(4H + rH) (r = 2: the fp32 copy and the cast output; r = 4: the input and x·rsqrt)
+  autocast    casts of the norm outputs to b for q/k/v and gate/up: 5·bH when r > b (not cached)
+  RoPE        q, k and their rotated halves: 2b(Q + K)
+  SDPA        q, k, v, out: b(2Q + 2K), log-sum-exp 4·heads; out's [T, Q] copy for o_proj: bQ
+  SwiGLU      gate, up, silu(gate), their product: 4bI
+
+Single process (W = 1): nothing sharded and no FSDP buffers; under bf16 autocast the casts
+of the weights (2·P) live through the step. Headroom: 1 GiB per GPU for the CUDA context and
+kernels, and 10% of the rest for allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from sdpo.model import ModelConfig, checkpoint_every
+
+GIB = 1 << 30
+CONTEXT_BYTES = 1 * GIB        # CUDA context, cuBLAS workspaces, NCCL buffers
+FRAGMENTATION = 0.10           # of the GPU memory left after the context
+CHUNK_ELEMENTS = 1 << 22       # kernels.fused_linear.CHUNK_ELEMENTS and VOCAB_BLOCK (checked in tests/test_memory.py)
+VOCAB_BLOCK = 4096
+
+
+@dataclass
+class Setup:
+    world_size: int = 1
+    micro_batch_size: int = 1          # pairs per forward: 2 rows (chosen, rejected)
+    max_length: int = 1024             # tokens per row (upper bound; packing only lowers it)
+    response_tokens: int | None = None # scored tokens per micro-batch; None: max_length - max_prompt per row
+    max_prompt_length: int = 512
+    tokens_per_micro_batch: int | None = None  # a token budget replaces 2·mbs·max_length
+    bf16: bool = True                  # FSDP bf16 params / bf16 autocast (GPU); False: float32 (CPU)
+    optimizer: str = "adamw"
+    checkpoint: int = 0                # checkpoint_every(): 0 none, 1 full, k every k-th block
+    fused: bool = True
+    reshard_after_forward: bool = True
+
+
+def param_counts(c: ModelConfig) -> dict[str, int]:
+    """Parameter counts: one block, the root (embeddings, final norm, lm_head), total."""
+    H, I, Q, K = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
+        c.num_key_value_heads * c.head_dim
+    attn = H * Q + 2 * H * K + Q * H
+    if c.attention_bias:
+        attn += Q + 2 * K + (H if c.model_type != "qwen2" else 0)
+    block = attn + 3 * H * I + 2 * H
+    root = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + H
+    return {"block": block, "root": root, "total": root + c.num_hidden_layers * block}
+
+
+def activation_bytes_per_token(c: ModelConfig, b: int, r: int) -> int:
+    """Bytes one block saves for backward per token (the table in the module docstring)."""
+    H, I, Q, K = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
+        c.num_key_value_heads * c.head_dim
+    norms = 2 * (4 * H + r * H)
+    casts = 5 * b * H if r > b else 0
+    rope = 2 * b * (Q + K)
+    sdpa = b * (2 * Q + 2 * K) + 4 * c.num_attention_heads + b * Q
+    mlp = 4 * b * I
+    return norms + casts + rope + sdpa + mlp
+
+
+def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
+    """Per-rank bytes of each term at the peak of a policy micro-batch, and of the reference pass."""
+    W, L, V, H = s.world_size, c.num_hidden_layers, c.vocab_size, c.hidden_size
+    n = param_counts(c)
+    P = n["total"]
+    b = 2 if s.bf16 else 4                                   # compute dtype
+    sharded = W > 1
+    r = b if sharded else 4                                  # FSDP casts the params, so the residual stream too
+    tokens = s.tokens_per_micro_batch or 2 * s.micro_batch_size * s.max_length
+    resp = s.response_tokens or 2 * s.micro_batch_size * max(1, s.max_length - s.max_prompt_length)
+    resp = min(resp, tokens)
+    out = {"parameters": 4 * P // W, "gradients": 4 * P // W,
+           "optimizer state": (8 if s.optimizer == "adamw" else 4) * P // W}
+    if sharded:
+        out["unsharded root"] = b * n["root"]
+        out["blocks in flight"] = b * n["block"] * (3 if s.reshard_after_forward else L + 1)
+    else:
+        out["unsharded root"] = 0
+        out["blocks in flight"] = 2 * P if s.bf16 else 0     # autocast's weight casts, kept for backward
+    per_tok = activation_bytes_per_token(c, b, r)
+    k = s.checkpoint
+    kept = 0 if k == 0 else -(-L // k)                       # blocks 0, k, 2k, ... are checkpointed
+    act = tokens * ((L - kept) * per_tok + kept * r * H)     # a checkpointed block keeps its input
+    if kept:
+        act += tokens * per_tok                              # the one block recomputed in backward
+    act += tokens * r * H * 2                                # final norm input and the gathered [R, H] rows
+    act += tokens * per_tok                                  # backward's working set: the gradients of one
+                                                             # block's intermediates have their shapes
+    out["activations"] = act
+    if s.fused:
+        rows = max(1, min(resp, CHUNK_ELEMENTS // V))
+        # forward: one [c, V] chunk; 16-bit backward: a [c', Vb] chunk, the float32 [Vb, H] dW block
+        # and the float32 [R, H] grad-of-hidden accumulator (kernels/fused_linear.py)
+        bwd = 0 if b == 4 else CHUNK_ELEMENTS * b + VOCAB_BLOCK * H * 4 + resp * H * 4
+        out["logits"] = max(rows * V * b, bwd)
+    else:
+        out["logits"] = resp * V * b
+    out["total"] = sum(out.values())
+    # The no-grad reference pass: fp32 shards, the gathered root and blocks, one block's working
+    # set for the micro-batch's tokens, and the logits chunk (or [R, V]).
+    ref = 4 * P // W + (b * n["root"] + 2 * b * n["block"] if sharded else (2 * P if s.bf16 else 0))
+    ref += tokens * (per_tok + 2 * r * H) + (min(resp, CHUNK_ELEMENTS // V + 1) * V * b if s.fused else resp * V * b)
+    out["reference pass"] = ref
+    return out
+
+
+def usable_bytes(gpu_mem_gb: float) -> int:
+    total = int(gpu_mem_gb * 1e9)
+    return int((total - CONTEXT_BYTES) * (1 - FRAGMENTATION))
+
+
+def checkpoint_choices(layers: int) -> list[int]:
+    """Cheapest first: no recomputation, then every k-th block for k = 4, 3, 2, then all."""
+    return [0] + [k for k in (4, 3, 2) if k < layers] + [1]
+
+
+def setting_name(k: int) -> str:
+    return "none" if k == 0 else "full" if k == 1 else f"every:{k}"
+
+
+def cheapest(c: ModelConfig, s: Setup, gpu_mem_gb: float, per_rank_pairs: int) -> tuple[int, int] | None:
+    """(checkpoint k, micro_batch_size) that fits with the least recomputation, then the largest
+    micro-batch (fewer accumulation steps); None if nothing fits."""
+    limit = usable_bytes(gpu_mem_gb)
+    mbs_options = [m for m in (8, 4, 2, 1) if m <= per_rank_pairs and per_rank_pairs % m == 0] or [1]
+    for k in checkpoint_choices(c.num_hidden_layers):
+        for m in mbs_options:
+            p = plan(c, Setup(**{**s.__dict__, "checkpoint": k, "micro_batch_size": m}))
+            if max(p["total"], p["reference pass"]) <= limit:
+                return k, m
+    return None
+
+
+def _gb(x: int) -> str:
+    return f"{x / 1e9:8.2f}"
+
+
+def format_plan(c: ModelConfig, s: Setup, gpu_mem_gb: float, per_rank_pairs: int | None = None) -> str:
+    p = plan(c, s)
+    n = param_counts(c)
+    limit = usable_bytes(gpu_mem_gb)
+    lines = [f"model: {n['total'] / 1e9:.2f}B parameters, {c.num_hidden_layers} blocks, H={c.hidden_size}, "
+             f"V={c.vocab_size}; {s.world_size} rank(s), {'bf16' if s.bf16 else 'float32'} compute, "
+             f"{s.optimizer}, micro_batch_size {s.micro_batch_size}, max_length {s.max_length}, "
+             f"checkpointing {setting_name(s.checkpoint)}, {'fused' if s.fused else 'unfused'} logits",
+             "", "| per rank | GB |", "| --- | ---: |"]
+    for key in ("parameters", "gradients", "optimizer state", "unsharded root", "blocks in flight",
+                "activations", "logits", "total", "reference pass"):
+        lines.append(f"| {key} | {_gb(p[key]).strip()} |")
+    verdict = "fits" if max(p["total"], p["reference pass"]) <= limit else "does NOT fit"
+    lines += ["", f"usable per GPU: {limit / 1e9:.2f} GB of {gpu_mem_gb:g} GB (1 GiB context, 10% fragmentation) "
+                  f"-> {verdict}", "", "| checkpointing | activations GB | total GB | fits |", "| --- | ---: | ---: | --- |"]
+    for k in checkpoint_choices(c.num_hidden_layers):
+        q = plan(c, Setup(**{**s.__dict__, "checkpoint": k}))
+        lines.append(f"| {setting_name(k)} | {_gb(q['activations']).strip()} | {_gb(q['total']).strip()} | "
+                     f"{'yes' if max(q['total'], q['reference pass']) <= limit else 'no'} |")
+    if not s.fused:
+        q = plan(c, Setup(**{**s.__dict__, "fused": True}))
+        lines.append(f"\nwith model.fused_logprobs = true the logits take {q['logits'] / 1e9:.2f} GB")
+    if per_rank_pairs:
+        best = cheapest(c, s, gpu_mem_gb, per_rank_pairs)
+        lines.append("" if best is None else
+                     f"\ncheapest setting that fits ({per_rank_pairs} pairs per rank per optimizer step): "
+                     f"activation_checkpointing = \"{setting_name(best[0])}\", micro_batch_size = {best[1]}")
+        if best is None:
+            lines.append(f"\nno checkpointing setting fits with micro_batch_size 1 on {gpu_mem_gb:g} GB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdpo.memory", description=__doc__.split("\n")[0])
+    ap.add_argument("model_dir", help="HF model directory (only config.json is read)")
+    ap.add_argument("--gpus", type=int, default=8, help="ranks (FSDP2 world size)")
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--config", help="training TOML: micro batch, lengths, checkpointing, fused logits, optimizer")
+    ap.add_argument("overrides", nargs="*", help="--section.key=value, as train.py")
+    args, extra = ap.parse_known_args(argv)
+    from sdpo.checkpoint import CheckpointError, load_model_config
+    from sdpo.config import ConfigError, load_config
+
+    try:
+        c = load_model_config(args.model_dir)
+        cfg = load_config(args.config, list(args.overrides) + extra, validate=False)
+        k = checkpoint_every(cfg.model.activation_checkpointing)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"sdpo.memory: {e}", file=sys.stderr)
+        return 2
+    if args.gpus < 1 or args.gpu_mem_gb <= 0:
+        print("sdpo.memory: --gpus must be >= 1 and --gpu-mem-gb > 0", file=sys.stderr)
+        return 2
+    t, d = cfg.train, cfg.data
+    prompt = d.max_prompt_length if d.max_prompt_length is not None else d.max_length // 2
+    s = Setup(world_size=args.gpus, micro_batch_size=t.micro_batch_size, max_length=d.max_length,
+              max_prompt_length=prompt, tokens_per_micro_batch=getattr(t, "tokens_per_micro_batch", None),
+              bf16=t.precision != "fp32", optimizer=cfg.optim.name, checkpoint=k,
+              fused=cfg.model.fused_logprobs, reshard_after_forward=t.reshard_after_forward)
+    per_rank = max(1, t.global_batch_size // args.gpus)
+    print(format_plan(c, s, args.gpu_mem_gb, per_rank))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
