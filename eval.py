@@ -414,6 +414,9 @@ def main(argv=None) -> int:
             PlotError) as e:
         print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unreadable input, unwritable output, full disk: the path, not a traceback
+        print(f"eval.py {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     python train.py --config ... --resume             # continue a killed run in its output_dir
 
 Any config key can be overridden as --section.key=value (see `python train.py --help`).
-Exit codes: 0 done, 1 training error (e.g. a non-finite loss), 2 bad config or input,
+Exit codes: 0 done, 1 training error (e.g. a non-finite loss) or a file that cannot be
+read or written, 2 bad config or input (also a damaged run directory on --resume),
 3 stopped by train.stop_after.
 """
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, OSError) as e:  # OSError: a path that cannot be read or written, named in e
         print(f"error: {e}", file=sys.stderr)
         return 1
     except StopRequested as e:

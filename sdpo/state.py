@@ -49,8 +49,9 @@ STATE = "state"
 PROGRESS = "progress.json"
 METRICS = "metrics.jsonl"
 # Keys that may change between a run and its --resume without changing the result.
+# output_dir: a run directory moved (or copied) elsewhere resumes there.
 RESUME_MAY_CHANGE = {("train", "resume"), ("train", "stop_after"), ("train", "log_every"), ("train", "save_every"),
-                     ("eval", "summary"), ("eval", "batch_size"), ("train", "ref_batch_size")}
+                     ("eval", "summary"), ("eval", "batch_size"), ("train", "ref_batch_size"), ("train", "output_dir")}
 # Written to a temporary name and renamed: a kill can leave these.
 SMALL_TEMPS = (f".{PROGRESS}.tmp", f".{METRICS}.tmp")
 
