@@ -163,7 +163,10 @@ def save_state(run: Run, model, optimizer, meta: dict) -> None:
 def recover(run: Run) -> None:
     """Rank 0 tidies what a kill left (module docstring); everyone waits for it."""
     if run.info.is_main:
-        _recover(run)
+        try:
+            _recover(run)
+        except DamagedRunError:
+            pass  # every rank raises it next, from read_progress / load_state_meta: none waits at a barrier
     D.barrier()
 
 
