@@ -221,3 +221,21 @@ def test_a_failing_metrics_write_names_the_path(tmp_path):
 def test_non_finite_config_values_are_refused(tmp_path, arg, key):
     with pytest.raises(ConfigError, match=rf"{key} must be finite"):
         cfg_for(tmp_path, arg)
+
+
+def test_disk_full_during_a_state_save_keeps_the_previous_state(tmp_path, monkeypatch):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    run = fake_run(tmp_path)
+    state.save_state(run, model, opt, {"stage": ["sft", 0], "step": 1, "global_step": 1})
+    assert state.load_state_meta(tmp_path)["step"] == 1  # the DCP index and its shard check out
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state.dcp, "save", full)
+    with pytest.raises(TrainingError, match=r"cannot write the resumable state to .*\.state\.tmp: .*No space left"):
+        state.save_state(run, model, opt, {"stage": ["sft", 0], "step": 2, "global_step": 2})
+    assert state.load_state_meta(tmp_path)["step"] == 1
