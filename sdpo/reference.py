@@ -19,37 +19,47 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdpo import distributed as D
-from sdpo.logprobs import concatenated_forward
-from sdpo.packing import collate
+from sdpo.logprobs import pair_forward
+from sdpo.packing import collate, micro_batches, pack, pack_options, pair_cost
 from sdpo.run import Run, free_memory, load_for_training, log, to_device
 
 
 @torch.no_grad()
 def pair_logps(model, pairs, *, pad_id: int, batch_size: int, device=None, autocast_dtype=None,
-               rank: int = 0, world_size: int = 1, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+               rank: int = 0, world_size: int = 1, progress=None, packing: bool = True, share_prompt: bool = True,
+               max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen [N], rejected [N], float32 CPU) of TokenizedPairs, in order.
 
-    With world_size W > 1, rank r scores pairs r, r+W, r+2W, ... and the results are gathered;
-    every rank runs the same number of forwards (FSDP all-gathers are collective), padding
-    its last batch with a repeat of pair 0."""
+    Forwards of at most batch_size pairs and max_tokens packed tokens, packed as data.packing /
+    data.share_prompt say (both False: padded rows). With world_size W > 1, rank r scores pairs
+    r, r+W, r+2W, ... and the results are gathered; every rank runs the same number of forwards
+    (FSDP all-gathers are collective), padding its share with repeats of pair 0 and cutting its
+    share into as many forwards as the rank that needs most."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    mine = list(range(rank, len(pairs), world_size))
+    opts = pack_options(packing=packing, share_prompt=share_prompt, device=device)
+    costs = [pair_cost(p, opts is not None and opts["share_prompt"]) for p in pairs]
     per_rank = -(-len(pairs) // world_size)
-    padded = mine + [0] * (per_rank - len(mine))
+    shares = [list(range(r, len(pairs), world_size)) for r in range(world_size)]
+    shares = [ids + [0] * (per_rank - len(ids)) for ids in shares]
+    cut = lambda ids, n=0: micro_batches(ids, costs, max_pairs=batch_size, max_tokens=max_tokens, min_count=n)  # noqa: E731
+    plan = cut(shares[rank], max(len(cut(ids)) for ids in shares)) if pairs else []
+    mine = len(range(rank, len(pairs), world_size))
     chosen, rejected = [], []
     was_training = model.training
     model.eval()
-    for s in range(0, len(padded), batch_size):
-        batch = to_device(collate([pairs[i] for i in padded[s:s + batch_size]], pad_id=pad_id), device)
+    for chunk in plan:
+        chunk_pairs = [pairs[i] for i in chunk]
+        batch = collate(chunk_pairs, pad_id=pad_id) if opts is None else pack(chunk_pairs, pad_id=pad_id, **opts)
+        batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            c, r = concatenated_forward(model, batch)
+            c, r = pair_forward(model, batch)
         chosen.append(c.logps.float())  # kept on the device: a .cpu() here would sync every batch
         rejected.append(r.logps.float())
         if progress is not None:
-            progress.update(len(batch["input_ids"]) // 2)
+            progress.update(len(chunk))
     model.train(was_training)
     D.reshard_root(model)  # no backward follows to free the root's gathered params (FSDP)
-    chosen, rejected = torch.cat(chosen)[: len(mine)].cpu(), torch.cat(rejected)[: len(mine)].cpu()
+    chosen, rejected = torch.cat(chosen)[:mine].cpu(), torch.cat(rejected)[:mine].cpu()
     full_c, full_r = torch.empty(len(pairs)), torch.empty(len(pairs))
     for r, (c, rj) in enumerate(D.all_gather_objects((chosen, rejected))):
         full_c[r::world_size], full_r[r::world_size] = c, rj
@@ -58,8 +68,11 @@ def pair_logps(model, pairs, *, pad_id: int, batch_size: int, device=None, autoc
 
 def run_pair_logps(run: Run, model, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pair_logps with this run's tokenizer, device, precision and ranks."""
+    d, t = run.cfg.data, run.cfg.train
     return pair_logps(model, pairs, pad_id=run.tokenizer.pad_id, batch_size=batch_size, device=run.info.device,
-                      autocast_dtype=run.autocast_dtype, rank=run.info.rank, world_size=run.info.world_size)
+                      autocast_dtype=run.autocast_dtype, rank=run.info.rank, world_size=run.info.world_size,
+                      packing=d.packing, share_prompt=d.share_prompt,
+                      max_tokens=t.ref_tokens_per_batch or t.tokens_per_micro_batch)
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -85,8 +98,10 @@ def cache_key(run: Run, model_dir: str | Path, pairs) -> str:
     # FSDP's bf16 parameters (world size > 1 on GPU) give other numbers than float32 weights
     # under bf16 autocast, so they key differently.
     params = "fsdp-bf16" if run.info.distributed and run.autocast_dtype is not None else "fp32"
+    # Packed rows sum in another order than padded ones (equal to float32 rounding, not bit for bit).
+    rows = f"packing={run.cfg.data.packing},share_prompt={run.cfg.data.share_prompt}"
     return hashlib.sha256("|".join([weights_fingerprint(model_dir), pairs_fingerprint(pairs), str(run.autocast_dtype),
-                                    params, run.info.device.type]).encode()).hexdigest()[:24]
+                                    params, run.info.device.type, rows]).encode()).hexdigest()[:24]
 
 
 def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 
 import pytest
@@ -268,6 +269,14 @@ def test_packed_run_equals_the_padded_run(tmp_path, monkeypatch, packed_args):
     a, b = runs["padded"], runs["packed"]
     moved = max(float((a[k] - load_file(str(tmp_path / "padded" / "sft" / "model.safetensors"))[k]).abs().max())
                 for k in a)
-    assert moved > 1e-3  # DPO really changed the weights
+    assert moved > 3e-3  # DPO really changed the weights (3 steps at lr 1e-3)
+    # Adam divides by sqrt(v): where a gradient is ~0, float32 rounding noise becomes an update
+    # of up to lr, so weights agree to a fraction of lr (1e-3), and the logged losses to 1e-4.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    rows = {name: [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                   if r.get("stage") == "dpo"] for name in runs}
+    assert len(rows["packed"]) == len(rows["padded"]) == 2  # one line per sDPO step (log_every 10)
+    for x, y in zip(rows["packed"], rows["padded"]):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
