@@ -78,7 +78,7 @@ class DataSection:
     # Throughput (exact: the same log-probs as padded rows). packing: several pairs per row,
     # no padding; share_prompt: one row segment prompt | chosen | rejected per pair.
     packing: bool = True
-    share_prompt: bool = True
+    share_prompt: bool = True             # packing off: one padded row prompt | chosen | rejected per pair
     # Held-out sets (one per sDPO step, same order) for the end-of-run summary table.
     test_datasets: list[str] = field(default_factory=list)
     max_test_examples: int | None = None
