@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdpo.data import SPLIT_STRATEGIES
-from sdpo.loss import check_loss_options
+from sdpo.loss import REFERENCE_FREE_TYPES, check_loss_options
 from sdpo.lora import LORA_TARGETS
 from sdpo.model import checkpoint_every
 
@@ -43,14 +45,14 @@ class ModelSection:
     chat_template: str | None = None    # None -> tokenizer_config.json's; else a name in CHAT_TEMPLATES or jinja text
     # Random-init sizes (used only when path is None).
     hidden_size: int = 64
-    intermediate_size: int = 176
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 1024
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
+    intermediate_size: int = 176          # MLP width (random init)
+    num_hidden_layers: int = 2            # blocks (random init)
+    num_attention_heads: int = 4          # query heads (random init)
+    num_key_value_heads: int | None = None  # key/value heads for GQA; None: = num_attention_heads
+    max_position_embeddings: int = 1024   # context length (random init)
+    tie_word_embeddings: bool = False     # lm_head shares the embedding matrix (random init)
+    rope_theta: float = 10000.0           # RoPE base (random init)
+    init_std: float = 0.02                # std of the normal init (random init)
     # Recompute block activations in backward: "none", "full" (every block) or "every:K" (blocks
     # 0, K, 2K, ...; the int K works too; old configs' true / false mean full / none). The
     # cheapest setting that fits: python -m sdpo.memory MODEL_DIR --config FILE.
@@ -67,12 +69,12 @@ class DataSection:
     # dataset t is D_t; other strategies pool them and cut by `fractions`.
     datasets: list[str] = field(default_factory=list)
     split: str = "natural"              # natural | random | stratified | easy_to_hard | all
-    fractions: list[float] | None = None
-    schema: str = "auto"
+    fractions: list[float] | None = None  # share of the pooled data per sDPO step (random / stratified / easy_to_hard)
+    schema: str = "auto"                  # auto | generic | orca | ultrafeedback | conversational
     on_error: str = "fail"              # fail | skip
-    max_length: int = 1024
+    max_length: int = 1024                # tokens per pair: prompt + the longer response
     max_prompt_length: int | None = None  # None: max_length // 2 (valid for any max_length)
-    truncation: str = "keep_end"
+    truncation: str = "keep_end"          # keep_end | keep_start: which end of a long prompt stays
     max_examples: int | None = None     # cap per sDPO step after the split (smoke runs)
     group_by_length: bool = False       # sort by length within mega-batches (less padding when packing is off)
     # Throughput (exact: the same log-probs as padded rows). packing: several pairs per row,
@@ -81,7 +83,7 @@ class DataSection:
     share_prompt: bool = True             # packing off: one padded row prompt | chosen | rejected per pair
     # Held-out sets (one per sDPO step, same order) for the end-of-run summary table.
     test_datasets: list[str] = field(default_factory=list)
-    max_test_examples: int | None = None
+    max_test_examples: int | None = None  # cap per held-out set (smoke runs)
 
     @property
     def prompt_length(self) -> int:
@@ -94,44 +96,52 @@ class LossSection:
     # One name from sdpo.loss.LOSS_TYPES, or several joined by "+" whose losses are summed
     # with `weights` (e.g. "sigmoid+sft"; "sft" is the chosen-response NLL per token).
     type: str = "sigmoid"
-    beta: float = 0.1
+    beta: float = 0.1                     # β: inverse strength of the KL anchor to the reference
     label_smoothing: float = 0.0        # ε: cDPO for sigmoid, rDPO for robust, EXO's target
     weights: list[float] | None = None  # one per type in `type`; None: 1 each
     rpo_alpha: float | None = None      # RPO: + α · (chosen NLL per token)
     reference_free: bool = False        # reference log-probs taken as 0 (γ_ref is still logged)
     length_normalize: bool = False      # IPO on per-token mean log-probs (Zephyr/TRL practice)
+    simpo_gamma: float = 0.5            # SimPO's target margin γ
+    discopop_tau: float = 0.05          # DiscoPOP's modulation temperature τ
+    cpo_alpha: float = 1.0              # weight of CPO's NLL term
 
     @property
     def types(self) -> list[str]:
         return self.type.split("+")
 
+    @property
+    def needs_reference(self) -> bool:
+        """False for SimPO, CPO and ORPO alone: the reference pass is skipped."""
+        return not REFERENCE_FREE_TYPES.issuperset(self.types)
+
 
 @dataclass
 class OptimSection:
     name: str = "adamw"                 # adamw | rmsprop
-    lr: float = 5e-7
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = 5e-7                      # peak learning rate of the DPO steps
+    weight_decay: float = 0.0             # decoupled weight decay on matrices (AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
+    eps: float = 1e-8                     # Adam / RMSprop ε
     alpha: float = 0.99                 # RMSprop smoothing constant
     schedule: str = "linear"            # constant | linear | cosine (after warmup), restarted per sDPO step
-    warmup_ratio: float = 0.1
-    max_grad_norm: float | None = None  # None: no clipping
+    warmup_ratio: float = 0.1             # share of each step's optimizer steps spent warming up
+    max_grad_norm: float | None = None  # None: no clipping (the paper configs set 1.0, transformers' Trainer default)
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/default"
-    seed: int = 42
+    output_dir: str = "runs/default"      # run directory (see README: what it holds)
+    seed: int = 42                        # data order, splits and random init
     global_batch_size: int = 32         # pairs per optimizer step, summed over ranks and accumulation
     micro_batch_size: int = 1           # pairs per forward on one rank
-    epochs: int = 1                     # passes over D_t per sDPO step
+    epochs: int = 3                     # passes over D_t per sDPO step (Zephyr-7B-β: 3)
     max_steps: int | None = None        # cap on optimizer steps per sDPO step (smoke runs)
     init: str = "previous"              # previous: policy starts from M_{t-1}; base: from S (Figure 3)
     precision: str = "auto"             # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"                # auto | cpu | cuda
     save_every: int | None = None       # resumable state every N optimizer steps; None: only at step ends
-    log_every: int = 1
+    log_every: int = 1                    # optimizer steps per metrics line (values are means over the window)
     resume: bool = False                # also `--resume`
     ref_cache_dir: str | None = None    # None -> <output_dir>/ref_cache
     ref_batch_size: int | None = None   # pairs per no-grad reference forward; None -> micro_batch_size
@@ -152,21 +162,21 @@ class SFTSection:
     # Preference files whose chosen responses S is trained on; empty: data.datasets (all steps).
     # The paper's S never saw the preference data; a separate set keeps that property.
     datasets: list[str] = field(default_factory=list)
-    lr: float = 1e-3
-    epochs: int = 1
-    max_steps: int | None = None
-    global_batch_size: int = 16
-    micro_batch_size: int = 16
-    warmup_ratio: float = 0.0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
+    lr: float = 1e-3                      # peak learning rate
+    epochs: int = 1                       # passes over the SFT data
+    max_steps: int | None = None          # cap on optimizer steps (smoke runs)
+    global_batch_size: int = 16           # sequences per optimizer step
+    micro_batch_size: int = 16            # sequences per forward on one rank
+    warmup_ratio: float = 0.0             # share of the steps spent warming up
+    schedule: str = "cosine"              # constant | linear | cosine (after warmup)
+    weight_decay: float = 0.0             # decoupled weight decay on matrices
 
 
 @dataclass
 class EvalSection:
     # After training: preference accuracy and mean gamma of S, M_1..M_T on data.test_datasets.
     summary: bool = False
-    batch_size: int = 16
+    batch_size: int = 16                  # pairs per no-grad forward of the summary
 
 
 @dataclass
@@ -400,6 +410,9 @@ def validate_config(cfg: Config) -> None:
     problems += check_loss_options(lo.types, lo.weights, lo.beta, lo.label_smoothing, names=LOSS_OPTION_NAMES)
     need(lo.rpo_alpha is None or lo.rpo_alpha >= 0, f"loss.rpo_alpha must be >= 0 (or unset), got {lo.rpo_alpha}")
     need(not lo.length_normalize or "ipo" in lo.types, "loss.length_normalize applies to the 'ipo' type only")
+    need(math.isfinite(lo.simpo_gamma), f"loss.simpo_gamma must be finite, got {lo.simpo_gamma}")
+    need(lo.discopop_tau > 0 and math.isfinite(lo.discopop_tau), f"loss.discopop_tau must be > 0, got {lo.discopop_tau}")
+    need(lo.cpo_alpha >= 0 and math.isfinite(lo.cpo_alpha), f"loss.cpo_alpha must be >= 0, got {lo.cpo_alpha}")
 
     need(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
@@ -549,8 +562,30 @@ def non_defaults(cfg: Config) -> list[str]:
     return [f"{s}.{k} = {v!r}" for s in now for k, v in now[s].items() if v != default[s][k]]
 
 
+def key_help(cls) -> dict[str, str]:
+    """key -> its one-line meaning: the comment on the field's line, else the comment block above it
+    (the dataclass source is the one place each key is documented)."""
+    out, block = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            block.append(text.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", text)
+        if m and m.group(1) in cls.__dataclass_fields__:
+            out[m.group(1)] = m.group(2) or " ".join(block)
+        block = [] if not text.startswith("#") else block
+    return out
+
+
 def _usage() -> str:
-    lines = ["usage: train.py [--config FILE] [--resume] [--section.key=value ...]", "", "sections and keys:"]
+    lines = ["usage: train.py [--config FILE] [--resume] [--section.key=value ...]", "",
+             "keys (default, then meaning); any of them as --section.key=value:"]
     for name, cls in _sections().items():
-        lines.append(f"  [{name}] " + ", ".join(_hints(cls)))
+        lines.append(f"  [{name}]")
+        meanings = key_help(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            meaning = meanings.get(f.name, "").split(". ")[0].rstrip(".")  # the first sentence
+            lines.append(f"    {name}.{f.name} = {default!r}".ljust(44) + f"  {meaning}".rstrip())
     return "\n".join(lines)

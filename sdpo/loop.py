@@ -19,7 +19,7 @@ import torch
 from sdpo import distributed as D
 from sdpo.config import Config
 from sdpo.logprobs import packed_sequence_logps, pair_forward, sequence_logps
-from sdpo.loss import preference_loss
+from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.packing import batch_schedule, collate, micro_batches, pack, pack_options, pair_cost
 from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
 from sdpo.state import STATE, load_state, save_state, write_metrics
@@ -65,14 +65,16 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected):
     lo = cfg.loss
     idx = batch["index"]  # [B] long, on the device
     policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
-    needs_nll = "sft" in lo.types or lo.rpo_alpha is not None
+    needs_nll = bool(NEEDS_NLL.intersection(lo.types)) or lo.rpo_alpha is not None
+    needs_lengths = lo.length_normalize or bool(NEEDS_LENGTHS.intersection(lo.types))
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
         loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
         reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
         policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
-        chosen_lengths=policy_chosen.counts if lo.length_normalize else None,
-        rejected_lengths=policy_rejected.counts if lo.length_normalize else None)
+        chosen_lengths=policy_chosen.counts if needs_lengths else None,
+        rejected_lengths=policy_rejected.counts if needs_lengths else None,
+        simpo_gamma=lo.simpo_gamma, discopop_tau=lo.discopop_tau, cpo_alpha=lo.cpo_alpha)
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
                          (chosen_rewards - rejected_rewards).sum(),

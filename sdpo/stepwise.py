@@ -84,13 +84,17 @@ def train(cfg: Config) -> dict:
         if f"M{t}" in progress["done"]:
             prev = str(out_t)
             continue
-        # The reference is M_{t-1}: scored once over D_t, then dropped from memory.
-        ref = reference_logps(run, prev, pairs, f"sDPO step {t}/{len(steps)}")
-        gamma_ref = float(gamma(*ref).mean())  # the paper's Figure 2 statistic, of this step's reference
-        if not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):  # else already written
-            write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma_ref,
-                                "reference": str(prev), "pairs": len(pairs)})
-        log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {prev}, gamma_ref/mean {gamma_ref:.3f}")
+        if cfg.loss.needs_reference:
+            # The reference is M_{t-1}: scored once over D_t, then dropped from memory.
+            ref = reference_logps(run, prev, pairs, f"sDPO step {t}/{len(steps)}")
+            gamma_ref = float(gamma(*ref).mean())  # the paper's Figure 2 statistic, of this step's reference
+            if not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):  # else already written
+                write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma_ref,
+                                    "reference": str(prev), "pairs": len(pairs)})
+            log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {prev}, "
+                     f"gamma_ref/mean {gamma_ref:.3f}")
+        else:  # SimPO, CPO, ORPO: no reference model is loaded at all
+            ref = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         # The policy starts from M_{t-1} too (train.init = "base": from S).
         start = prev if cfg.train.init == "previous" else base
         model = load_for_training(run, start, lora=cfg.lora.enabled)  # adapters on the policy only

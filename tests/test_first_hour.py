@@ -64,3 +64,19 @@ def test_plain_dpo_on_an_hf_directory_and_a_jsonl(user_model, tmp_path, capsys, 
     dpo = [r for r in rows if r.get("stage") == "dpo"]
     assert len(dpo) == 2 and dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert (out / "M1" / "config.json").is_file() and not (out / "sft").exists()
+
+
+def test_help_lists_every_key_with_a_meaning(capsys):
+    import dataclasses
+
+    from sdpo.config import _sections, key_help
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name, cls in _sections().items():
+        meanings = key_help(cls)
+        for f in dataclasses.fields(cls):
+            assert meanings.get(f.name), f"{name}.{f.name} has no comment in sdpo/config.py"
+            assert f"{name}.{f.name} = " in text
