@@ -15,6 +15,7 @@ alone (`recover`) puts every such layout back into one consistent state before a
 reads it:
 
     .state.tmp/                    an interrupted save                      -> removed
+    state/ without meta.json       an interrupted deletion                  -> removed
     .state.old/ next to state/     killed before the old state was deleted  -> removed
     .state.old/ without state/     killed between the two renames           -> becomes state/
     state/ of a finished stage     killed between progress.json and cleanup -> removed
@@ -41,6 +42,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sdpo import distributed as D
+from sdpo import tracking
 from sdpo.checkpoint import TEMP_DIR
 from sdpo.config import ConfigError, config_to_dict, load_config, save_config
 from sdpo.run import Run, TrainingError, log
@@ -64,6 +66,7 @@ def write_metrics(run: Run, row: dict) -> None:
     if run.info.is_main:
         with _writing(run.out / METRICS), open(run.out / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
+        tracking.log_row(run.out, run.cfg.train.report_to, row)  # TensorBoard, when asked for
 
 
 @contextlib.contextmanager
@@ -190,7 +193,11 @@ def _recover(run: Run) -> None:
         else:
             _rmtree(old)
     meta = final / "meta.json"
-    if meta.is_file():
+    if final.exists() and not meta.is_file():
+        # Only an interrupted rmtree leaves this: a save renames a complete .state.tmp into place.
+        log(run, f"resume: removing {final}, left half-deleted")
+        _rmtree(final)
+    elif meta.is_file():
         stage = _read_meta(out).get("stage")
         name = "sft" if stage == ["sft", 0] else f"M{stage[1]}"
         if name in read_progress(out)["done"]:

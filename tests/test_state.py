@@ -78,7 +78,6 @@ def cut_after(path: Path, text: str):
 @pytest.mark.parametrize("damage,file,why", [
     (lambda d: truncate(d / "state" / "meta.json"), "state/meta.json", "not readable as JSON"),
     (lambda d: (d / "state" / "meta.json").write_text('{"stage": "dpo"}'), "state/meta.json", "expected"),
-    (lambda d: (d / "state" / "meta.json").unlink(), "state/meta.json", "missing"),
     (lambda d: (d / "state" / "__0_0.distcp").unlink(), "state/__0_0.distcp", "missing: the checkpoint index"),
     (lambda d: truncate(d / "state" / "__0_0.distcp"), "state/__0_0.distcp", "truncated"),
     (lambda d: (d / "state" / ".metadata").unlink(), "state/.metadata", "not a readable checkpoint index"),
@@ -131,6 +130,13 @@ def test_recover_keeps_the_new_state_and_drops_the_old(tmp_path):
     make_state(tmp_path / ".state.old", tag="old")
     state.recover(fake_run(tmp_path))
     assert (tmp_path / "state" / "tag").read_text() == "new" and not (tmp_path / ".state.old").exists()
+
+
+def test_recover_removes_a_half_deleted_state(tmp_path):
+    make_state(tmp_path / "state")
+    (tmp_path / "state" / "meta.json").unlink()  # rmtree killed after meta.json, before the rest
+    state.recover(fake_run(tmp_path))
+    assert not (tmp_path / "state").exists()
 
 
 def test_recover_between_the_renames_falls_back_to_the_old_state(tmp_path):
