@@ -45,8 +45,9 @@ from sdpo.model import ModelConfig, checkpoint_every
 GIB = 1 << 30
 CONTEXT_BYTES = 1 * GIB        # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 0.10           # of the GPU memory left after the context
-CHUNK_ELEMENTS = 1 << 22       # kernels.fused_linear.CHUNK_ELEMENTS and VOCAB_BLOCK (checked in tests/test_memory.py)
+CHUNK_ELEMENTS = 1 << 22       # kernels.fused_linear's CHUNK_ELEMENTS, VOCAB_BLOCK, MIN_ROWS (checked in tests/test_memory.py)
 VOCAB_BLOCK = 4096
+MIN_ROWS = 192
 
 
 @dataclass
@@ -118,7 +119,7 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
                                                              # block's intermediates have their shapes
     out["activations"] = act
     if s.fused:
-        rows = max(1, min(resp, CHUNK_ELEMENTS // V))
+        rows = max(1, min(resp, max(MIN_ROWS, CHUNK_ELEMENTS // V)))
         # forward: one [c, V] chunk; 16-bit backward: a [c', Vb] chunk, the float32 [Vb, H] dW block
         # and the float32 [R, H] grad-of-hidden accumulator (kernels/fused_linear.py)
         bwd = 0 if b == 4 else CHUNK_ELEMENTS * b + VOCAB_BLOCK * H * 4 + resp * H * 4
@@ -129,7 +130,7 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
     # The no-grad reference pass: fp32 shards, the gathered root and blocks, one block's working
     # set for the micro-batch's tokens, and the logits chunk (or [R, V]).
     ref = 4 * P // W + (b * n["root"] + 2 * b * n["block"] if sharded else (2 * P if s.bf16 else 0))
-    ref += tokens * (per_tok + 2 * r * H) + (min(resp, CHUNK_ELEMENTS // V + 1) * V * b if s.fused else resp * V * b)
+    ref += tokens * (per_tok + 2 * r * H) + (min(resp, max(MIN_ROWS, CHUNK_ELEMENTS // V)) * V * b if s.fused else resp * V * b)
     out["reference pass"] = ref
     return out
 

@@ -165,4 +165,5 @@ def test_plan_constants_follow_the_kernel():
     from kernels import fused_linear
     from sdpo import memory
 
-    assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK) == (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK)
+    assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK, memory.MIN_ROWS) == \
+        (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK, fused_linear.MIN_ROWS)
