@@ -36,7 +36,8 @@ def test_collate_layout():
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0], list(range(8)), [0, 1, 2, 3, 4, 5, 6, 0],
                                           [0, 1, 2, 3, 0, 0, 0, 0]]
     assert b["index"].tolist() == [5, 9]
-    assert all(t.dtype == torch.long for t in b.values())
+    assert all(t.dtype == torch.long for t in b.values() if isinstance(t, torch.Tensor))
+    assert b["right_padded"] is True and b["token_range"] == (0, 34)  # host facts: Python values
 
 
 def test_collate_pad_to_multiple_and_pad_equal_to_eos():
@@ -280,3 +281,42 @@ def test_packed_run_equals_the_padded_run(tmp_path, monkeypatch, packed_args):
     for x, y in zip(rows["packed"], rows["padded"]):
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_torchrun_token_budget_two_ranks_equal_one_process(tmp_path):
+    """A token budget cuts each rank's share into its own number of micro-batches; every rank
+    runs as many forwards as the busiest (else FSDP's collectives hang), and the result is the
+    one-process run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from sdpo.config import load_config
+    from sdpo.stepwise import train
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
+            "--model.num_attention_heads=2", "--data.max_examples=16", "--sft.max_steps=2",
+            "--sft.global_batch_size=16", "--sft.micro_batch_size=8", "--train.global_batch_size=8",
+            "--train.micro_batch_size=4", "--train.tokens_per_micro_batch=90", "--train.epochs=1",
+            "--eval.summary=false", "--train.device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(repo / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    old = os.getcwd()
+    os.chdir(repo)
+    try:
+        train(load_config(repo / "configs" / "tiny.toml", args + [f"--train.output_dir={tmp_path / 'one'}"]))
+    finally:
+        os.chdir(old)
+    for d in ("M1", "M2"):
+        a = load_file(str(tmp_path / "one" / d / "model.safetensors"))
+        b = load_file(str(tmp_path / "two" / d / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{d}/{k}: {m}")
