@@ -16,6 +16,11 @@ z the biggest activation in the step. So we run the model to the final hidden st
 lm_head only to those: the [N, T, V] logits are never materialised. With fused=True
 (the default; config model.fused_logprobs) not even [R, V]: lm_head and the log-softmax
 run together in chunks of rows (kernels.linear_token_logprobs), [chunk, V] at a time.
+
+Packed rows (sdpo.packing.pack, packed_forward): the shift is done on the CPU instead.
+The batch carries the flat position of the hidden state that predicts each scored token
+([R]; the last prompt position twice, for the first chosen and the first rejected token)
+and the targets; everything after the gather is the same as above.
 """
 
 from __future__ import annotations
