@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+
+from sdpo.generate import generate
 from sdpo.metrics import gamma, preference_accuracy, reward_accuracy
 from sdpo.reference import run_pair_logps
-from sdpo.run import Run, free_memory, load_for_training
+from sdpo.run import Run, autocast, free_memory, load_for_training
 
 
 class Progress:
@@ -96,15 +98,40 @@ def write_histogram_csv(hist: dict, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# End-of-run summary: preference accuracy and mean γ of S, M_1..M_T on the held-out sets
+# End-of-run summary: preference accuracy, mean γ and greedy exact match of S, M_1..M_T
+# on the held-out sets
 # --------------------------------------------------------------------------------------
+
+def exact_match(model, pairs, tokenizer, *, batch_size: int, max_positions: int | None = None) -> list[bool]:
+    """Per pair: does the greedy completion of its prompt decode to the chosen response's text?
+    The task metric of tasks with one right answer (the demo's): unlike γ or reward accuracy, it
+    is not what DPO optimises, so it shows whether the preferences taught the task.
+    A batch decodes len(longest chosen) + 1 tokens: enough to tell a completion that matches
+    (it stops there) from one that runs on; max_positions caps prompt + completion."""
+    eos = tokenizer.eos_id
+    strip_eos = lambda ids: ids[:-1] if ids and ids[-1] == eos else ids  # noqa: E731
+    hits = []
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i: i + batch_size]
+        answers = [strip_eos(list(p.chosen_ids)) for p in batch]
+        n_new = max(len(a) for a in answers) + 1
+        if max_positions is not None:
+            n_new = max(1, min(n_new, max_positions - max(len(p.prompt_ids) for p in batch)))
+        out = generate(model, [list(p.prompt_ids) for p in batch], max_new_tokens=n_new, eos_id=eos,
+                       pad_id=tokenizer.pad_id or 0)
+        # text, not ids: a completion spelled with other tokens is still the right answer
+        hits += [tokenizer.decode(o).strip() == tokenizer.decode(a).strip() for o, a in zip(out, answers)]
+    return hits
+
 
 def summarize(run: Run, named_dirs: list[tuple[str, str]], tests) -> dict:
     """Per model and held-out set:
     accuracy     P[log π(y_w|x) > log π(y_l|x)]: does the model itself rank the pair right;
     gamma_mean   mean γ = log π(y_w|x) - log π(y_l|x), the paper's Figure 2 statistic;
     reward_accuracy_vs_S  DPO's implicit-reward accuracy with S as reference (DPO eq. 5):
-                 P[(log π - log π_S)(y_w) > (log π - log π_S)(y_l)] (not defined for S itself)."""
+                 P[(log π - log π_S)(y_w) > (log π - log π_S)(y_l)] (not defined for S itself);
+    exact_match  share of prompts whose greedy completion is the chosen response (exact_match()).
+    Every rank decodes every prompt (an FSDP model needs all ranks in each forward)."""
     table, base_logps = {}, None
     for name, d in named_dirs:
         model = load_for_training(run, d)
@@ -112,8 +139,11 @@ def summarize(run: Run, named_dirs: list[tuple[str, str]], tests) -> dict:
         for j, pairs in enumerate(tests, start=1):
             c, r = run_pair_logps(run, model, pairs, run.cfg.eval.batch_size)
             logps.append((c, r))
+            with autocast(run):
+                hits = exact_match(model, pairs, run.tokenizer, batch_size=run.cfg.eval.batch_size,
+                                   max_positions=model.config.max_position_embeddings)
             row[f"D{j}"] = {"accuracy": preference_accuracy(c, r), "gamma_mean": float(gamma(c, r).mean()),
-                            "n": len(pairs)}
+                            "exact_match": sum(hits) / len(hits), "n": len(pairs)}
             if base_logps is not None:
                 bc, br = base_logps[j - 1]
                 row[f"D{j}"]["reward_accuracy_vs_S"] = reward_accuracy(c, r, bc, br)
@@ -129,14 +159,16 @@ def summarize(run: Run, named_dirs: list[tuple[str, str]], tests) -> dict:
 
 def format_summary(table: dict) -> str:
     sets = list(next(iter(table.values())))
-    headers = (["model"] + [f"acc {s}" for s in sets] + [f"mean γ {s}" for s in sets]
+    headers = (["model"] + [f"EM {s}" for s in sets] + [f"acc {s}" for s in sets] + [f"mean γ {s}" for s in sets]
                + [f"reward acc {s} vs S" for s in sets])
     rows = []
     for name, row in table.items():
-        rows.append([name] + [f"{row[s]['accuracy']:.3f}" for s in sets] + [f"{row[s]['gamma_mean']:.2f}" for s in sets]
+        rows.append([name] + [f"{row[s]['exact_match']:.3f}" for s in sets]
+                    + [f"{row[s]['accuracy']:.3f}" for s in sets] + [f"{row[s]['gamma_mean']:.2f}" for s in sets]
                     + [f"{row[s]['reward_accuracy_vs_S']:.3f}" if "reward_accuracy_vs_S" in row[s] else "-"
                        for s in sets])
     first = next(iter(table.values()))
     n = ", ".join(f"{s} test: {first[s]['n']} pairs" for s in sets)
-    return (f"Held-out pairs ({n}); acc = P[log π(y_w|x) > log π(y_l|x)], γ = log π(y_w|x) - log π(y_l|x):\n"
+    return (f"Held-out pairs ({n}); EM = greedy completion == chosen, acc = P[log π(y_w|x) > log π(y_l|x)], "
+            f"γ = log π(y_w|x) - log π(y_l|x):\n"
             + format_table(headers, rows))
