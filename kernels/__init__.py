@@ -36,7 +36,7 @@ def triton_available() -> bool:
     return _triton_impl is not None
 
 
-def _check_inputs(logits, targets, ignore_index: int) -> None:
+def _check_inputs(logits, targets, ignore_index: int, check_targets: bool = True) -> None:
     where = "kernels.token_logprobs"
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(f"{where}: logits and targets must be torch.Tensors, got "
@@ -56,7 +56,7 @@ def _check_inputs(logits, targets, ignore_index: int) -> None:
     if 0 <= ignore_index < vocab:
         raise ValueError(f"{where}: ignore_index={ignore_index} is a valid token id for V={vocab}; "
                          "use a negative value such as -100")
-    if targets.numel():
+    if check_targets and targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bool(bad.any()):  # one host sync; an out-of-range id would read out of bounds in the kernel
             first = int(targets[bad].flatten()[0])
@@ -65,17 +65,18 @@ def _check_inputs(logits, targets, ignore_index: int) -> None:
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                   inplace_backward: bool = False, impl: str = "auto") -> torch.Tensor:
+                   inplace_backward: bool = False, impl: str = "auto", check_targets: bool = True) -> torch.Tensor:
     """log softmax(logits)[targets] per token.
 
     logits [..., V] (fp32/bf16/fp16; fp64 on the reference path), targets [...]
     integer ids -> float32 [...] (float64 for float64 logits, reference only), 0 where targets == ignore_index (and no
     gradient there). impl: "auto" (Triton for CUDA tensors when triton
-    imports, else the reference), "triton", or "reference".
+    imports, else the reference), "triton", or "reference". check_targets=False skips the range
+    check of the ids (one host sync): for callers that checked them on the host already.
     """
     if impl not in _IMPLS:
         raise ValueError(f"kernels.token_logprobs: impl must be one of {_IMPLS}, got {impl!r}")
-    _check_inputs(logits, targets, ignore_index)
+    _check_inputs(logits, targets, ignore_index, check_targets)
     if impl == "auto":
         impl = "triton" if (logits.is_cuda and _triton_impl is not None and logits.dtype != torch.float64) \
             else "reference"
@@ -113,14 +114,14 @@ def _pick_impl(impl: str, x: torch.Tensor, where: str) -> str:
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           ignore_index: int = -100, chunk_size: int | None = None,
-                          impl: str = "auto") -> torch.Tensor:
+                          impl: str = "auto", check_targets: bool = True) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[targets] per row, without the [R, V] logits.
 
     hidden [R, H], weight [V, H] (the lm_head weight; a tied embedding is the same Parameter),
     targets [R] integer ids -> float32 [R] (float64 for float64 inputs), 0 where
     targets == ignore_index. Gradients flow to hidden and weight. chunk_size: rows per chunk
     (None: about 2^22 logits per chunk). Under autocast both inputs are cast to its dtype, as
-    F.linear would be; impl as in token_logprobs.
+    F.linear would be; impl and check_targets as in token_logprobs.
     """
     where = "kernels.linear_token_logprobs"
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -143,7 +144,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         raise ValueError(f"{where}: hidden on {hidden.device} but weight on {weight.device}")
     # The value checks of token_logprobs (range of targets, ignore_index) on a [R, V]-shaped
     # stand-in that costs nothing (an expanded scalar).
-    _check_inputs(hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0]), targets, ignore_index)
+    _check_inputs(hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0]), targets, ignore_index, check_targets)
     impl = _pick_impl(impl, hidden, where)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()

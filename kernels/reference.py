@@ -112,9 +112,7 @@ class ChunkedLogprobs(torch.autograd.Function):
         # Ignored rows: out = 0 whatever x, so their gradient is 0 (g = 0 above,
         # but an all -inf padding row gives exp(nan) · 0 = nan). Written
         # explicitly: in place, those rows still hold the logits.
-        ignored = (~valid).nonzero().squeeze(1)
-        if ignored.numel():
-            grad[ignored] = 0
+        grad.masked_fill_(~valid[:, None], 0)  # not nonzero(): no host sync
         return grad, None, None, None, None
 
 

@@ -52,23 +52,40 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
     return targets
 
 
+def _check_token_range(model, token_range) -> bool:
+    """token_range (min, max) from the CPU batch (sdpo.packing.host_facts) against the vocab:
+    an id outside it would read out of bounds. True when checked, so the kernels may skip their
+    own check on the device (a host sync per call); False: none given, the kernels check."""
+    if token_range is None:
+        return False
+    vocab = model.lm_head.weight.shape[0]
+    lo, hi = token_range
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"sdpo/logprobs.py: the batch holds token ids in [{lo}, {hi}], outside the model's "
+                         f"vocabulary [0, {vocab}) (a tokenizer that does not match the model?)")
+    return True
+
+
 def _token_logps(model, h: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
-                 fused: bool | None = None) -> Tensor:
+                 fused: bool | None = None, checked: bool = False) -> Tensor:
     """h [R, H] final hidden states, targets [R] -> log p(target) [R] float32.
 
     The one place lm_head is applied on the response-only paths (sequence_logps, packed_forward).
     fused (None: model.fused_logprobs if set, else True): kernels.linear_token_logprobs, at most
     [chunk, V] logits at a time; False: lm_head's [R, V] logits, then the log-prob kernel. With
     FSDP2 lm_head.weight is the root's unsharded parameter here: the caller has just run the
-    registered forward method hidden_states, and the root is not resharded after forward."""
+    registered forward method hidden_states, and the root is not resharded after forward.
+    checked: the ids were range-checked on the host (_check_token_range), the kernels skip it."""
     if fused is None:
         fused = getattr(model, "fused_logprobs", True)
     if fused and getattr(model.lm_head, "bias", None) is None:
-        return kernels.linear_token_logprobs(h, model.lm_head.weight, targets, ignore_index)  # [R]
+        return kernels.linear_token_logprobs(h, model.lm_head.weight, targets, ignore_index,
+                                             check_targets=not checked)  # [R]
     logits = model.lm_head(h)  # [R, V], the only logits ever built
     # The logits are a temporary: lm_head's backward needs h and its weight, not its
     # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).
-    return kernels.token_logprobs(logits, targets, ignore_index, inplace_backward=True)  # [R]
+    return kernels.token_logprobs(logits, targets, ignore_index, inplace_backward=True,
+                                  check_targets=not checked)  # [R]
 
 
 def _check_inputs(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None,
@@ -98,12 +115,17 @@ def sequence_logps(
     ignore_index: int = IGNORE_INDEX,
     response_only: bool = True,
     fused: bool | None = None,
+    gather_index: Tensor | None = None,
+    right_padded: bool = False,
+    token_range: tuple[int, int] | None = None,
 ) -> SequenceLogps:
     """Eq. (1) for every row of a [N, T] batch.
 
     response_only=True needs `model.hidden_states(input_ids, attention_mask, position_ids)`
     -> [N, T, H] and `model.lm_head` (H -> V); False calls `model(...)` -> [N, T, V]
     (the reference path for tests and benchmarks). fused: see _token_logps.
+    gather_index, right_padded, token_range: sdpo.packing.host_facts of the CPU batch, so the
+    step asks the device nothing (no nonzero(), no is_right_padded .item(), no range check).
     """
     _check_inputs(input_ids, labels, attention_mask, position_ids)
     N, T = input_ids.shape
@@ -117,12 +139,19 @@ def sequence_logps(
                 f"sdpo/logprobs.py: response_only=True needs model.hidden_states() and model.lm_head; "
                 f"{type(model).__name__} lacks them (pass response_only=False)"
             )
-        hidden = model.hidden_states(input_ids, attention_mask, position_ids)  # [N, T, H]
-        flat_idx = has_target.reshape(-1).nonzero().squeeze(1)  # [R] positions in N*T (one host sync)
-        rows = flat_idx // T  # [R] which sequence each response token belongs to
+        # Right-padded rows: plain causal attention is exact for every scored token (the pads come
+        # after it), so the model needs no mask and does not test the padding itself.
+        hidden = model.hidden_states(input_ids, None if right_padded else attention_mask, position_ids)  # [N, T, H]
+        flat_idx = gather_index
+        if flat_idx is None:
+            flat_idx = has_target.reshape(-1).nonzero().squeeze(1)  # [R] positions in N*T (one host sync)
         h = hidden.reshape(N * T, -1).index_select(0, flat_idx)  # [R, H]
-        token_logps = _token_logps(model, h, targets.reshape(-1).index_select(0, flat_idx), ignore_index, fused)
-        logps = token_logps.new_zeros(N).index_add_(0, rows, token_logps)  # segment sums, [N]
+        checked = _check_token_range(model, token_range)
+        token_logps = _token_logps(model, h, targets.reshape(-1).index_select(0, flat_idx), ignore_index, fused,
+                                   checked)  # [R]
+        # Sums per row: scatter into [N*T] (distinct positions) and sum rows, no index_add_ (its
+        # atomics add in a different order each run on CUDA); the backward is a gather.
+        logps = token_logps.new_zeros(N * T).scatter(0, flat_idx, token_logps).view(N, T).sum(dim=1)  # [N]
     else:
         logits = model(input_ids, attention_mask, position_ids)  # [N, T, V]
         token_logps = kernels.token_logprobs(logits, targets, ignore_index)  # [N, T], 0 where no target
@@ -157,6 +186,9 @@ def concatenated_forward(
         ignore_index=ignore_index,
         response_only=response_only,
         fused=fused,
+        gather_index=batch.get("gather_index"),
+        right_padded=batch.get("right_padded", False),
+        token_range=batch.get("token_range"),
     )
     b = n // 2
     chosen = SequenceLogps(out.logps[:b], out.counts[:b])
@@ -184,7 +216,7 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     mask = packed_mask(batch["doc_ids"], batch["segments"], pos, window, backend=backend)
     hidden = model.hidden_states(ids, None, pos, attn_mask=mask)  # [n, T, H]
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])  # [R, H]
-    token_logps = _token_logps(model, h, batch["targets"])  # [R]
+    token_logps = _token_logps(model, h, batch["targets"], checked=_check_token_range(model, batch.get("token_range")))
     slot = batch["token_slot"]  # [S, L], R = the appended 0
     logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
     return SequenceLogps(logps=logps, counts=batch["counts"])

@@ -88,8 +88,11 @@ def sft_micro_loss(model, batch):
         out = packed_sequence_logps(model, batch)
     else:
         B = batch["input_ids"].shape[0] // 2
+        # The chosen rows' targets are the first chosen_targets of gather_index (host_facts).
         out = sequence_logps(model, batch["input_ids"][:B], batch["labels"][:B],
-                             batch["attention_mask"][:B], batch["position_ids"][:B])
+                             batch["attention_mask"][:B], batch["position_ids"][:B],
+                             gather_index=batch["gather_index"][: batch["chosen_targets"]],
+                             right_padded=batch["right_padded"], token_range=batch["token_range"])
     nll = -out.logps.sum()
     return nll, nll.detach().float().reshape(1)
 

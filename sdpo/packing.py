@@ -50,13 +50,35 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int
 def collate(pairs: Sequence[TokenizedPair], *, pad_id: int, ignore_index: int = IGNORE_INDEX,
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> one right-padded [2B, T] batch: rows 0..B-1 chosen, B..2B-1 rejected (see pad_rows),
-    plus "index" [B], each pair's TokenizedPair.index."""
+    plus "index" [B], each pair's TokenizedPair.index, and host_facts (computed here, on the CPU)."""
     if not pairs:
         raise DataError("collate got an empty batch")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     batch = pad_rows(rows, pad_id=pad_id, ignore_index=ignore_index, pad_to_multiple_of=pad_to_multiple_of)
     batch["index"] = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    batch.update(host_facts(batch["input_ids"], batch["labels"], ignore_index))
     return batch
+
+
+def host_facts(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+               ignore_index: int = IGNORE_INDEX) -> dict:
+    """What the forward would otherwise ask the device (one host sync each), read off the CPU batch.
+
+      token_range     (min, max) Python ints of input_ids: sdpo.logprobs checks them against the
+                      vocab here, so the kernels skip their device-side range check
+    and, for right-padded rows with labels (pad_rows):
+      right_padded    True: plain causal attention is exact (sdpo.model.is_right_padded, known here)
+      gather_index    [R] flat positions in [N*T] whose next label is scored (instead of nonzero())
+      chosen_targets  how many of them lie in the first half of the rows (SFT scores rows 0..B-1)
+    """
+    out = {"token_range": (int(input_ids.min()), int(input_ids.max())) if input_ids.numel() else (0, 0)}
+    if labels is not None:
+        N, T = labels.shape
+        has_target = torch.zeros_like(labels, dtype=torch.bool)
+        has_target[:, :-1] = labels[:, 1:] != ignore_index
+        flat = has_target.reshape(-1).nonzero().squeeze(1)  # on the CPU: no device sync
+        out.update(right_padded=True, gather_index=flat, chosen_targets=int((flat < (N // 2) * T).sum()))
+    return out
 
 
 def batch_schedule(num_examples: int, global_batch_size: int, *, seed: int, epoch: int = 0, rank: int = 0,
@@ -168,6 +190,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
                         is shorter (an extra 0 entry), so the sums are dense row sums (deterministic)
       counts       [S]  scored tokens per sequence
       index        [B]  TokenizedPair.index
+      token_range  (min, max) token id, Python ints (see host_facts)
     As in collate, the first token of a row-sequence is never scored: with an empty prompt the
     first response token has no context, and the unpacked path skips it too.
     """
@@ -244,7 +267,8 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
     empty = torch.zeros(0, dtype=torch.long)
     return {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "segments": segments,
             "gather_index": torch.cat(gather) if gather else empty, "targets": torch.cat(targets) if targets else empty,
-            "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long)}
+            "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+            **host_facts(input_ids)}
 
 
 def pack_options(*, packing: bool, share_prompt: bool, device) -> dict | None:

@@ -57,7 +57,8 @@ def autocast(run: Run):
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # Python values (sdpo.packing.host_facts: flags, id ranges, counts) stay on the host.
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False):

@@ -36,7 +36,8 @@ def test_collate_layout():
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 0, 0], list(range(8)), [0, 1, 2, 3, 4, 5, 6, 0],
                                           [0, 1, 2, 3, 0, 0, 0, 0]]
     assert b["index"].tolist() == [5, 9]
-    assert all(t.dtype == torch.long for t in b.values())
+    assert all(t.dtype == torch.long for t in b.values() if isinstance(t, torch.Tensor))
+    assert b["right_padded"] is True and b["token_range"] == (0, 34)  # host facts: Python values
 
 
 def test_collate_pad_to_multiple_and_pad_equal_to_eos():
