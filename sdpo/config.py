@@ -182,7 +182,7 @@ class EvalSection:
 @dataclass
 class LoRASection:
     # Low-rank adapters on the DPO steps' policy (Hu et al. 2021; sdpo/lora.py): base frozen,
-    # M_t exported merged, plus its adapter in peft's layout under M_t/adapter/. One process only.
+    # M_t exported merged, plus its adapter in peft's layout under M_t/adapter/.
     enabled: bool = False                 # train LoRA adapters instead of all weights (DPO steps; SFT trains all)
     rank: int = 16                        # r, the adapters' rank
     alpha: float = 32.0                   # α: the update is scaled by α / r

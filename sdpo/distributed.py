@@ -186,7 +186,7 @@ def shard_rows(n: int, world_size: int, rank: int) -> tuple[int, int]:
 
 
 def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = True,
-                 activation_checkpointing: bool | int | str = False, device=None) -> nn.Module:
+                 activation_checkpointing: bool | int | str = False, device=None, prepare=None) -> nn.Module:
     """An HF model directory as an FSDP2-sharded float32 Transformer, without a full copy anywhere.
 
     Build on the meta device, fully_shard it (blocks, then root, as apply_fsdp), allocate
@@ -195,6 +195,10 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
     mmapped file. A rank's host memory holds its 1/W of the model plus one parameter's rows in
     flight, instead of the whole model in float32 (43 GB for a 10.7B model, on every rank).
     Values equal load_model(path, dtype=float32) bit for bit (the cast happens per row block).
+
+    prepare(model) runs on the meta model before sharding (sdpo.lora adds its adapters there, so
+    fully_shard shards them with their block) and returns full CPU values of the parameters it
+    added, {name: tensor}; each rank copies its rows of those like the file's.
     """
     root = Path(path)
     if not root.is_dir():
@@ -205,6 +209,7 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
 
     with torch.device("meta"):
         model = Transformer(config)
+    added = prepare(model) if prepare is not None else {}
     apply_fsdp(model, mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward,
                activation_checkpointing=activation_checkpointing)
     # FSDPModule._apply re-registers each sharded parameter after to_empty (and pads the local
@@ -226,6 +231,9 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
                 raise RuntimeError(f"load_sharded: {name} local shard {tuple(local.shape)} != rows "
                                    f"[{start}, {stop}) of {tuple(p.shape)}")
             if stop == start:
+                continue
+            if name in added:
+                local.copy_(added[name][start:stop])
                 continue
             file, key = tensors[name]
             # One open per tensor: the file is mmapped while open, and the pages we touch count in

@@ -43,22 +43,15 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 class LoRALinear(nn.Linear):
     """nn.Linear with a frozen weight and a trainable low-rank update; see the module docstring."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator=None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)  # not nn.Linear.__init__: reuse base's tensors, allocate nothing new
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        dev = base.weight.device
+        dev = base.weight.device  # may be "meta" (sdpo.distributed.load_sharded); initial_adapters fills them
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        with torch.no_grad():
-            # peft's init_lora_weights=True: A ~ kaiming_uniform(a=√5) (nn.Linear's default), B = 0.
-            # Drawn on the CPU from `generator`: the same adapters on any device.
-            a = torch.empty(rank, self.in_features)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            self.lora_A.weight.copy_(a)
-            self.lora_B.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -78,7 +71,8 @@ def apply_lora(model: nn.Module, cfg, *, base_dtype: torch.dtype | None = None, 
 
     cfg: anything with rank, alpha, dropout, targets (sdpo.config.LoRASection). base_dtype casts
     the targeted frozen weights (e.g. bfloat16 on a GPU); None keeps them. In place; returns model.
-    Run it before FSDP sharding (adapters on a sharded model are not supported)."""
+    On a meta-device model (before FSDP2 sharding) the adapters stay empty: fill them from
+    initial_adapters(model, seed) once allocated."""
     unknown = sorted(set(cfg.targets) - set(LORA_TARGETS))
     if unknown or not cfg.targets:
         raise ValueError(f"lora.targets: {unknown or 'empty'}; expected names from {list(LORA_TARGETS)}")
@@ -86,18 +80,35 @@ def apply_lora(model: nn.Module, cfg, *, base_dtype: torch.dtype | None = None, 
         raise ValueError("apply_lora: the model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
     targets = set(cfg.targets)
-    # Module order (layer 0 q..o, gate, up, down, layer 1 ...): the draws, so the adapters, depend on seed only.
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
                 if base_dtype is not None:
                     child.weight.data = child.weight.data.to(base_dtype)
-                setattr(parent, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout, g))
+                setattr(parent, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout))
     model.lora_config = {"rank": cfg.rank, "alpha": float(cfg.alpha), "dropout": float(cfg.dropout),
                          "targets": [t for t in LORA_TARGETS if t in targets]}
+    init = initial_adapters(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in init and not p.is_meta:
+                p.copy_(init[name])
     return model
+
+
+def initial_adapters(model: nn.Module, seed: int = 0) -> dict[str, Tensor]:
+    """The adapters' starting values, full float32 CPU tensors by parameter name: peft's
+    init_lora_weights=True, A ~ kaiming_uniform(a=√5) (nn.Linear's default), B = 0. Drawn on the
+    CPU in module order (layer 0 q, k, v, o, gate, up, down, layer 1, ...), so they depend on the
+    seed only: the same on every device and rank (load_sharded copies each rank's rows)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in lora_modules(model).items():
+        a = torch.empty(m.rank, m.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        out[name + A_SUFFIX], out[name + B_SUFFIX] = a, torch.zeros(m.out_features, m.rank)
+    return out
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -16,8 +16,8 @@ import torch
 
 from sdpo import distributed as D
 from sdpo.checkpoint import load_model, load_model_config, save_state_dict
-from sdpo.config import Config, ConfigError
-from sdpo.lora import apply_lora, merge_state_dict, save_peft_adapter
+from sdpo.config import Config
+from sdpo.lora import apply_lora, initial_adapters, merge_state_dict, save_peft_adapter
 from sdpo.model import ModelConfig, Transformer
 from sdpo.tokenizer import check_vocab
 
@@ -65,24 +65,25 @@ def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False):
     """float32 master weights on this rank's device; FSDP2-sharded under torchrun.
 
     lora=True (the DPO policy when lora.enabled; never the no-grad reference): frozen base with
-    float32 adapters (sdpo.lora), single process only (stepwise.check_setup says so up front)."""
+    float32 adapters (sdpo.lora), added before FSDP2 shards the model."""
     check_vocab(run.tokenizer, load_model_config(model_dir))  # before any weights are read
-    if lora and run.info.distributed:
-        raise ConfigError("lora.enabled is not supported under torchrun yet (the adapters would have to "
-                          "exist before FSDP2 shards the model while it loads); run one process")
+    la, seed = run.cfg.lora, run.cfg.train.seed
     if run.info.distributed:
+        # FSDP2 all-gathers one dtype per block: the frozen base stays float32 there (its
+        # mp_policy computes in bf16 on GPU anyway).
+        prepare = (lambda m: initial_adapters(apply_lora(m, la, seed=seed), seed)) if lora else None
         # Each rank reads only its own FSDP shard rows: never a full float32 copy per rank.
         model = D.load_sharded(model_dir, run.mesh, mp_policy=mp_policy(run),
                                reshard_after_forward=run.cfg.train.reshard_after_forward,
-                               activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device)
+                               activation_checkpointing=run.cfg.model.activation_checkpointing, device=run.info.device,
+                               prepare=prepare)
     else:
         model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
         model.gradient_checkpointing = run.cfg.model.activation_checkpointing
     model.fused_logprobs = run.cfg.model.fused_logprobs  # read by sdpo.logprobs
-    if lora:
-        la = run.cfg.lora
+    if lora and not run.info.distributed:
         bf16_base = la.base_dtype == "bfloat16" or (la.base_dtype == "auto" and run.autocast_dtype == torch.bfloat16)
-        apply_lora(model, la, base_dtype=torch.bfloat16 if bf16_base else None, seed=run.cfg.train.seed)
+        apply_lora(model, la, base_dtype=torch.bfloat16 if bf16_base else None, seed=seed)
     return model
 
 

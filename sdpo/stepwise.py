@@ -143,9 +143,6 @@ def check_setup(cfg: Config, world_size: int) -> None:
         if s is not None and s.global_batch_size % (world_size * s.micro_batch_size):
             problems.append(f"{name}.global_batch_size ({s.global_batch_size}) must be divisible by world size "
                             f"({world_size}) x {name}.micro_batch_size ({s.micro_batch_size})")
-    if cfg.lora.enabled and world_size > 1:
-        problems.append(f"lora.enabled: LoRA runs in one process for now, not under torchrun (world size "
-                        f"{world_size}); FSDP2 shards the model while loading, before adapters could be added")
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))
 

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -261,9 +262,6 @@ def test_lora_config_keys_and_errors(capsys):
                                                      "--lora.targets=q_proj,lm_head", "--lora.base_dtype=fp8"])
     for key in ("lora.rank", "lora.dropout", "lora.targets", "lora.base_dtype"):
         assert key in str(e.value)
-    from sdpo.stepwise import check_setup
-    with pytest.raises(ConfigError, match="lora.enabled.*torchrun"):
-        check_setup(load_config(REPO / "configs" / "tiny.toml", ["--lora.enabled=true"]), world_size=2)
     with pytest.raises(SystemExit):
         parse_args(["--help"])  # what `python train.py --help` prints
     out = capsys.readouterr().out
@@ -333,3 +331,31 @@ def test_lora_run_killed_inside_a_dpo_step_resumes_bit_for_bit(tmp_path, monkeyp
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{d}/{k}"
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores: two torchrun ranks plus the one-process run
+def test_lora_under_torchrun_two_ranks_equals_one_process(tmp_path, monkeypatch):
+    """FSDP2 (gloo, 2 ranks): the adapters are added on the meta model before fully_shard, each
+    rank copies its rows of the same initial values, and the merged M_t and the adapters equal
+    a one-process run's."""
+    monkeypatch.chdir(REPO)
+    from sdpo.stepwise import train
+    from tests.test_train import SMALL, TINY
+
+    args = SMALL + ["--data.max_examples=16", "--sft.max_steps=4", "--train.device=cpu", "--lora.enabled=true",
+                    "--lora.rank=4", "--lora.dropout=0.0", "--optim.lr=1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    train(load_config(TINY, args + [f"--train.output_dir={tmp_path / 'one'}"]))
+    for d, name in (("M1", "model.safetensors"), ("M2", "model.safetensors"),
+                    ("M1/adapter", "adapter_model.safetensors"), ("M2/adapter", "adapter_model.safetensors")):
+        a, b = load_file(str(tmp_path / "one" / d / name)), load_file(str(tmp_path / "two" / d / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{d}/{k}: {m}")
+    B = load_file(str(tmp_path / "two" / "M1" / "adapter" / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in B.items() if "lora_B" in k)  # trained under FSDP
