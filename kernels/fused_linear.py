@@ -88,12 +88,20 @@ def _chunk_backward_triton(z, targets_raw, m, logsum, g, ignore_index):
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, with acc float32 for 16-bit a, b: one rounding at the end, as the unfused
     path's single GEMM over all R rows has, not one per chunk."""
+    global _MM_OUT_DTYPE
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)   # bf16 GEMM, fp32 accumulate
-    else:
-        acc.add_(a @ b)
+        return
+    if acc.is_cuda and _MM_OUT_DTYPE:
+        try:   # a 16-bit GEMM that accumulates and returns float32 (aten::mm.dtype, CUDA only)
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # older torch: round to 16 bits first
+            _MM_OUT_DTYPE = False
+    acc.add_(a @ b)
+
+
+_MM_OUT_DTYPE = True
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
