@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass sections, TOML files, `--section.key=value` overrides.
 
 A config is one `Config` made of sections (`[model]`, `[data]`, `[loss]`, `[optim]`,
-`[train]`, `[sft]`, `[eval]`, `[lora]`). Each field has one type; TOML values and command-line
+`[train]`, `[sft]`, `[eval]`, `[lora]`, `[reference]`). Each field has one type; TOML values and command-line
 overrides are checked against it, so a typo or a wrong type fails before any work:
 
     cfg = load_config("configs/tiny.toml", overrides=["--loss.beta=0.2"])
@@ -30,6 +30,7 @@ from sdpo.data import SPLIT_STRATEGIES
 from sdpo.loss import REFERENCE_FREE_TYPES, check_loss_options
 from sdpo.lora import LORA_TARGETS
 from sdpo.model import checkpoint_every
+from sdpo.tracking import TRACKERS
 
 
 class ConfigError(ValueError):
@@ -150,6 +151,7 @@ class TrainSection:
     tokens_per_micro_batch: int | None = None
     ref_tokens_per_batch: int | None = None  # None -> tokens_per_micro_batch
     reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
+    report_to: list[str] = field(default_factory=list)  # trackers fed the metrics rows too: "tensorboard"
     # Fault injection for tests: exit with code 3 after this many optimizer steps in
     # total, as a kill would (no state saved beyond the last save_every checkpoint).
     stop_after: int | None = None
@@ -176,7 +178,10 @@ class SFTSection:
 class EvalSection:
     # After training: preference accuracy and mean gamma of S, M_1..M_T on data.test_datasets.
     summary: bool = False
-    batch_size: int = 16                  # pairs per no-grad forward of the summary
+    batch_size: int = 16                  # pairs per no-grad forward of the summary and held-out evaluation
+    # Held-out DPO loss, reward accuracy and margins during training (eval_ rows in metrics.jsonl):
+    # every this many optimizer steps and at each sDPO step's end; None: off.
+    every: int | None = None
 
 
 @dataclass
@@ -192,6 +197,18 @@ class LoRASection:
 
 
 @dataclass
+class ReferenceSection:
+    # The DPO steps' reference model (sdpo/reference.py). Unset path: M_{t-1} at step t (sDPO);
+    # a directory: that model at every step (the paper's Table 1: an external reference).
+    path: str | None = None               # reference model directory for every step; None: M_{t-1} (sDPO)
+    tokenizer: str | None = None          # the reference's tokenizer; None -> reference.path's (scores its own tokens)
+    chat_template: str | None = None      # None -> the reference tokenizer's own; else a name in CHAT_TEMPLATES or jinja
+    mode: str = "cached"                  # cached: one no-grad pass per step, on disk | live: in memory, per micro-batch
+    sync_every: int | None = None         # TR-DPO: ref <- a*policy + (1-a)*ref every this many optimizer steps (live)
+    sync_alpha: float = 1.0               # TR-DPO's α in (0, 1]: 1 is a hard sync (sDPO: one at each step's end)
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -201,6 +218,7 @@ class Config:
     sft: SFTSection = field(default_factory=SFTSection)
     eval: EvalSection = field(default_factory=EvalSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    reference: ReferenceSection = field(default_factory=ReferenceSection)
 
 
 LOSS_OPTION_NAMES = {"type": "loss.type", "weights": "loss.weights", "beta": "loss.beta",
@@ -212,6 +230,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")
+REFERENCE_MODES = ("cached", "live")
 
 
 def _hints(cls) -> dict[str, object]:
@@ -435,6 +454,8 @@ def validate_config(cfg: Config) -> None:
     need(t.device in DEVICES, f"train.device must be one of {DEVICES}, got {t.device!r}")
     need(t.save_every is None or t.save_every > 0, f"train.save_every must be > 0 (or unset), got {t.save_every}")
     need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    need(set(t.report_to) <= set(TRACKERS), f"train.report_to: unknown {sorted(set(t.report_to) - set(TRACKERS))}; "
+                                            f"expected a list of {list(TRACKERS)}")
     need(t.ref_batch_size is None or t.ref_batch_size > 0, f"train.ref_batch_size must be > 0, got {t.ref_batch_size}")
     for key in ("tokens_per_micro_batch", "ref_tokens_per_batch"):
         v = getattr(t, key)
@@ -455,6 +476,8 @@ def validate_config(cfg: Config) -> None:
         problems.append("model.path is unset and sft.enabled = false: a random-init base needs the SFT stage "
                         "(set sft.enabled = true) or give model.path")
     need(e.batch_size > 0, f"eval.batch_size must be > 0, got {e.batch_size}")
+    need(e.every is None or e.every > 0, f"eval.every must be > 0 (or unset), got {e.every}")
+    need(e.every is None or len(d.test_datasets) > 0, "eval.every needs data.test_datasets (the held-out pairs)")
     if e.summary:
         need(len(d.test_datasets) > 0, "eval.summary = true needs data.test_datasets")
     la = cfg.lora
@@ -467,6 +490,17 @@ def validate_config(cfg: Config) -> None:
                                             f"got {la.targets}")
         need(la.base_dtype in LORA_BASE_DTYPES, f"lora.base_dtype must be one of {LORA_BASE_DTYPES}, "
                                                  f"got {la.base_dtype!r}")
+
+    r = cfg.reference
+    need(r.mode in REFERENCE_MODES, f"reference.mode must be one of {REFERENCE_MODES}, got {r.mode!r}")
+    need(r.sync_every is None or r.sync_every > 0, f"reference.sync_every must be > 0 (or unset), got {r.sync_every}")
+    need(0 < r.sync_alpha <= 1, f"reference.sync_alpha must be in (0, 1], got {r.sync_alpha}")
+    need(r.sync_every is None or r.mode == "live",
+         "reference.sync_every (TR-DPO) needs reference.mode = \"live\": the reference changes during the step")
+    need(r.sync_every is None or not la.enabled,
+         "reference.sync_every cannot mix a LoRA policy into the reference (lora.enabled); merge first")
+    need(r.tokenizer is None or r.path is not None, "reference.tokenizer needs reference.path")
+    need(r.chat_template is None or r.path is not None, "reference.chat_template needs reference.path")
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
