@@ -1,15 +1,20 @@
-"""Generate sdpo's built-in demo preference data and its tokenizer (deterministic).
+"""Generate sdpo's built-in demo data and its tokenizer (deterministic).
 
     python data/make_demo.py            # rewrites data/demo/ and data/tokenizer/
     python data/make_demo.py --out DIR  # writes DIR/demo/ and DIR/tokenizer/
 
-Two sDPO steps a tiny random-init model can learn on a CPU in minutes:
+Five string/arithmetic tasks with checkable answers, in three disjoint sets of prompts:
+  demo/sft                  the SFT demonstrations that make the base S. Written by a
+                            sloppy annotator: in SFT_ERROR_RATE of the cases where it can
+                            happen, a long answer (>= 5 characters) loses its last character
+                            and a sum >= 10 loses its carry ("7+5" -> "2"), so S learns these
+                            two systematic mistakes and makes them under greedy decoding.
   D1 = demo/orca_pairs      Intel/orca_dpo_pairs schema, easier tasks (copy, upper)
   D2 = demo/ultrafeedback   allenai/ultrafeedback_binarized_cleaned schema, harder
                             tasks (reverse, sort, add) named in the `source` column
-chosen is the correct answer, rejected a subtly wrong one (one character substituted,
-swapped, dropped or doubled; a wrong sum), so the preference is learnable and the
-"spot the one-character error" skill transfers from D1 to D2.
+In the pairs chosen is the correct answer and rejected is the mistake S makes (truncated
+answer, forgotten carry) where that mistake applies, else a one-edit error. The pairs'
+prompts never occur in the SFT set: as in the paper, S never saw the preference data.
 Same seed, same bytes: tests/test_data.py regenerates into a temp dir and compares.
 """
 
@@ -29,6 +34,10 @@ DIGITS = "0123456789"
 SYSTEMS = ["", "", "You are a helpful assistant.", "Answer exactly."]  # orca's system is often ""
 SOURCES = [("reverse", 0.5), ("sort", 0.35), ("add", 0.15)]
 SPLITS = {"orca_pairs": {"train": 600, "test": 100}, "ultrafeedback": {"train_prefs": 1500, "test_prefs": 200}}
+SFT_SIZE = 2000
+SFT_TASKS = [("copy", 0.2), ("upper", 0.2), ("reverse", 0.25), ("sort", 0.2), ("add", 0.15)]
+SFT_ERROR_RATE = 0.65  # > 1/2: the annotator's mistake is S's most likely answer where it applies
+LONG = 5  # answers this long are the ones the annotator truncates
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Zephyr-style: "<|role|>\n" + content + eos for every turn; the generation prompt is
@@ -82,52 +91,72 @@ def corrupt(s: str, rng: random.Random, kinds: list[str], alphabet: str, source:
             return out
 
 
+def sloppy(answer: str) -> str | None:
+    """The SFT annotator's systematic mistake on this answer, or None where it has none:
+    a long answer loses its last character; a two-digit sum loses its carry."""
+    if answer.isdigit():
+        return answer[1:] if len(answer) > 1 else None
+    return answer[:-1] if len(answer) >= LONG else None
+
+
 def task_copy(rng):
     w = rand_word(rng, 3, 5)
-    return f"copy: {w}", w, corrupt(w, rng, ["substitute", "swap", "drop", "double"], LOWER)
+    return f"copy: {w}", w, lambda a: corrupt(a, rng, ["substitute", "swap", "drop", "double"], LOWER)
 
 
 def task_upper(rng):
     w = rand_word(rng, 3, 5)
-    a = w.upper()
-    return f"upper: {w}", a, corrupt(a, rng, ["substitute", "lower_one", "swap", "drop"], UPPER)
+    return f"upper: {w}", w.upper(), lambda a: corrupt(a, rng, ["substitute", "lower_one", "swap", "drop"], UPPER)
 
 
 def task_reverse(rng):
     w = rand_word(rng, 3, 6)
-    a = w[::-1]
-    return f"reverse: {w}", a, corrupt(a, rng, ["substitute", "swap", "drop", "unreversed"], LOWER, source=w)
+    return f"reverse: {w}", w[::-1], lambda a: corrupt(a, rng, ["substitute", "swap", "drop", "unreversed"], LOWER, source=w)
 
 
 def task_sort(rng):
     w = rand_word(rng, 3, 6, distinct=True)
-    a = "".join(sorted(w))
-    return f"sort: {w}", a, corrupt(a, rng, ["swap", "substitute", "drop", "double"], LOWER)
+    return f"sort: {w}", "".join(sorted(w)), lambda a: corrupt(a, rng, ["swap", "substitute", "drop", "double"], LOWER)
 
 
 def task_add(rng):
     # single digits: 100 facts, so train and test share sums by design (see data/README.md)
     x, y = rng.randrange(10), rng.randrange(10)
     n = x + y
-    wrong = [m for m in (n - 1, n + 1, n + 10, n - 10, int(str(n)[::-1])) if m >= 0 and m != n]
-    return f"add: {x}+{y}", str(n), str(rng.choice(wrong))
+    wrong = [m for m in (n - 1, n + 1) if m >= 0]
+    return f"add: {x}+{y}", str(n), lambda a: str(rng.choice(wrong))
 
 
-def make_examples(rng: random.Random, n: int, tasks, seen: set[str]) -> list[tuple[str, str, str, str]]:
-    """n (task name, prompt, chosen, rejected); string prompts never repeat within a dataset."""
+def make_examples(rng: random.Random, n: int, tasks, seen: set[str], *, sft: bool = False):
+    """n (task name, prompt, chosen, rejected); string prompts never repeat across `seen`.
+    Pairs: chosen correct, rejected = S's mistake where it has one, else a one-edit error.
+    SFT (sft=True): chosen is the annotator's answer (sloppy in SFT_ERROR_RATE of the cases
+    where it can be), rejected a placeholder (sdpo reads SFT data from preference files)."""
     out = []
     names = [t[0] for t in tasks]
     weights = [t[1] for t in tasks]
     fns = {"copy": task_copy, "upper": task_upper, "reverse": task_reverse, "sort": task_sort, "add": task_add}
     while len(out) < n:
         name = rng.choices(names, weights)[0]
-        prompt, chosen, rejected = fns[name](rng)
+        prompt, answer, one_edit = fns[name](rng)
+        mistake = sloppy(answer)
+        if sft:
+            chosen = mistake if mistake is not None and rng.random() < SFT_ERROR_RATE else answer
+            rejected = "?"
+        else:
+            chosen, rejected = answer, mistake if mistake is not None else one_edit(answer)
         if name != "add":
             if prompt in seen:
                 continue
             seen.add(prompt)
         out.append((name, prompt, chosen, rejected))
     return out
+
+
+def sft_rows(rng, n, seen):
+    # generic schema; the system prompts of orca's tasks, so S has seen the prompt formats of D1
+    return [{"system": rng.choice(SYSTEMS) if name in ("copy", "upper") else "", "prompt": p, "chosen": c, "rejected": r}
+            for name, p, c, r in make_examples(rng, n, SFT_TASKS, seen, sft=True)]
 
 
 def orca_rows(rng, n, seen):
@@ -260,17 +289,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def generate(out: Path) -> dict[str, int]:
     rng = random.Random(SEED)
     files: dict[str, list[dict]] = {}
-    seen: set[str] = set()
+    seen: set[str] = set()  # one set: no string prompt occurs twice anywhere (SFT, D1, D2; train or test)
     for split, n in SPLITS["orca_pairs"].items():
         files[f"demo/orca_pairs/{split}.jsonl"] = orca_rows(rng, n, seen)
-    seen = set()
     for split, n in SPLITS["ultrafeedback"].items():
         files[f"demo/ultrafeedback/{split}.jsonl"] = ultrafeedback_rows(rng, n, seen)
+    # SFT last, so the pairs' prompts are drawn exactly as they would be without it
+    files["demo/sft/train.jsonl"] = sft_rows(rng, SFT_SIZE, seen)
     texts = []
     for rows in files.values():
         for r in rows:
             if "question" in r:
                 texts += [r["system"], r["question"], r["chosen"], r["rejected"]]
+            elif isinstance(r["chosen"], str):
+                texts += [r["prompt"], r["chosen"]]
             else:
                 texts += [r["prompt"], r["chosen"][-1]["content"], r["rejected"][-1]["content"]]
     for rel, rows in files.items():
@@ -285,7 +317,7 @@ def main() -> None:
                     help="directory to write demo/ and tokenizer/ into (default: data/)")
     args = ap.parse_args()
     for rel, n in generate(args.out).items():
-        print(f"{args.out / rel}: {n} pairs")
+        print(f"{args.out / rel}: {n} {'demonstrations' if 'sft' in rel else 'pairs'}")
     print(f"{args.out / 'tokenizer'}: tokenizer.json, tokenizer_config.json, special_tokens_map.json")
 
 

@@ -347,7 +347,7 @@ def test_split_errors():
 # ---------------------------------------------------------------------------
 
 DEMO_FILES = ["demo/orca_pairs/train.jsonl", "demo/orca_pairs/test.jsonl", "demo/ultrafeedback/train_prefs.jsonl",
-              "demo/ultrafeedback/test_prefs.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+              "demo/ultrafeedback/test_prefs.jsonl", "demo/sft/train.jsonl", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
               "tokenizer/special_tokens_map.json"]
 
 
