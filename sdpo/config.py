@@ -202,7 +202,7 @@ class ReferenceSection:
     # a directory: that model at every step (the paper's Table 1: an external reference).
     path: str | None = None               # reference model directory for every step; None: M_{t-1} (sDPO)
     tokenizer: str | None = None          # the reference's tokenizer; None -> reference.path's (scores its own tokens)
-    chat_template: str | None = None      # None -> the reference tokenizer's own; else a name in CHAT_TEMPLATES or jinja
+    chat_template: str | None = None      # None -> the policy's (the same prompt text); else a name in CHAT_TEMPLATES or jinja
     mode: str = "cached"                  # cached: one no-grad pass per step, on disk | live: in memory, per micro-batch
     sync_every: int | None = None         # TR-DPO: ref <- a*policy + (1-a)*ref every this many optimizer steps (live)
     sync_alpha: float = 1.0               # TR-DPO's α in (0, 1]: 1 is a hard sync (sDPO: one at each step's end)

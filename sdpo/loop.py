@@ -21,6 +21,7 @@ from sdpo.config import Config
 from sdpo.logprobs import packed_sequence_logps, pair_forward, sequence_logps
 from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.packing import batch_schedule, collate, micro_batches, pack, pack_options, pair_cost
+from sdpo.reference import CachedReference
 from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
 from sdpo.state import STATE, load_state, save_state, write_metrics
 
@@ -52,23 +53,28 @@ class Stage:
     max_steps: int | None
     seed: int
     group_by_length: bool
+    # after_step(model, done) once optimizer step `done` (1-based) is applied: the TR-DPO sync
+    after_step: Callable[[torch.nn.Module, int], None] | None = None
 
 
 DPO_STATS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected"]
 
 
-def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected):
+def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected=None):
     """DPO eq. (7): -log σ(β[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]), via sdpo.loss.
 
-    ref_chosen, ref_rejected: [N] float32 on the batch's device, indexed by the batch's "index"."""
+    ref_chosen: the reference, an object with logps(batch) -> (chosen [B], rejected [B]) (sdpo.reference:
+    a cached lookup or a live forward); or, with ref_rejected, the [N] float32 log-probs of the step's
+    pairs on the batch's device, indexed by the batch's "index"."""
     lo = cfg.loss
-    idx = batch["index"]  # [B] long, on the device
+    reference = ref_chosen if ref_rejected is None else CachedReference(ref_chosen, ref_rejected, ref_chosen.device)
+    ref_chosen, ref_rejected = reference.logps(batch)  # [B] each
     policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
     needs_nll = bool(NEEDS_NLL.intersection(lo.types)) or lo.rpo_alpha is not None
     needs_lengths = lo.length_normalize or bool(NEEDS_LENGTHS.intersection(lo.types))
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen.logps, policy_rejected.logps, ref_chosen[idx], ref_rejected[idx],
+        policy_chosen.logps, policy_rejected.logps, ref_chosen, ref_rejected,
         loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
         reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
         policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
@@ -107,19 +113,21 @@ def sft_stage(cfg: Config) -> Stage:
                  max_steps=s.max_steps, seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
 
 
-def dpo_stage(cfg: Config, t: int, num_steps: int, ref: tuple[torch.Tensor, torch.Tensor], device) -> Stage:
-    """Step t's DPO against the reference log-probs `ref` = ([N], [N]) of its pairs."""
-    # Moved once: indexed by each micro-batch's device-side "index" (positions in the step's pairs).
-    ref_chosen, ref_rejected = (r.to(device, torch.float32) for r in ref)
+def dpo_stage(cfg: Config, t: int, num_steps: int, ref, device=None) -> Stage:
+    """Step t's DPO against `ref`: a reference object (sdpo.reference: logps(batch), after_step) or
+    the log-probs ([N], [N]) of the step's pairs."""
+    if isinstance(ref, tuple):
+        ref = CachedReference(*ref, device)
     o, t_ = cfg.optim, cfg.train
     return Stage(name=f"sDPO step {t}/{num_steps}", kind="dpo", sdpo_step=t,
-                 micro_loss=lambda model, batch: dpo_micro_loss(cfg, model, batch, ref_chosen, ref_rejected),
+                 micro_loss=lambda model, batch: dpo_micro_loss(cfg, model, batch, ref),
                  stat_names=DPO_STATS, show=[("rewards/accuracies", "acc"), ("rewards/margins", "margin")],
                  per_token=False, optimizer=o.name, lr=o.lr, weight_decay=o.weight_decay,
                  warmup_ratio=o.warmup_ratio, schedule=o.schedule, max_grad_norm=o.max_grad_norm,
                  global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size,
                  tokens_per_micro_batch=t_.tokens_per_micro_batch, chosen_only=False, epochs=t_.epochs,
-                 max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length)
+                 max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length,
+                 after_step=ref.after_step)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +268,8 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
         optimizer.zero_grad(set_to_none=True)
         run.global_step += 1
         done = k + 1
+        if stage.after_step is not None:
+            stage.after_step(model, done)
         window_steps, window_loss, window_grad_norm = window_steps + 1, window_loss + loss_value, window_grad_norm + grad_norm
         window_stats = window_stats + stats
 

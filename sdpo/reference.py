@@ -1,9 +1,16 @@
-"""The reference pass: log π_ref(y_w|x) and log π_ref(y_l|x) of every pair, once per sDPO step.
+"""The reference: log π_ref(y_w|x) and log π_ref(y_l|x) of every pair, and which model π_ref is.
 
-The reference is frozen during a step, so its log-probs are a function of (weights, token
-ids, precision): one no-grad pass, sharded over the ranks, cached on disk under a hash of
-exactly those, so a repeated or resumed run reuses them and a changed model, dataset,
-tokenizer or truncation setting never reads a stale file.
+Cached (the default): the reference is frozen during a step, so its log-probs are a function
+of (weights, token ids, precision): one no-grad pass, sharded over the ranks, cached on disk
+under a hash of exactly those, so a repeated or resumed run reuses them and a changed model,
+dataset, tokenizer or truncation setting never reads a stale file.
+
+The [reference] section (`References`): the model is M_{t-1} (sDPO) or reference.path at every
+step (the paper's Table 1). An external reference with its own tokenizer scores its own
+tokenization of the same texts (the same prompt rendering, the same responses); a pair either
+tokenizer drops is dropped from the step. reference.mode = "live" keeps the model in memory
+and scores each micro-batch the policy sees; reference.sync_every = τ adds TR-DPO's update
+(Gorbatovski et al. 2024) every τ optimizer steps. The loss asks any of them `logps(batch)`.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdpo import distributed as D
+from sdpo.config import ConfigError
 from sdpo.logprobs import pair_forward
+from sdpo.metrics import gamma
 from sdpo.packing import collate, micro_batches, pack, pack_options, pair_cost
-from sdpo.run import Run, free_memory, load_for_training, log, to_device
+from sdpo.pairs import tokenize_pairs
+from sdpo.run import Run, TrainingError, free_memory, load_for_training, log, to_device
+from sdpo.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -66,10 +77,11 @@ def pair_logps(model, pairs, *, pad_id: int, batch_size: int, device=None, autoc
     return full_c, full_r
 
 
-def run_pair_logps(run: Run, model, pairs, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pair_logps with this run's tokenizer, device, precision and ranks."""
+def run_pair_logps(run: Run, model, pairs, batch_size: int, *, tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pair_logps with this run's tokenizer (or the given one), device, precision and ranks."""
     d, t = run.cfg.data, run.cfg.train
-    return pair_logps(model, pairs, pad_id=run.tokenizer.pad_id, batch_size=batch_size, device=run.info.device,
+    pad_id = (tokenizer or run.tokenizer).pad_id
+    return pair_logps(model, pairs, pad_id=pad_id, batch_size=batch_size, device=run.info.device,
                       autocast_dtype=run.autocast_dtype, rank=run.info.rank, world_size=run.info.world_size,
                       packing=d.packing, share_prompt=d.share_prompt,
                       max_tokens=t.ref_tokens_per_batch or t.tokens_per_micro_batch)
@@ -104,8 +116,12 @@ def cache_key(run: Run, model_dir: str | Path, pairs) -> str:
                                     params, run.info.device.type, rows]).encode()).hexdigest()[:24]
 
 
-def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_ref(y_w|x), log π_ref(y_l|x) for every pair ([N] each), from the cache when the key matches."""
+def reference_logps(run: Run, model_dir: str | Path, pairs, label: str, *,
+                    tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref(y_w|x), log π_ref(y_l|x) for every pair ([N] each), from the cache when the key matches.
+
+    tokenizer: the one `pairs` were made with, when not the run's (an external reference's own);
+    the key covers its token ids through pairs_fingerprint."""
     cfg = run.cfg
     key = cache_key(run, model_dir, pairs)
     cache_dir = Path(cfg.train.ref_cache_dir or run.out / "ref_cache")
@@ -119,8 +135,11 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple
         except (OSError, SafetensorError, KeyError) as e:  # damaged on disk: the cache is only a cache
             log(run, f"{label}: ignoring the unreadable cache file {path} ({e}); computing the log-probs again")
     t0 = time.perf_counter()
-    model = load_for_training(run, model_dir)
-    chosen, rejected = run_pair_logps(run, model, pairs, cfg.train.ref_batch_size or cfg.train.micro_batch_size)
+    # The run's own tokenizer: the plain call (tests wrap load_for_training as (run, dir)).
+    model = load_for_training(run, model_dir) if tokenizer in (None, run.tokenizer) else \
+        load_for_training(run, model_dir, tokenizer=tokenizer)
+    chosen, rejected = run_pair_logps(run, model, pairs, cfg.train.ref_batch_size or cfg.train.micro_batch_size,
+                                      tokenizer=tokenizer)
     del model
     free_memory()
     if run.info.is_main:
@@ -137,3 +156,141 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str) -> tuple
     D.barrier()
     log(run, f"{label}: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s -> {path}")
     return chosen, rejected
+
+
+# --------------------------------------------------------------------------------------
+# Which model is the reference, and how a micro-batch gets its log-probs
+# --------------------------------------------------------------------------------------
+
+class CachedReference:
+    """A step's reference log-probs ([N] each, from reference_logps), looked up per micro-batch."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor, device=None):
+        # Moved once: indexed by each micro-batch's device-side "index" (positions in the step's pairs).
+        self.chosen, self.rejected = chosen.to(device, torch.float32), rejected.to(device, torch.float32)
+
+    @property
+    def gamma_mean(self) -> float:
+        """Mean γ_πref of the step's pairs: the paper's Figure 2 statistic (one host sync)."""
+        return float(gamma(self.chosen, self.rejected).mean())
+
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = batch["index"]  # [B] long, on the device
+        return self.chosen[idx], self.rejected[idx]
+
+    def after_step(self, policy, done: int) -> None:
+        pass
+
+
+class LiveReference:
+    """The reference model in memory (eval mode, no grad, no optimizer state), scoring the same
+    packed micro-batch the policy sees; with sync_every = τ, TR-DPO's update every τ steps."""
+
+    gamma_mean = None  # no pass over the whole step up front
+
+    def __init__(self, model, sync_every: int | None = None, sync_alpha: float = 1.0):
+        self.model, self.sync_every, self.sync_alpha = model, sync_every, sync_alpha
+        model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = pair_forward(self.model, batch)  # under the loop's autocast, as the cached pass runs
+        return c.logps.float(), r.logps.float()
+
+    def after_step(self, policy, done: int) -> None:
+        """Called after optimizer step `done` (1-based, within the stage)."""
+        # Frees what no-grad forwards left gathered (no backward reshards them), and makes
+        # parameters() the sharded ones again before a sync writes them.
+        for m in self.model.modules():
+            D.reshard_root(m)
+        if self.sync_every and done % self.sync_every == 0:
+            mix_into(self.model, policy, self.sync_alpha)
+
+
+@torch.no_grad()
+def mix_into(ref, policy, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, Sec. 3): θ_ref ← α·θ + (1 − α)·θ_ref, per
+    parameter; α = 1 is the hard update θ_ref ← θ. Sharded, both models have the same FSDP2 layout
+    (the same loader, the same mesh), so each rank mixes its own local shards: no gather."""
+    refs, pols = dict(ref.named_parameters()), dict(policy.named_parameters())
+    if refs.keys() != pols.keys():
+        raise TrainingError(f"reference.sync_every: the reference and the policy have different parameters "
+                            f"({sorted(set(refs) ^ set(pols))[:4]} ...); TR-DPO needs one architecture")
+    local = lambda x: x.to_local() if hasattr(x, "to_local") else x  # noqa: E731  (DTensor -> this rank's shard)
+    for name, r in refs.items():
+        r, p = local(r), local(pols[name])
+        if r.shape != p.shape:
+            raise TrainingError(f"reference.sync_every: {name} is {tuple(r.shape)} in the reference but "
+                                f"{tuple(p.shape)} in the policy; TR-DPO needs one architecture")
+        if alpha == 1.0:
+            r.copy_(p)
+        else:
+            r.lerp_(p.to(r.dtype), alpha)  # r + α (p − r)
+
+
+class References:
+    """The [reference] section: each step's reference model, its tokenization, cached or live."""
+
+    def __init__(self, run: Run):
+        r = self.section = run.cfg.reference
+        self.run, self.tokenizer, self.live = run, run.tokenizer, None
+        if r.path is not None:
+            tok_dir = r.tokenizer or r.path
+            # The same prompt text unless told otherwise: the policy's template, rendered by the
+            # reference's tokenizer (with its own special tokens).
+            template = r.chat_template or run.tokenizer.chat_template
+            if not (tok_dir == run.tokenizer_dir and template == run.tokenizer.chat_template):
+                self.tokenizer = load_tokenizer(tok_dir, template)
+
+    def model_dir(self, prev: str) -> str:
+        return self.section.path or prev
+
+    def for_step(self, prev: str, pairs, examples, label: str):
+        """(the step's pairs, its reference): prev = M_{t-1}; examples = the step's examples that
+        `pairs` were tokenized from. The pairs are those both tokenizers keep."""
+        run, r = self.run, self.section
+        ref_pairs = pairs
+        if self.tokenizer is not run.tokenizer:
+            cfg = run.cfg.data
+            ref_pairs, _ = tokenize_pairs(examples, self.tokenizer, max_length=cfg.max_length,
+                                          max_prompt_length=cfg.prompt_length, truncation=cfg.truncation)
+            pairs, ref_pairs = keep_common(pairs, ref_pairs)
+            if not pairs:
+                raise TrainingError(f"{label}: no pair is kept by both the policy's and the reference's tokenizer")
+            log(run, f"{label}: the reference ({self.tokenizer.path}) scores its own tokenization; "
+                     f"{len(pairs)} pairs kept by both tokenizers")
+        if r.mode == "cached":
+            c, rj = reference_logps(run, self.model_dir(prev), ref_pairs, label, tokenizer=self.tokenizer)
+            return pairs, CachedReference(c, rj, run.info.device)
+        for i, (a, b) in enumerate(zip(pairs, ref_pairs)):
+            if (a.prompt_ids, a.chosen_ids, a.rejected_ids) != (b.prompt_ids, b.chosen_ids, b.rejected_ids):
+                raise ConfigError(f"reference.mode = \"live\" scores the policy's own batches, but the reference's "
+                                  f"tokenizer {self.tokenizer.path} tokenizes example {a.index} of {label} "
+                                  f"differently; use reference.mode = \"cached\"")
+        if self.live is not None:  # TR-DPO: the synced reference carries over to the next step
+            return pairs, self.live
+        if r.sync_every and run.resume_state is not None:
+            log(run, f"{label}: warning: resuming a TR-DPO run: the reference restarts from "
+                     f"{self.model_dir(prev)} (the synced weights are not in the saved state)")
+        live = LiveReference(self.load(self.model_dir(prev)), r.sync_every, r.sync_alpha)
+        log(run, f"{label}: live reference {self.model_dir(prev)}"
+                 + (f", TR-DPO sync every {r.sync_every} steps, alpha {r.sync_alpha}" if r.sync_every else ""))
+        if r.sync_every:
+            self.live = live
+        return pairs, live
+
+    def load(self, model_dir: str):
+        """The policy's loader: FSDP2 shards under torchrun (the layout mix_into relies on), bf16
+        compute on GPU (FSDP's param dtype / autocast) as in the cached pass. The stored weights stay
+        float32, so a soft sync's small α·(θ − θ_ref) is not rounded away."""
+        run = self.run
+        if self.tokenizer is run.tokenizer:
+            return load_for_training(run, model_dir)
+        return load_for_training(run, model_dir, tokenizer=self.tokenizer)
+
+
+def keep_common(pairs, ref_pairs):
+    """The pairs (by example index) that both tokenizations kept, in the policy's order."""
+    by_index = {p.index: p for p in ref_pairs}
+    kept = [p for p in pairs if p.index in by_index]
+    return kept, [by_index[p.index] for p in kept]

@@ -61,12 +61,13 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False):
+def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False, tokenizer=None):
     """float32 master weights on this rank's device; FSDP2-sharded under torchrun.
 
     lora=True (the DPO policy when lora.enabled; never the no-grad reference): frozen base with
-    float32 adapters (sdpo.lora), added before FSDP2 shards the model."""
-    check_vocab(run.tokenizer, load_model_config(model_dir))  # before any weights are read
+    float32 adapters (sdpo.lora), added before FSDP2 shards the model.
+    tokenizer: the one whose ids the model will read (an external reference's own; default the run's)."""
+    check_vocab(tokenizer or run.tokenizer, load_model_config(model_dir))  # before any weights are read
     la, seed = run.cfg.lora, run.cfg.train.seed
     if run.info.distributed:
         # FSDP2 all-gathers one dtype per block: the frozen base stays float32 there (its

@@ -28,7 +28,7 @@ from sdpo.data import read_preferences, split_steps
 from sdpo.loop import dpo_stage, optimize, sft_stage
 from sdpo.metrics import gamma
 from sdpo.pairs import tokenize_pairs
-from sdpo.reference import reference_logps
+from sdpo.reference import References, reference_logps
 from sdpo.report import summarize
 from sdpo.run import Run, TrainingError, export, free_memory, load_for_training, log, random_base
 from sdpo.state import prepare_output, write_metrics, write_progress
@@ -48,10 +48,11 @@ def train(cfg: Config) -> dict:
 
     # Everything that can fail on bad input fails here, before any model work.
     datasets, tests, sft_examples = load_steps(cfg, run.tokenizer)
-    steps = None
+    references = References(run)  # [reference]: which model, its tokenizer, cached or live
+    split = steps = None
     if cfg.data.split != "easy_to_hard":
-        steps = tokenize_steps(cfg, split_steps(datasets, cfg.data.split, fractions=cfg.data.fractions,
-                                                seed=cfg.train.seed), run.tokenizer)
+        split = split_steps(datasets, cfg.data.split, fractions=cfg.data.fractions, seed=cfg.train.seed)
+        steps = tokenize_steps(cfg, split, run.tokenizer)
     run.num_steps = len(steps) if steps is not None else len(cfg.data.fractions)
     progress = prepare_output(run)
     log(run, f"sdpo: world size {info.world_size}, device {info.device}, "
@@ -75,7 +76,8 @@ def train(cfg: Config) -> dict:
     export_dtype = cfg.model.export_dtype or load_model_config(base).torch_dtype
 
     if steps is None:  # easy_to_hard needs S's γ of every pair before it can split
-        steps = tokenize_steps(cfg, easy_to_hard_split(run, datasets, base), run.tokenizer)
+        split = easy_to_hard_split(run, datasets, base)
+        steps = tokenize_steps(cfg, split, run.tokenizer)
 
     models, prev = [], base
     for t, pairs in enumerate(steps, start=1):
@@ -85,14 +87,16 @@ def train(cfg: Config) -> dict:
             prev = str(out_t)
             continue
         if cfg.loss.needs_reference:
-            # The reference is M_{t-1}: scored once over D_t, then dropped from memory.
-            ref = reference_logps(run, prev, pairs, f"sDPO step {t}/{len(steps)}")
-            gamma_ref = float(gamma(*ref).mean())  # the paper's Figure 2 statistic, of this step's reference
-            if not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):  # else already written
+            # The reference is M_{t-1} (or reference.path): scored once over D_t, then dropped from
+            # memory (reference.mode = "live": kept, scoring each micro-batch; pairs: those its tokenizer kept too).
+            pairs, ref = references.for_step(prev, pairs, split[t - 1][: cfg.data.max_examples],
+                                             f"sDPO step {t}/{len(steps)}")
+            gamma_ref = ref.gamma_mean  # the paper's Figure 2 statistic, of this step's reference (None: live)
+            if gamma_ref is not None and not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):
                 write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma_ref,
-                                    "reference": str(prev), "pairs": len(pairs)})
-            log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {prev}, "
-                     f"gamma_ref/mean {gamma_ref:.3f}")
+                                    "reference": references.model_dir(prev), "pairs": len(pairs)})
+            log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {references.model_dir(prev)}"
+                     + (f", gamma_ref/mean {gamma_ref:.3f}" if gamma_ref is not None else ""))
         else:  # SimPO, CPO, ORPO: no reference model is loaded at all
             ref = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
         # The policy starts from M_{t-1} too (train.init = "base": from S).
@@ -100,7 +104,7 @@ def train(cfg: Config) -> dict:
         model = load_for_training(run, start, lora=cfg.lora.enabled)  # adapters on the policy only
         optimize(run, model, pairs, dpo_stage(cfg, t, len(steps), ref, info.device))
         export(run, model, out_t, export_dtype, base_model_path=start)  # merged, when LoRA
-        del model
+        del model, ref
         free_memory()
         progress = {"done": progress["done"] + [f"M{t}"], "global_step": run.global_step}
         write_progress(run, progress)
@@ -130,6 +134,11 @@ def check_setup(cfg: Config, world_size: int) -> None:
     tok = cfg.model.tokenizer or cfg.model.path
     if tok is not None and not Path(tok).is_dir():
         problems.append(f"model.tokenizer: {tok} is not a directory")
+    ref = cfg.reference
+    if ref.path is not None and not (Path(ref.path) / "config.json").is_file():
+        problems.append(f"reference.path: {ref.path} is not a model directory (no config.json)")
+    if ref.tokenizer is not None and not Path(ref.tokenizer).is_dir():
+        problems.append(f"reference.tokenizer: {ref.tokenizer} is not a directory")
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"train.output_dir: {out} exists and is not a directory")
