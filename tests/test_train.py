@@ -20,8 +20,10 @@ from sdpo.stepwise import train
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
 
-# A ~25K-parameter model, 48 pairs per sDPO step, a few optimizer steps per stage.
+# A ~25K-parameter model, 48 pairs per sDPO step, a few optimizer steps per stage; plain sigmoid
+# DPO (the tiny default adds RPO's NLL term), so the first loss of a step is exactly ln 2.
 SMALL = [
+    "--loss.rpo_alpha=0",
     "--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
     "--model.num_attention_heads=2",
     "--data.max_examples=48", "--data.max_test_examples=48",
@@ -74,6 +76,8 @@ def test_two_step_sdpo_learns_and_the_reference_moves(tmp_path):
         assert (out / d / "config.json").is_file() and (out / d / "tokenizer.json").is_file()
     # M1 was trained on D1 = these pairs: it prefers the chosen responses more than S does.
     s = result["summary"]
+    assert all(0 <= s[m]["D1"]["exact_match"] <= 1 for m in ("S", "M1", "M2"))
+    assert json.loads((out / "summary.json").read_text()) == s
     assert s["M1"]["D1"]["gamma_mean"] > s["S"]["D1"]["gamma_mean"]
     assert s["M1"]["D1"]["accuracy"] >= s["S"]["D1"]["accuracy"]
     saved = load_config(out / "config.toml")
@@ -107,7 +111,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{d}/{k}"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb", "reference")} for r in rows]  # noqa
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in (*loop.MACHINE_DEPENDENT, "reference")} for r in rows]  # noqa
     assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "full"))
 
 
@@ -185,8 +189,10 @@ def run_cli(*args, cwd=REPO, timeout=120):
     (["--optim.lr=-1"], "optim.lr must be > 0"),
     (["--optim.learning_rate=1"], "unknown key in [optim] 'learning_rate'"),
     (["--data.datasets=[\"nowhere.jsonl\"]"], "data.datasets[0]: nowhere.jsonl does not exist"),
-    (["--model.path=/nonexistent"], "model.path: /nonexistent is not a model directory"),
-    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "must be divisible by world size"),
+    (["--model.path=/nonexistent", '--data.datasets=["data/demo/orca_pairs/train.jsonl"]'],
+     "model.path: /nonexistent is not a model directory"),
+    (["--model.path=/nonexistent"], "data.datasets is empty"),  # no --config: the recipe defaults, no demo data
+    (["--train.dp_shard=0"], "train.dp_shard must be >= 1"),  # batch arithmetic per world size: test_hsdp
     (["--sft.datasets=[\"data/demo/nowhere.jsonl\"]"], "sft.datasets[0]: data/demo/nowhere.jsonl does not exist"),
 ])
 def test_bad_config_fails_fast(tmp_path, args, message):
@@ -358,7 +364,13 @@ def test_sft_datasets_replace_the_preference_data_for_the_base():
 
     tok = load_tokenizer(REPO / "data" / "tokenizer")
     default = load_config(TINY)
-    _, _, sft = stepwise.load_steps(default, tok)
+    datasets, _, sft = stepwise.load_steps(default, tok)
+    # The default S trains on its own demonstrations; none of the pairs' string prompts is among them
+    # (the 100 single-digit sums recur by design).
+    assert len(sft) == 2000 and {e.origin.rsplit(":", 1)[0] for e in sft} == {"data/demo/sft/train.jsonl"}
+    prompts = lambda exs: {e.prompt[-1]["content"] for e in exs if not e.prompt[-1]["content"].startswith("add:")}  # noqa
+    assert len(prompts(sft)) > 1500 and not prompts(sft) & prompts([e for d in datasets for e in d])
+    _, _, sft = stepwise.load_steps(load_config(TINY, ["--sft.datasets=[]"]), tok)
     assert sft is None  # S trains on the chosen responses of data.datasets
     cfg = load_config(TINY, ['--sft.datasets=["data/demo/orca_pairs/test.jsonl"]'])
     datasets, _, sft = stepwise.load_steps(cfg, tok)
@@ -395,3 +407,21 @@ def test_a_pair_dropped_by_tokenization_does_not_shift_the_reference(tmp_path):
     first = next(r for r in metrics(cfg.train.output_dir) if r.get("stage") == "dpo")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_a_reference_free_loss_never_loads_a_reference(tmp_path, monkeypatch, loss_type):
+    def no_reference(*a, **k):
+        raise AssertionError("the reference pass ran for a reference-free loss")
+
+    monkeypatch.setattr(reference, "reference_logps", no_reference)
+    monkeypatch.setattr(stepwise, "reference_logps", no_reference)
+    loads = []
+    real = stepwise.load_for_training
+    monkeypatch.setattr(stepwise, "load_for_training", lambda run, d: loads.append(str(d)) or real(run, d))
+    cfg = small_cfg(tmp_path, f"--loss.type={loss_type}", "--loss.beta=2.0", "--data.max_examples=16")
+    train(cfg)
+    out = Path(cfg.train.output_dir)
+    assert loads == [str(out / "sft"), str(out / "M1")]  # the two policies only
+    rows = [r for r in metrics(out) if r.get("stage") == "dpo"]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows) and not any("gamma_ref/mean" in r for r in metrics(out))
