@@ -10,6 +10,7 @@ Only safetensors are read: pickle-based .bin/.pt files can run code on load, so 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -419,11 +420,13 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
 
 
 def save_state_dict(
-    state_dict, config: ModelConfig, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None
+    state_dict, config: ModelConfig, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None,
+    manifest: bool = False,
 ) -> None:
     """Write an HF model directory from a state dict in our parameter names (model.state_dict()).
 
-    dtype None keeps each tensor's dtype. The directory is built beside `path` and renamed into
+    dtype None keeps each tensor's dtype. manifest: also write MANIFEST_NAME, the weights'
+    fingerprint (write_manifest), so a reader of this directory never has to hash it. The directory is built beside `path` and renamed into
     place, so `path` is never half-written; an existing `path` is replaced only once the new one is complete.
     """
     path = Path(path)
@@ -488,6 +491,8 @@ def save_state_dict(
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)
+        if manifest:  # inside the directory before its rename: never a complete M_t without it
+            write_manifest(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -501,6 +506,62 @@ def save_state_dict(
         if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions: name the path, not a traceback
             raise CheckpointError(f"save to {path}: writing {tmp} failed ({e}); nothing was written to {path}") from e
         raise
+
+
+# --------------------------------------------------------------------------------------
+# The weights fingerprint and its manifest
+# --------------------------------------------------------------------------------------
+
+# {"sha256": fingerprint, "files": {name: size}}; no times in it, so the same weights write the
+# same bytes (a resumed run's directory equals an uninterrupted one's). Staleness is read off
+# the mtimes instead: it is written after the weights, so a later rewrite of one makes it older.
+MANIFEST_NAME = "sdpo_manifest.json"
+
+
+def _fingerprinted_files(root: Path) -> list[Path]:
+    return sorted(list(root.glob("*.safetensors")) + [root / CONFIG_NAME])
+
+
+def hash_weights(model_dir) -> str:
+    """sha256 over config.json and every safetensors file (names and content, not mtimes)."""
+    h = hashlib.sha256()
+    for f in _fingerprinted_files(Path(model_dir)):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def write_manifest(model_dir) -> str:
+    """Hash the directory's weights once, as they were just written, into MANIFEST_NAME; returns it."""
+    root = Path(model_dir)
+    fingerprint = hash_weights(root)
+    sizes = {f.name: f.stat().st_size for f in _fingerprinted_files(root)}
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps({"sha256": fingerprint, "files": sizes}, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST_NAME)
+    return fingerprint
+
+
+def read_manifest(model_dir) -> str | None:
+    """The manifest's fingerprint while the files are the ones it describes (same names and sizes,
+    none modified after it); None when there is none, it is damaged, or the weights changed since."""
+    root = Path(model_dir)
+    try:
+        m = json.loads((root / MANIFEST_NAME).read_text())
+        written = (root / MANIFEST_NAME).stat().st_mtime_ns
+        stats = {f.name: f.stat() for f in _fingerprinted_files(root)}
+        if (m["files"] == {n: st.st_size for n, st in stats.items()} and isinstance(m["sha256"], str)
+                and all(st.st_mtime_ns <= written for st in stats.values())):
+            return m["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def files_signature(model_dir) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]} of config.json and the safetensors files: what a rewrite changes."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in _fingerprinted_files(Path(model_dir))}
 
 
 def save_model(model: Transformer, path, *, max_shard_size="5GB", tokenizer_dir=None, dtype=None) -> None:

@@ -151,6 +151,11 @@ class TrainSection:
     tokens_per_micro_batch: int | None = None
     ref_tokens_per_batch: int | None = None  # None -> tokens_per_micro_batch
     reshard_after_forward: bool = True  # FSDP2: free gathered block params after forward
+    dp_shard: int | None = None         # ranks one model copy is sharded over (HSDP); None: GPUs per node
+    dp_replicate: int | None = None     # HSDP replicas, gradients all-reduced across; None: world size / dp_shard
+    timeout_s: float = 1800.0           # process-group timeout: a collective waiting longer fails the job
+    export_timeout_s: float = 7200.0    # how long the other ranks wait for rank 0 to write M_t
+    compile: bool = False               # torch.compile each transformer block (inductor; needs a C compiler on CPU)
     report_to: list[str] = field(default_factory=list)  # trackers fed the metrics rows too: "tensorboard"
     # Fault injection for tests: exit with code 3 after this many optimizer steps in
     # total, as a kill would (no state saved beyond the last save_every checkpoint).
@@ -462,6 +467,10 @@ def validate_config(cfg: Config) -> None:
         need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
              f"train.{key} must be a positive number of tokens (or unset), got {v!r}")
     need(t.stop_after is None or t.stop_after > 0, f"train.stop_after must be > 0, got {t.stop_after}")
+    for key in ("dp_shard", "dp_replicate"):
+        need(getattr(t, key) is None or getattr(t, key) >= 1, f"train.{key} must be >= 1 (or unset), got {getattr(t, key)}")
+    for key in ("timeout_s", "export_timeout_s"):
+        need(getattr(t, key) > 0, f"train.{key} must be > 0 seconds, got {getattr(t, key)}")
     need(bool(t.output_dir), "train.output_dir is empty")
 
     if s.enabled:

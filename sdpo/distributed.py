@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sdpo.checkpoint import CheckpointError, checked_tensors, load_model_config, open_safetensors
 from sdpo.model import Transformer
@@ -40,10 +41,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the torchrun process group if the env vars say so; pick this rank's device.
 
     device: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda".
+    timeout_s (train.timeout_s): how long a collective may wait for the slowest rank before the
+    job fails (None: torch's default, 10 min for NCCL); long waits by design (rank 0 writing
+    M_t) use long_barrier instead.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +62,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None, **kwargs)
+        global _host_group
+        # A CPU (gloo) group for waits on one rank's host work: every rank creates it, now, in order.
+        _host_group = dist.new_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -67,11 +76,53 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def build_mesh(info: DistInfo):
-    """1-D data-parallel mesh over all ranks (FSDP shards along it); None when unsharded."""
+def mesh_shape(world_size: int, dp_shard: int | None = None, dp_replicate: int | None = None,
+               local_world_size: int | None = None) -> tuple[int, int]:
+    """(replicate, shard) group sizes for train.dp_replicate / train.dp_shard; raises ValueError naming them.
+
+    dp_shard None: the GPUs per node (torchrun's LOCAL_WORLD_SIZE), so parameters are all-gathered
+    and gradients reduce-scattered over the node's fast links only, and across nodes only the
+    gradient all-reduce between the replicas travels (HSDP; 1/shard of the model per rank)."""
+    if dp_shard is None:
+        dp_shard = min(world_size, local_world_size or world_size)
+        if dp_replicate is not None and world_size % dp_replicate == 0:
+            dp_shard = world_size // dp_replicate
+    if dp_replicate is None:
+        dp_replicate = world_size // dp_shard if world_size % dp_shard == 0 else 0
+    if dp_shard < 1 or dp_replicate < 1 or dp_shard * dp_replicate != world_size:
+        raise ValueError(f"train.dp_replicate ({dp_replicate}) x train.dp_shard ({dp_shard}) must equal the world "
+                         f"size ({world_size}); set train.dp_shard to a divisor of {world_size} (e.g. the GPUs per node)")
+    return dp_replicate, dp_shard
+
+
+def build_mesh(info: DistInfo, dp_shard: int | None = None, dp_replicate: int | None = None):
+    """The FSDP2 mesh: None when unsharded; 1-D ("dp",) when every rank holds one shard of one copy;
+    2-D ("replicate", "shard") for HSDP (fully_shard then shards along "shard" and all-reduces the
+    gradients along "replicate"). Either way the result is the one-process result: the loss is a
+    mean over the global batch, and both groups average."""
     if not info.distributed:
         return None
-    return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    replicate, shard = mesh_shape(info.world_size, dp_shard, dp_replicate, local)
+    if replicate == 1:
+        return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+    return init_device_mesh(info.device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def describe_mesh(mesh) -> str:
+    """For the start-up line: "unsharded", "FSDP over 8", "HSDP mesh 4 x 8 (replicate x shard)"."""
+    if mesh is None:
+        return "unsharded"
+    if mesh.ndim == 1:
+        return f"FSDP over {mesh.size()}"
+    return f"HSDP mesh {mesh.size(0)} x {mesh.size(1)} (replicate x shard)"
+
+
+def shard_group(mesh) -> tuple[int, int]:
+    """(this rank's index, size) along the mesh dim FSDP2 shards parameters over."""
+    if mesh.ndim == 1:
+        return mesh.get_local_rank(), mesh.size()
+    return mesh.get_local_rank("shard"), mesh.size(mesh.mesh_dim_names.index("shard"))
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -167,6 +218,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+_host_group = None  # made by init_distributed
+
+
+def long_barrier(timeout_s: float, what: str = "rank 0") -> None:
+    """Wait up to timeout_s for every rank (e.g. while rank 0 writes a 43 GB M_t), over the gloo
+    host group: a plain barrier would wait under the process group's timeout (train.timeout_s),
+    and an NCCL one spins a GPU stream meanwhile. monitored_barrier names the ranks that never came."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    group = _host_group if _host_group is not None else dist.group.WORLD
+    if dist.get_backend(group) != "gloo":  # no host group (a process group made elsewhere, NCCL)
+        dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"waited {timeout_s:.0f}s for {what} (train.export_timeout_s); {e}") from e
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -219,12 +289,14 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
     if config.tie_word_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
         raise RuntimeError("load_sharded: lm_head.weight is no longer tied to embed_tokens.weight after to_empty")
 
-    W = mesh.size()
-    rank = mesh.get_local_rank()
+    # Rows along the shard dim only: under HSDP each replica group holds a full copy, so rank
+    # (r, s) reads what rank s of a 1-D mesh of the shard group's size would.
+    rank, W = shard_group(mesh)
+    placement = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied lm_head appears once, as embed_tokens.weight
-            if not isinstance(p, DTensor) or tuple(p.placements) != (Shard(0),):
-                raise RuntimeError(f"load_sharded: {name} is not a Shard(0) DTensor ({type(p).__name__})")
+            if not isinstance(p, DTensor) or tuple(p.placements) != placement:
+                raise RuntimeError(f"load_sharded: {name} is not a {placement} DTensor ({type(p).__name__})")
             local = p.to_local()  # this rank's rows: a view into FSDP's padded shard buffer
             start, stop = shard_rows(p.shape[0], W, rank)
             if local.shape != (stop - start, *p.shape[1:]):

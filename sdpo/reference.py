@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sdpo import distributed as D
+from sdpo.checkpoint import files_signature, hash_weights, read_manifest
 from sdpo.config import ConfigError
 from sdpo.logprobs import pair_forward
 from sdpo.metrics import gamma
@@ -87,15 +88,41 @@ def run_pair_logps(run: Run, model, pairs, batch_size: int, *, tokenizer=None) -
                       max_tokens=t.ref_tokens_per_batch or t.tokens_per_micro_batch)
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json and every safetensors file (content, not mtime)."""
-    h = hashlib.sha256()
-    root = Path(model_dir)
-    for f in sorted(list(root.glob("*.safetensors")) + [root / "config.json"]):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    return h.hexdigest()
+FINGERPRINTS = "fingerprints.json"  # in the reference cache dir: {resolved path: {"files": ..., "sha256": ...}}
+
+
+def weights_fingerprint(model_dir: str | Path, cache_dir: str | Path | None = None) -> str:
+    """sha256 over config.json and every safetensors file (content, not mtime; sdpo.checkpoint.hash_weights).
+
+    Rank 0 alone asks (reference_logps broadcasts its decision). An M_t this run exported carries
+    the hash in its manifest, written once by the exporter: read, not recomputed. A foreign
+    directory (S, reference.path) is hashed once; the result is kept in cache_dir/fingerprints.json
+    under its path and its files' sizes and mtimes, so a later step or a resumed run reads it back."""
+    fingerprint = read_manifest(model_dir)
+    if fingerprint is not None:
+        return fingerprint
+    sig = {"path": str(Path(model_dir).resolve()), "files": files_signature(model_dir)}
+    known = Path(cache_dir) / FINGERPRINTS if cache_dir is not None else None
+    table = {}
+    if known is not None and known.is_file():
+        try:
+            table = json.loads(known.read_text())
+            hit = table.get(sig["path"])
+            if isinstance(hit, dict) and hit.get("files") == sig["files"] and isinstance(hit.get("sha256"), str):
+                return hit["sha256"]
+        except (OSError, ValueError, AttributeError):  # a damaged table is only a cache: hash again
+            table = {}
+    fingerprint = hash_weights(model_dir)
+    if known is not None:
+        try:  # temp name + rename, as the cache files
+            known.parent.mkdir(parents=True, exist_ok=True)
+            table[sig["path"]] = {"files": sig["files"], "sha256": fingerprint}
+            tmp = known.with_name(f".{FINGERPRINTS}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(table, indent=1) + "\n")
+            os.replace(tmp, known)
+        except OSError:
+            pass
+    return fingerprint
 
 
 def pairs_fingerprint(pairs) -> str:
@@ -106,13 +133,13 @@ def pairs_fingerprint(pairs) -> str:
     return h.hexdigest()
 
 
-def cache_key(run: Run, model_dir: str | Path, pairs) -> str:
+def cache_key(run: Run, model_dir: str | Path, pairs, cache_dir: str | Path | None = None) -> str:
     # FSDP's bf16 parameters (world size > 1 on GPU) give other numbers than float32 weights
     # under bf16 autocast, so they key differently.
     params = "fsdp-bf16" if run.info.distributed and run.autocast_dtype is not None else "fp32"
     # Packed rows sum in another order than padded ones (equal to float32 rounding, not bit for bit).
     rows = f"packing={run.cfg.data.packing},share_prompt={run.cfg.data.share_prompt}"
-    return hashlib.sha256("|".join([weights_fingerprint(model_dir), pairs_fingerprint(pairs), str(run.autocast_dtype),
+    return hashlib.sha256("|".join([weights_fingerprint(model_dir, cache_dir), pairs_fingerprint(pairs), str(run.autocast_dtype),
                                     params, run.info.device.type, rows]).encode()).hexdigest()[:24]
 
 
@@ -123,17 +150,15 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str, *,
     tokenizer: the one `pairs` were made with, when not the run's (an external reference's own);
     the key covers its token ids through pairs_fingerprint."""
     cfg = run.cfg
-    key = cache_key(run, model_dir, pairs)
     cache_dir = Path(cfg.train.ref_cache_dir or run.out / "ref_cache")
+    # Rank 0 alone hashes, looks and reads; every rank takes its answer (ranks deciding on their own
+    # could disagree, e.g. a cache on a node-local disk, and the ones that miss would wait forever
+    # in the reference pass's collectives for the ones that hit).
+    key, cached = D.broadcast_object(_look_up(run, model_dir, pairs, cache_dir, label) if run.info.is_main else None)
     path = cache_dir / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            t = load_file(path)
-            if t["chosen"].shape == t["rejected"].shape == (len(pairs),):
-                log(run, f"{label}: reference log-probs from cache {path}")
-                return t["chosen"], t["rejected"]
-        except (OSError, SafetensorError, KeyError) as e:  # damaged on disk: the cache is only a cache
-            log(run, f"{label}: ignoring the unreadable cache file {path} ({e}); computing the log-probs again")
+    if cached is not None:
+        log(run, f"{label}: reference log-probs from cache {path}")
+        return cached
     t0 = time.perf_counter()
     # The run's own tokenizer: the plain call (tests wrap load_for_training as (run, dir)).
     model = load_for_training(run, model_dir) if tokenizer in (None, run.tokenizer) else \
@@ -156,6 +181,20 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str, *,
     D.barrier()
     log(run, f"{label}: reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f}s -> {path}")
     return chosen, rejected
+
+
+def _look_up(run: Run, model_dir, pairs, cache_dir: Path, label: str):
+    """(cache key, (chosen, rejected) from the cache file or None): rank 0's decision."""
+    key = cache_key(run, model_dir, pairs, cache_dir)
+    path = cache_dir / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(path)
+            if t["chosen"].shape == t["rejected"].shape == (len(pairs),):
+                return key, (t["chosen"], t["rejected"])
+        except (OSError, SafetensorError, KeyError) as e:  # damaged on disk: the cache is only a cache
+            log(run, f"{label}: ignoring the unreadable cache file {path} ({e}); computing the log-probs again")
+    return key, None
 
 
 # --------------------------------------------------------------------------------------

@@ -121,10 +121,13 @@ def export(run: Run, model, path: Path, dtype: str | None, *, base_model_path=No
     if run.info.is_main:
         lora = getattr(model, "lora_config", None)
         merged = state if lora is None else merge_state_dict(state, lora["alpha"] / lora["rank"])
-        save_state_dict(merged, model.config, path, tokenizer_dir=run.tokenizer_dir, dtype=dtype)
+        # The manifest holds M_t's fingerprint: the next step's reference cache key reads it.
+        save_state_dict(merged, model.config, path, tokenizer_dir=run.tokenizer_dir, dtype=dtype, manifest=True)
         if lora is not None:
             save_peft_adapter(model, path / "adapter", base_model_path, state=state)
-    D.barrier()
+    # Rank 0 alone writes (minutes for a 10B model): the others wait on the host, under
+    # train.export_timeout_s rather than the collectives' timeout.
+    D.long_barrier(run.cfg.train.export_timeout_s, f"rank 0 to write {path}")
 
 
 def free_memory() -> None:

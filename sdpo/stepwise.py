@@ -37,12 +37,12 @@ from sdpo.tokenizer import load_tokenizer
 
 def train(cfg: Config) -> dict:
     """Run the whole recipe; returns {"base": dir, "models": [M_1 dir, ...], "summary": {...} or None}."""
-    info = D.init_distributed(cfg.train.device)
+    info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
     check_setup(cfg, info.world_size)
     torch.manual_seed(cfg.train.seed)
     bf16 = D.use_bf16(cfg.train.precision, info.device)
     tok_dir = cfg.model.tokenizer or cfg.model.path
-    run = Run(cfg=cfg, info=info, mesh=D.build_mesh(info), out=Path(cfg.train.output_dir),
+    run = Run(cfg=cfg, info=info, mesh=D.build_mesh(info, cfg.train.dp_shard, cfg.train.dp_replicate), out=Path(cfg.train.output_dir),
               tokenizer=load_tokenizer(tok_dir, cfg.model.chat_template), tokenizer_dir=tok_dir,
               autocast_dtype=torch.bfloat16 if bf16 else None)
 
@@ -55,7 +55,7 @@ def train(cfg: Config) -> dict:
         steps = tokenize_steps(cfg, split, run.tokenizer)
     run.num_steps = len(steps) if steps is not None else len(cfg.data.fractions)
     progress = prepare_output(run)
-    log(run, f"sdpo: world size {info.world_size}, device {info.device}, "
+    log(run, f"sdpo: world size {info.world_size} ({D.describe_mesh(run.mesh)}), device {info.device}, "
              f"{'bf16 autocast' if bf16 else 'float32'}, output {run.out}")
     log(run, "config (keys that differ from the defaults): " + "; ".join(non_defaults(cfg)))
 
@@ -148,10 +148,20 @@ def check_setup(cfg: Config, world_size: int) -> None:
             problems.append(f"train.output_dir: {out} cannot be created: {base} is a file, not a directory")
         elif not os.access(base, os.W_OK | os.X_OK):
             problems.append(f"train.output_dir: {base} is not writable")
+    # Each rank takes global_batch_size / world size pairs per optimizer step and cuts them into
+    # forwards of at most micro_batch_size (a cap, so it need not divide anything).
     for name, s in (("train", cfg.train), ("sft", cfg.sft if cfg.sft.enabled else None)):
-        if s is not None and s.global_batch_size % (world_size * s.micro_batch_size):
-            problems.append(f"{name}.global_batch_size ({s.global_batch_size}) must be divisible by world size "
-                            f"({world_size}) x {name}.micro_batch_size ({s.micro_batch_size})")
+        if s is not None and s.global_batch_size % world_size:
+            fit = -(-s.global_batch_size // world_size) * world_size
+            problems.append(f"{name}.global_batch_size ({s.global_batch_size}) must be divisible by the world size "
+                            f"({world_size}): every rank takes the same number of pairs per optimizer step; set "
+                            f"--{name}.global_batch_size={fit} or launch a number of ranks that divides it")
+    if world_size > 1:
+        try:
+            D.mesh_shape(world_size, cfg.train.dp_shard, cfg.train.dp_replicate,
+                         int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        except ValueError as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))
 

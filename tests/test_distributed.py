@@ -233,3 +233,91 @@ def test_load_sharded_equals_load_model_and_holds_one_shard(tmp_path):
         assert r["sharded_added"] < 0.75 * fp32_bytes, (r, fp32_bytes)
         # the same measurement does see a full copy when one is made (allocator reuse blurs it a little)
         assert r["full_added"] > 0.85 * fp32_bytes, (r, fp32_bytes)
+
+
+# ------------------------------------------------------------------------------------------
+# The reference cache: a fingerprint written once next to M_t, a foreign model hashed once,
+# hit or miss decided by rank 0 alone
+
+def _tiny_dir(path, seed=0):
+    from sdpo.model import ModelConfig, Transformer
+
+    m = Transformer(ModelConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                num_attention_heads=2))
+    m.init_weights(seed=seed)
+    return m
+
+
+def test_export_manifest_holds_the_files_hash_and_is_read_instead_of_hashing(tmp_path, monkeypatch):
+    from sdpo import checkpoint, reference
+    from sdpo.checkpoint import MANIFEST_NAME, hash_weights, read_manifest, save_state_dict
+
+    m = _tiny_dir(tmp_path)
+    save_state_dict(m.state_dict(), m.config, tmp_path / "M1", manifest=True, max_shard_size="2KB")
+    assert len(list((tmp_path / "M1").glob("*.safetensors"))) > 1  # sharded: every file is covered
+    fingerprint = json.loads((tmp_path / "M1" / MANIFEST_NAME).read_text())["sha256"]
+    assert fingerprint == hash_weights(tmp_path / "M1")  # the same key as hashing the directory
+    calls = []
+    monkeypatch.setattr(reference, "hash_weights", lambda d: calls.append(d) or "hashed")
+    assert reference.weights_fingerprint(tmp_path / "M1", tmp_path / "cache") == fingerprint and not calls
+    # Rewritten weights (other content, other mtime) make the manifest stale: hashed again.
+    f = sorted((tmp_path / "M1").glob("*.safetensors"))[0]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    later = (tmp_path / "M1" / MANIFEST_NAME).stat().st_mtime_ns + 10**9  # coarse-mtime filesystems
+    os.utime(f, ns=(later, later))
+    assert read_manifest(tmp_path / "M1") is None
+    assert reference.weights_fingerprint(tmp_path / "M1", tmp_path / "cache") == "hashed" and len(calls) == 1
+    # A damaged manifest is no manifest.
+    (tmp_path / "M1" / MANIFEST_NAME).write_text("{not json")
+    assert checkpoint.read_manifest(tmp_path / "M1") is None
+
+
+def test_foreign_model_is_hashed_once_and_again_when_its_files_change(tmp_path, monkeypatch):
+    from sdpo import reference
+    from sdpo.checkpoint import MANIFEST_NAME, save_state_dict
+
+    m = _tiny_dir(tmp_path)
+    save_state_dict(m.state_dict(), m.config, tmp_path / "base")  # no manifest: a foreign directory
+    assert not (tmp_path / "base" / MANIFEST_NAME).exists()
+    real, calls = reference.hash_weights, []
+    monkeypatch.setattr(reference, "hash_weights", lambda d: calls.append(d) or real(d))
+    first = reference.weights_fingerprint(tmp_path / "base", tmp_path / "cache")
+    assert reference.weights_fingerprint(tmp_path / "base", tmp_path / "cache") == first and len(calls) == 1
+    table = json.loads((tmp_path / "cache" / reference.FINGERPRINTS).read_text())
+    assert table[str((tmp_path / "base").resolve())]["sha256"] == first
+    save_state_dict(_tiny_dir(tmp_path, seed=1).state_dict(), m.config, tmp_path / "base")  # new weights
+    second = reference.weights_fingerprint(tmp_path / "base", tmp_path / "cache")
+    assert len(calls) == 2 and second != first
+    (tmp_path / "cache" / reference.FINGERPRINTS).write_text("[damaged")  # only a cache: hash again
+    assert reference.weights_fingerprint(tmp_path / "base", tmp_path / "cache") == second and len(calls) == 3
+
+
+def test_cache_hit_or_miss_is_rank_zeros_decision(tmp_path, monkeypatch):
+    """A rank other than 0 never hashes or looks at the cache: it takes rank 0's broadcast answer,
+    a hit (whatever its own disk holds) or a miss (then it joins the pass, as rank 0 does)."""
+    from types import SimpleNamespace
+
+    from sdpo import reference
+    from sdpo.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny.toml", [f"--train.output_dir={tmp_path / 'run'}"])
+    info = SimpleNamespace(rank=1, world_size=2, is_main=False, distributed=True, device=torch.device("cpu"))
+    run = SimpleNamespace(cfg=cfg, info=info, out=tmp_path / "run", autocast_dtype=None, tokenizer=None)
+    forbidden = lambda *a, **k: pytest.fail("rank 1 looked at the cache or hashed weights")  # noqa: E731
+    monkeypatch.setattr(reference, "weights_fingerprint", forbidden)
+    monkeypatch.setattr(reference, "load_file", forbidden)
+    hit = (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]))
+    monkeypatch.setattr(reference.D, "broadcast_object", lambda obj, src=0: ("k" * 24, hit))
+    assert reference.reference_logps(run, tmp_path / "nowhere", [object(), object()], "t") is hit
+
+    passes = []
+    monkeypatch.setattr(reference.D, "broadcast_object", lambda obj, src=0: ("k" * 24, None))
+    monkeypatch.setattr(reference, "load_for_training", lambda run, d, **k: passes.append(d) or object())
+    monkeypatch.setattr(reference, "run_pair_logps", lambda run, m, pairs, bs, **k: hit)
+    monkeypatch.setattr(reference.D, "barrier", lambda *a, **k: None)
+    chosen, rejected = reference.reference_logps(run, tmp_path / "nowhere", [object(), object()], "t")
+    assert chosen is hit[0] and rejected is hit[1]
+    assert passes == [tmp_path / "nowhere"]
+    assert not (tmp_path / "run" / "ref_cache").exists()  # rank 0 writes the cache, not rank 1
