@@ -190,7 +190,7 @@ def run_cli(*args, cwd=REPO, timeout=120):
     (["--optim.learning_rate=1"], "unknown key in [optim] 'learning_rate'"),
     (["--data.datasets=[\"nowhere.jsonl\"]"], "data.datasets[0]: nowhere.jsonl does not exist"),
     (["--model.path=/nonexistent"], "model.path: /nonexistent is not a model directory"),
-    (["--train.global_batch_size=10", "--train.micro_batch_size=4"], "must be divisible by world size"),
+    (["--train.dp_shard=0"], "train.dp_shard must be >= 1"),  # batch arithmetic per world size: test_hsdp
     (["--sft.datasets=[\"data/demo/nowhere.jsonl\"]"], "sft.datasets[0]: data/demo/nowhere.jsonl does not exist"),
 ])
 def test_bad_config_fails_fast(tmp_path, args, message):
