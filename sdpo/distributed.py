@@ -167,6 +167,19 @@ def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward:
     return model
 
 
+def compile_blocks(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """train.compile: torch.compile each transformer block's forward, from outside the model.
+
+    Per block (all blocks share one graph, compiled once per input shape) and forward only, as an
+    instance attribute: the module tree and parameter names stay as they are (exports, DCP state,
+    load_sharded), and FSDP2's pre/post-forward hooks, which run around forward in the module's
+    __call__, stay eager: the compiled region holds the block's math and nothing of the sharding."""
+    if enabled:
+        for block in model.layers:
+            block.forward = torch.compile(block.forward)
+    return model
+
+
 def reshard_root(model: nn.Module) -> None:
     """Free the root's all-gathered parameters (embeddings, final norm, lm_head) kept after
     forward (reshard_after_forward=False), e.g. once a no-grad pass is over; no-op unsharded."""

@@ -85,7 +85,7 @@ def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False, to
     if lora and not run.info.distributed:
         bf16_base = la.base_dtype == "bfloat16" or (la.base_dtype == "auto" and run.autocast_dtype == torch.bfloat16)
         apply_lora(model, la, base_dtype=torch.bfloat16 if bf16_base else None, seed=seed)
-    return model
+    return D.compile_blocks(model, run.cfg.train.compile)
 
 
 def random_base(run: Run):
@@ -101,11 +101,11 @@ def random_base(run: Run):
     model.init_weights(seed=run.cfg.train.seed, std=m.init_std)
     model.fused_logprobs = m.fused_logprobs  # read by sdpo.logprobs
     if run.info.distributed:
-        return D.apply_fsdp(model, run.mesh, mp_policy=mp_policy(run),
-                            reshard_after_forward=run.cfg.train.reshard_after_forward,
-                            activation_checkpointing=m.activation_checkpointing)
+        return D.compile_blocks(D.apply_fsdp(model, run.mesh, mp_policy=mp_policy(run),
+                                             reshard_after_forward=run.cfg.train.reshard_after_forward,
+                                             activation_checkpointing=m.activation_checkpointing), run.cfg.train.compile)
     model.gradient_checkpointing = m.activation_checkpointing
-    return model.to(run.info.device)
+    return D.compile_blocks(model.to(run.info.device), run.cfg.train.compile)
 
 
 def mp_policy(run: Run):

@@ -321,3 +321,55 @@ def test_cache_hit_or_miss_is_rank_zeros_decision(tmp_path, monkeypatch):
     assert chosen is hit[0] and rejected is hit[1]
     assert passes == [tmp_path / "nowhere"]
     assert not (tmp_path / "run" / "ref_cache").exists()  # rank 0 writes the cache, not rank 1
+
+
+# ------------------------------------------------------------------------------------------
+# train.compile: torch.compile of the blocks, applied from outside
+
+def _inductor_or_skip():
+    import shutil
+
+    if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile (inductor) needs a C compiler on CPU; none found")
+    try:
+        torch.compile(lambda x: x.sin() + 1)(torch.ones(3))
+    except Exception as e:  # no working toolchain, an unsupported platform
+        pytest.skip(f"torch.compile (inductor) does not work here: {type(e).__name__}: {str(e)[:200]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(packed):
+    from sdpo.distributed import compile_blocks
+    from sdpo.logprobs import pair_forward
+    from sdpo.model import ModelConfig, Transformer
+    from sdpo.packing import collate, pack
+    from sdpo.pairs import TokenizedPair
+
+    _inductor_or_skip()
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    eager = Transformer(cfg)
+    eager.init_weights(seed=4)
+    compiled = Transformer(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    names = [n for n, _ in compiled.named_parameters()]
+    compile_blocks(compiled)
+    assert [n for n, _ in compiled.named_parameters()] == names  # exports and DCP state keep their keys
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()  # noqa: E731
+    pairs = [TokenizedPair(ids(5), ids(4), ids(6), 0), TokenizedPair(ids(3), ids(7), ids(2), 1)]
+    batch = pack(pairs, pad_id=0, rows="longest") if packed else collate(pairs, pad_id=0)
+
+    def loss_of(model):
+        c, r = pair_forward(model, batch)
+        loss = -torch.nn.functional.logsigmoid(0.1 * (c.logps - r.logps)).sum()
+        loss.backward()
+        return loss.detach()
+
+    torch.testing.assert_close(loss_of(compiled), loss_of(eager), rtol=1e-5, atol=1e-6)
+    grads = dict(eager.named_parameters())
+    for n, p in compiled.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in compiled.layers)  # really compiled
+    assert not hasattr(eager.layers[0].forward, "_torchdynamo_orig_callable")
