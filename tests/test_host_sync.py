@@ -106,7 +106,8 @@ def run_small(tmp_path, monkeypatch, *extra):
 @pytest.mark.parametrize("extra", [
     [],                                                                    # packed rows, shared prompt, fused
     ["--data.packing=false", "--data.share_prompt=false", "--model.fused_logprobs=false"],  # padded rows
-], ids=["packed-fused", "padded-unfused"])
+    ["--reference.mode=live"],                                             # the reference scores each micro-batch
+], ids=["packed-fused", "padded-unfused", "live-reference"])
 def test_no_host_sync_in_a_micro_batch_step(tmp_path, monkeypatch, watch_steps, extra):
     seen, opened = watch_steps
     run_small(tmp_path, monkeypatch, *extra)
