@@ -215,7 +215,9 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     mask = packed_mask(batch["doc_ids"], batch["segments"], pos, window, backend=backend)
     hidden = model.hidden_states(ids, None, pos, attn_mask=mask)  # [n, T, H]
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])  # [R, H]
+    # [R, H]. Its backward adds into [n*T, H] at gather_index; a position occurs at most twice (the
+    # last prompt token), and 0 + a + b == 0 + b + a exactly, so the atomics' order cannot show.
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])
     token_logps = _token_logps(model, h, batch["targets"], checked=_check_token_range(model, batch.get("token_range")))
     slot = batch["token_slot"]  # [S, L], R = the appended 0
     logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
