@@ -18,10 +18,11 @@ import torch
 
 from sdpo import distributed as D
 from sdpo.config import Config
-from sdpo.logprobs import packed_sequence_logps, pair_forward, sequence_logps
+from sdpo.logprobs import SequenceLogps, packed_sequence_logps, pair_forward, sequence_logps
 from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
+from sdpo.metrics import preference_metrics
 from sdpo.packing import batch_schedule, collate, micro_batches, pack, pack_options, pair_cost
-from sdpo.reference import CachedReference
+from sdpo.reference import CachedReference, run_pair_logps
 from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
 from sdpo.state import STATE, load_state, save_state, write_metrics
 
@@ -53,12 +54,32 @@ class Stage:
     max_steps: int | None
     seed: int
     group_by_length: bool
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # held-out metrics (DPO), or None
+    eval_every: int | None = None     # optimizer steps between held-out evaluations (and at the end)
     # after_step(model, done) once optimizer step `done` (1-based) is applied: the TR-DPO sync
     after_step: Callable[[torch.nn.Module, int], None] | None = None
 
 
+# Metric fields that depend on the machine and the clock, not on the computation: a resumed
+# run must match an uninterrupted one in every other field.
+MACHINE_DEPENDENT = ("tokens_per_s", "step_time_s", "peak_mem_gb", "time", "elapsed_s")
+
 DPO_STATS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected"]
+
+
+def configured_loss(lo, policy_chosen: SequenceLogps, policy_rejected: SequenceLogps, ref_chosen, ref_rejected):
+    """sdpo.loss.preference_loss with the [loss] section's options; inputs [B] each."""
+    needs_nll = bool(NEEDS_NLL.intersection(lo.types)) or lo.rpo_alpha is not None
+    needs_lengths = lo.length_normalize or bool(NEEDS_LENGTHS.intersection(lo.types))
+    return preference_loss(
+        policy_chosen.logps, policy_rejected.logps, ref_chosen, ref_rejected,
+        loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
+        reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
+        policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
+        chosen_lengths=policy_chosen.counts if needs_lengths else None,
+        rejected_lengths=policy_rejected.counts if needs_lengths else None,
+        simpo_gamma=lo.simpo_gamma, discopop_tau=lo.discopop_tau, cpo_alpha=lo.cpo_alpha)
 
 
 def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected=None):
@@ -67,25 +88,30 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected=None):
     ref_chosen: the reference, an object with logps(batch) -> (chosen [B], rejected [B]) (sdpo.reference:
     a cached lookup or a live forward); or, with ref_rejected, the [N] float32 log-probs of the step's
     pairs on the batch's device, indexed by the batch's "index"."""
-    lo = cfg.loss
     reference = ref_chosen if ref_rejected is None else CachedReference(ref_chosen, ref_rejected, ref_chosen.device)
     ref_chosen, ref_rejected = reference.logps(batch)  # [B] each
     policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
-    needs_nll = bool(NEEDS_NLL.intersection(lo.types)) or lo.rpo_alpha is not None
-    needs_lengths = lo.length_normalize or bool(NEEDS_LENGTHS.intersection(lo.types))
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen.logps, policy_rejected.logps, ref_chosen, ref_rejected,
-        loss_type=lo.types, beta=lo.beta, label_smoothing=lo.label_smoothing, loss_weights=lo.weights,
-        reference_free=lo.reference_free, rpo_alpha=lo.rpo_alpha,
-        policy_chosen_nll=-policy_chosen.mean_logps if needs_nll else None,  # [B] NLL per token
-        chosen_lengths=policy_chosen.counts if needs_lengths else None,
-        rejected_lengths=policy_rejected.counts if needs_lengths else None,
-        simpo_gamma=lo.simpo_gamma, discopop_tau=lo.discopop_tau, cpo_alpha=lo.cpo_alpha)
+    losses, chosen_rewards, rejected_rewards = configured_loss(cfg.loss, policy_chosen, policy_rejected,
+                                                               ref_chosen, ref_rejected)
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
                          (chosen_rewards - rejected_rewards).sum(),
                          policy_chosen.logps.sum(), policy_rejected.logps.sum()]).detach().float()
     return losses.sum(), stats
+
+
+def heldout_evaluator(run: Run, pairs, ref: tuple[torch.Tensor, torch.Tensor]) -> Callable[[torch.nn.Module], dict]:
+    """The held-out pairs' DPO loss, reward accuracy and margins against the step's reference
+    log-probs `ref` ([N] each), under TRL's eval_ names. One no-grad pass, all ranks together."""
+    counts = (torch.tensor([len(p.chosen_ids) for p in pairs]), torch.tensor([len(p.rejected_ids) for p in pairs]))
+
+    def evaluate(model) -> dict:
+        c, r = run_pair_logps(run, model, pairs, run.cfg.eval.batch_size)  # [N] float32 CPU each
+        losses, _, _ = configured_loss(run.cfg.loss, SequenceLogps(c, counts[0]), SequenceLogps(r, counts[1]), *ref)
+        m = preference_metrics(c, r, ref[0], ref[1], beta=run.cfg.loss.beta, losses=losses)
+        return {f"eval_{k}": v for k, v in m.items() if k != "n"}
+
+    return evaluate
 
 
 def sft_micro_loss(model, batch):
@@ -113,9 +139,11 @@ def sft_stage(cfg: Config) -> Stage:
                  max_steps=s.max_steps, seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
 
 
-def dpo_stage(cfg: Config, t: int, num_steps: int, ref, device=None) -> Stage:
-    """Step t's DPO against `ref`: a reference object (sdpo.reference: logps(batch), after_step) or
-    the log-probs ([N], [N]) of the step's pairs."""
+def dpo_stage(cfg: Config, t: int, num_steps: int, ref, device=None,
+              evaluate: Callable[[torch.nn.Module], dict] | None = None) -> Stage:
+    """Step t's DPO against `ref`: a reference object (sdpo.reference: logps(batch), after_step) or the
+    log-probs ([N], [N]) of the step's pairs; `evaluate`, the held-out evaluation (heldout_evaluator),
+    runs every eval.every steps and at the end."""
     if isinstance(ref, tuple):
         ref = CachedReference(*ref, device)
     o, t_ = cfg.optim, cfg.train
@@ -127,7 +155,7 @@ def dpo_stage(cfg: Config, t: int, num_steps: int, ref, device=None) -> Stage:
                  global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size,
                  tokens_per_micro_batch=t_.tokens_per_micro_batch, chosen_only=False, epochs=t_.epochs,
                  max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length,
-                 after_step=ref.after_step)
+                 evaluate=evaluate, eval_every=cfg.eval.every, after_step=ref.after_step)
 
 
 # --------------------------------------------------------------------------------------
@@ -280,14 +308,24 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             row.update({name: float(window_stats[i] / (G * window_steps))
                         for i, name in enumerate(stage.stat_names, start=1)})
             all_tokens = D.all_reduce(torch.tensor([float(tokens)])).item()
+            row["tokens"] = int(all_tokens)  # computed in the window, over all ranks
             row["tokens_per_s"] = all_tokens / max(now - t_prev, 1e-9)
+            row["step_time_s"] = (now - t_prev) / window_steps
             row["peak_mem_gb"] = peak_mem_gb(info.device)
+            row["time"], row["elapsed_s"] = time.time(), time.time() - run.started
             write_metrics(run, row)
             eta = (now - t_start) / (done - start) * (total - done)
             extra = "".join(f" {label} {row[key]:.3f}" for key, label in stage.show)
             log(run, f"{stage.name} | {done}/{total} | loss {row['loss']:.4f}{extra} | lr {cur_lr:.2e} | "
                      f"gnorm {row['grad_norm']:.3f} | {row['tokens_per_s']:.0f} tok/s | ETA {fmt_time(eta)}")
             t_prev, tokens, window_steps, window_loss, window_grad_norm, window_stats = now, 0, 0, 0.0, 0.0, 0
+
+        if stage.evaluate is not None and (done % stage.eval_every == 0 or done == total):
+            held = stage.evaluate(model)
+            write_metrics(run, {"step": run.global_step, "sdpo_step": stage.sdpo_step, "stage": "eval", **held,
+                                "time": time.time(), "elapsed_s": time.time() - run.started})
+            log(run, f"{stage.name} | held-out at {done}/{total} | loss {held['eval_loss']:.4f} | "
+                     f"acc {held['eval_rewards/accuracies']:.3f} margin {held['eval_rewards/margins']:.3f}")
 
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
             save_state(run, model, optimizer, {"stage": [stage.kind, stage.sdpo_step], "step": done,

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import gc
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ class Run:
     num_steps: int = 0                     # T, the number of sDPO steps
     global_step: int = 0                   # optimizer steps over all stages
     resume_state: dict | None = None       # meta of the state/ checkpoint to continue from
+    started: float = dataclasses.field(default_factory=time.time)  # this process's start, for elapsed_s
 
 
 def log(run: Run, msg: str) -> None:

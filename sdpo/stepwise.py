@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from sdpo import distributed as D
+from sdpo import tracking
 from sdpo.checkpoint import load_model_config
 from sdpo.config import Config, ConfigError, non_defaults
 from sdpo.data import read_preferences, split_steps
-from sdpo.loop import dpo_stage, optimize, sft_stage
+from sdpo.loop import dpo_stage, heldout_evaluator, optimize, sft_stage
 from sdpo.metrics import gamma
 from sdpo.pairs import tokenize_pairs
 from sdpo.reference import References, reference_logps
@@ -99,10 +100,11 @@ def train(cfg: Config) -> dict:
                      + (f", gamma_ref/mean {gamma_ref:.3f}" if gamma_ref is not None else ""))
         else:  # SimPO, CPO, ORPO: no reference model is loaded at all
             ref = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+        evaluate = heldout(run, references, prev, tests, t, len(steps))  # eval.every: held-out loss, same reference
         # The policy starts from M_{t-1} too (train.init = "base": from S).
         start = prev if cfg.train.init == "previous" else base
         model = load_for_training(run, start, lora=cfg.lora.enabled)  # adapters on the policy only
-        optimize(run, model, pairs, dpo_stage(cfg, t, len(steps), ref, info.device))
+        optimize(run, model, pairs, dpo_stage(cfg, t, len(steps), ref, info.device, evaluate))
         export(run, model, out_t, export_dtype, base_model_path=start)  # merged, when LoRA
         del model, ref
         free_memory()
@@ -114,6 +116,7 @@ def train(cfg: Config) -> dict:
     summary = None
     if cfg.eval.summary:
         summary = summarize(run, [("S", base)] + [(f"M{t}", d) for t, d in enumerate(models, start=1)], tests)
+    tracking.close(run.out)
     return {"base": base, "models": models, "summary": summary}
 
 
@@ -162,6 +165,7 @@ def check_setup(cfg: Config, world_size: int) -> None:
                          int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         except ValueError as e:
             problems.append(str(e))
+    problems += tracking.missing_packages(cfg.train.report_to)
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))
 
@@ -191,6 +195,21 @@ def tokenize(cfg: Config, examples, tokenizer, what: str, *, require: bool = Tru
 
 def tokenize_steps(cfg: Config, steps, tokenizer):
     return [tokenize(cfg, d[: cfg.data.max_examples], tokenizer, f"sDPO step {t}") for t, d in enumerate(steps, 1)]
+
+
+def heldout(run: Run, references: References, prev: str, tests, t: int, num_steps: int):
+    """eval.every: step t's held-out pairs (test set t when there is one per step, else all of them)
+    scored against the step's (starting) reference, cached like the training pairs; None when off."""
+    cfg = run.cfg
+    if cfg.eval.every is None or not tests:
+        return None
+    if references.tokenizer is not run.tokenizer:
+        log(run, "eval.every: skipped, the held-out evaluation needs a reference with the policy's tokenizer")
+        return None
+    pairs = tests[t - 1] if len(tests) == num_steps else [p for test in tests for p in test]
+    ref = (reference_logps(run, references.model_dir(prev), pairs, f"sDPO step {t}/{num_steps} held-out")
+           if cfg.loss.needs_reference else (torch.zeros(len(pairs)), torch.zeros(len(pairs))))
+    return heldout_evaluator(run, pairs, ref)
 
 
 def easy_to_hard_split(run: Run, datasets, base: str):

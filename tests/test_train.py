@@ -111,7 +111,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{d}/{k}"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb", "reference")} for r in rows]  # noqa
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in (*loop.MACHINE_DEPENDENT, "reference")} for r in rows]  # noqa
     assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "full"))
 
 
@@ -133,7 +133,7 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     loads = []
     real = stepwise.load_for_training
     for module in (stepwise, reference):  # the policies, and the reference pass
-        monkeypatch.setattr(module, "load_for_training", lambda run, d: loads.append(str(d)) or real(run, d))
+        monkeypatch.setattr(module, "load_for_training", lambda run, d, **k: loads.append(str(d)) or real(run, d, **k))
     train(cfg)  # a repeated run: same S (deterministic), same data -> both reference passes from the cache
     assert loads == [str(out / "sft"), str(out / "M1")]  # the two policies only, no reference pass
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -189,7 +189,9 @@ def run_cli(*args, cwd=REPO, timeout=120):
     (["--optim.lr=-1"], "optim.lr must be > 0"),
     (["--optim.learning_rate=1"], "unknown key in [optim] 'learning_rate'"),
     (["--data.datasets=[\"nowhere.jsonl\"]"], "data.datasets[0]: nowhere.jsonl does not exist"),
-    (["--model.path=/nonexistent"], "model.path: /nonexistent is not a model directory"),
+    (["--model.path=/nonexistent", '--data.datasets=["data/demo/orca_pairs/train.jsonl"]'],
+     "model.path: /nonexistent is not a model directory"),
+    (["--model.path=/nonexistent"], "data.datasets is empty"),  # no --config: the recipe defaults, no demo data
     (["--train.dp_shard=0"], "train.dp_shard must be >= 1"),  # batch arithmetic per world size: test_hsdp
     (["--sft.datasets=[\"data/demo/nowhere.jsonl\"]"], "sft.datasets[0]: data/demo/nowhere.jsonl does not exist"),
 ])
@@ -405,3 +407,21 @@ def test_a_pair_dropped_by_tokenization_does_not_shift_the_reference(tmp_path):
     first = next(r for r in metrics(cfg.train.output_dir) if r.get("stage") == "dpo")
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_a_reference_free_loss_never_loads_a_reference(tmp_path, monkeypatch, loss_type):
+    def no_reference(*a, **k):
+        raise AssertionError("the reference pass ran for a reference-free loss")
+
+    monkeypatch.setattr(reference, "reference_logps", no_reference)
+    monkeypatch.setattr(stepwise, "reference_logps", no_reference)
+    loads = []
+    real = stepwise.load_for_training
+    monkeypatch.setattr(stepwise, "load_for_training", lambda run, d, **k: loads.append(str(d)) or real(run, d, **k))
+    cfg = small_cfg(tmp_path, f"--loss.type={loss_type}", "--loss.beta=2.0", "--data.max_examples=16")
+    train(cfg)
+    out = Path(cfg.train.output_dir)
+    assert loads == [str(out / "sft"), str(out / "M1")]  # the two policies only
+    rows = [r for r in metrics(out) if r.get("stage") == "dpo"]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows) and not any("gamma_ref/mean" in r for r in metrics(out))
