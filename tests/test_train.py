@@ -332,7 +332,7 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
     overrides = {"sigmoid+sft with rpo": ["--loss.type=sigmoid+sft", "--loss.weights=[1.0,0.5]", "--loss.rpo_alpha=0.2"],
                  "length-normalised ipo": ["--loss.type=ipo", "--loss.length_normalize=true"],
                  "reference-free": ["--loss.reference_free=true"]}[case]
-    cfg = load_config(TINY, ["--loss.beta=0.5", *overrides])
+    cfg = load_config(TINY, ["--loss.beta=0.5", "--loss.rpo_alpha=none", *overrides])  # the demo sets RPO
     model = Transformer(ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2))
     model.init_weights(seed=0, std=0.5)
