@@ -344,7 +344,9 @@ def preference_loss(
             if not isinstance(n, Tensor) or n.shape != shape:
                 got = tuple(n.shape) if isinstance(n, Tensor) else type(n).__name__
                 raise ValueError(f"sdpo/loss.py: {name} must be a Tensor of shape {tuple(shape)}, got {got}")
-            if bool((n <= 0).any()):
+            # Checked on host tensors only: on a GPU the check would sync every micro-batch, and the
+            # trainer's counts come from tokenize_pairs, which never keeps an empty response.
+            if n.device.type == "cpu" and bool((n <= 0).any()):
                 raise ValueError(f"sdpo/loss.py: {name} must be > 0 (a response with no tokens has no log-prob)")
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # ρ_w [B]
