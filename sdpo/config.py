@@ -336,6 +336,10 @@ def _set(cfg: Config, section: str, key: str, value, *, source: str, from_text: 
     tp = hints[key]
     if (section, key) == ("model", "activation_checkpointing") and isinstance(value, (bool, int)):
         value = str(value).lower()  # true / false / K from configs written before it was a string
+    if key == "chat_template" and from_text and value.strip() == "none":
+        # the built-in template named "none" (plain concatenation), not an unset key: --...=null unsets
+        setattr(sec, key, "none")
+        return
     setattr(sec, key, _parse_text(value, tp, where) if from_text else _check(value, tp, where))
 
 

@@ -64,6 +64,9 @@ def test_plain_dpo_on_an_hf_directory_and_a_jsonl(user_model, tmp_path, capsys, 
     dpo = [r for r in rows if r.get("stage") == "dpo"]
     assert len(dpo) == 2 and dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert (out / "M1" / "config.json").is_file() and not (out / "sft").exists()
+    # "none" on the command line is the template's name (plain concatenation), not an unset key
+    assert load_config(out / "config.toml").model.chat_template == "none"
+    assert "model.chat_template = 'none'" in err
 
 
 def test_help_lists_every_key_with_a_meaning(capsys):
