@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = parse_args(argv, default_config=DEFAULT_CONFIG)
         train(cfg)
+        distributed.destroy()  # every rank got here: leave together
     except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
         print(str(e), file=sys.stderr)
         return 3
     finally:
-        distributed.destroy()
+        distributed.destroy(barrier=False)  # no-op after a clean finish
     return 0
 
 

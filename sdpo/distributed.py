@@ -71,8 +71,17 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def destroy() -> None:
+def destroy(barrier: bool = True) -> None:
+    """Leave the process group. After a clean finish a barrier comes first, so no rank tears gloo
+    down while a peer is still talking to it (gloo aborts: "terminate called without an active
+    exception"); after an error there is none, as the other ranks may be inside another collective."""
+    global _host_group
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
+        if _host_group is not None:
+            dist.destroy_process_group(_host_group)
+            _host_group = None
         dist.destroy_process_group()
 
 

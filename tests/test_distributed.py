@@ -22,7 +22,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     import kernels
-    from sdpo.distributed import apply_fsdp, build_mesh, full_state_dict, init_distributed, all_reduce, reshard_root
+    from sdpo.distributed import apply_fsdp, build_mesh, destroy, full_state_dict, init_distributed, all_reduce, reshard_root
     from sdpo.model import ModelConfig, Transformer
 
     tied, fused = sys.argv[1] == "tied", sys.argv[2] == "fused"
@@ -77,7 +77,7 @@ WORKER = textwrap.dedent(
             assert torch.equal(sd[n], t), n
         assert all(t.device.type == "cpu" and not hasattr(t, "placements") for t in sd.values())
         print("OK", sorted(sd)[:2])
-    dist.destroy_process_group()
+    destroy()
     """
 )
 
@@ -120,7 +120,7 @@ LOAD_WORKER = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
     from sdpo.checkpoint import load_model
-    from sdpo.distributed import build_mesh, full_state_dict, init_distributed, load_sharded
+    from sdpo.distributed import build_mesh, destroy, full_state_dict, init_distributed, load_sharded
 
     def rss():  # current resident set, bytes
         for line in open("/proc/self/status"):
@@ -172,7 +172,7 @@ LOAD_WORKER = textwrap.dedent(
         out[name] = [tuple(p.to_local().shape) for n, p in model.named_parameters() if n == "embed_tokens.weight"]
     with open(f"{result_dir}/rank{info.rank}.json", "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    destroy()
     """
 )
 
