@@ -1,0 +1,141 @@
+"""GPU-only checks and timings that the CPU test suite cannot make, as tables on stdout.
+
+    python bench/gpu_checks.py            # on a CUDA machine (bench/gpu.sh runs it)
+
+1. Packed + shared-prompt rows through FlexAttention (the CUDA path) vs padded rows through SDPA:
+   per-pair chosen/rejected log-probs, bf16 and float32.
+2. The fused lm_head + log-prob (kernels.linear_token_logprobs, Triton per chunk) vs the unfused
+   lm_head + kernel: max error against float64, time per fwd+bwd, peak memory beyond the inputs.
+On a machine without CUDA it says so and exits 0 (nothing to measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+from sdpo.logprobs import pair_forward  # noqa: E402
+from sdpo.model import ModelConfig, Transformer  # noqa: E402
+from sdpo.packing import collate, pack, pack_options  # noqa: E402
+from sdpo.pairs import TokenizedPair  # noqa: E402
+
+
+def random_pairs(n: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(rng.randint(5, 300))]
+        shared = rng.randrange(3, vocab)  # chosen and rejected often share a first token
+        chosen = [shared] + [rng.randrange(3, vocab) for _ in range(rng.randint(0, 400))] + [2]
+        rejected = [shared] + [rng.randrange(3, vocab) for _ in range(rng.randint(0, 400))] + [2]
+        pairs.append(TokenizedPair(prompt, chosen, rejected, i))
+    return pairs
+
+
+def table(headers, rows) -> str:
+    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(x) for c, x in zip(cells, w)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (x + 2) for x in w) + "|", *(line(r) for r in rows)])
+
+
+@torch.no_grad()
+def check_flex(device) -> None:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+        model = Transformer(cfg)
+        model.init_weights(seed=0)
+        model = model.to(device, dtype).eval()
+        pairs = random_pairs(16, cfg.vocab_size)
+        opts = pack_options(packing=True, share_prompt=True, device=device)
+        packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in pack(pairs, pad_id=0, **opts).items()}
+        padded = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(pairs, pad_id=0).items()}
+        times = {}
+        for name, batch in (("packed+flex", packed), ("padded+sdpa", padded)):
+            pair_forward(model, batch)  # compile / warm up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = pair_forward(model, batch)
+            torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - t0, out)
+        (tp, (pc, pr)), (tu, (uc, ur)) = times["packed+flex"], times["padded+sdpa"]
+        rel = max(((pc.logps - uc.logps).abs() / uc.logps.abs().clamp(min=1)).max().item(),
+                  ((pr.logps - ur.logps).abs() / ur.logps.abs().clamp(min=1)).max().item())
+        tokens_packed = int((packed["doc_ids"] > 0).sum()) if "doc_ids" in packed else -1
+        rows.append([str(dtype).replace("torch.", ""), f"{rel:.2e}", f"{tp * 1e3:.1f}", f"{tu * 1e3:.1f}",
+                     tokens_packed, int(padded["attention_mask"].numel())])
+    print("FlexAttention packed rows vs padded SDPA rows (16 pairs, 4 layers, H=512, V=32000):")
+    print(table(["dtype", "max rel |Δ log p| per pair", "packed ms", "padded ms", "packed tokens", "padded tokens"],
+                rows))
+
+
+def peak_beyond(fn, device) -> tuple[float, float]:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def check_fused(device, rows_n: int) -> None:
+    rows = []
+    for V in (32000, 128256):
+        H = 4096
+        g = torch.Generator(device=device).manual_seed(0)
+        h = (torch.randn(rows_n, H, device=device, generator=g) * 0.5).to(torch.bfloat16).requires_grad_()
+        w = (torch.randn(V, H, device=device, generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
+        t = torch.randint(0, V, (rows_n,), device=device, generator=g)
+        up = torch.randn(rows_n, device=device, generator=g)
+        with torch.no_grad():
+            truth = torch.log_softmax(h.double() @ w.double().T, -1).gather(1, t[:, None])[:, 0]
+
+        def fused():
+            out = kernels.linear_token_logprobs(h, w, t)
+            (out * up).sum().backward()
+            return out
+
+        def unfused():
+            out = kernels.token_logprobs(h @ w.T, t, inplace_backward=True)
+            (out * up).sum().backward()
+            return out
+
+        for name, fn in (("fused", fused), ("unfused", unfused)):
+            fn()  # warm up (Triton compile)
+            h.grad = w.grad = None
+            secs, mb = peak_beyond(fn, device)
+            with torch.no_grad():
+                err = (kernels.linear_token_logprobs(h, w, t) if name == "fused"
+                       else kernels.token_logprobs(h @ w.T, t)).double().sub(truth).abs().max().item()
+            rows.append([V, name, f"{secs * 1e3:.1f}", f"{mb:.0f}", f"{rows_n * V * 2 / 2**20:.0f}", f"{err:.2e}"])
+            h.grad = w.grad = None
+    print(f"\nFused lm_head + log-prob vs unfused (R={rows_n}, H=4096, bf16, fwd+bwd):")
+    print(table(["V", "path", "ms", "peak MB beyond inputs", "[R, V] bf16 MB", "max |err| vs fp64"], rows))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=8192, help="R for the fused lm_head check")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_checks: no CUDA device here; nothing to measure (run on a GPU machine: bench/gpu.sh)")
+        return 0
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    check_flex(device)
+    check_fused(device, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
