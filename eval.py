@@ -18,18 +18,19 @@ from pathlib import Path
 
 import torch
 
-from sdpo import h4
 from sdpo import metrics as M
-from sdpo.checkpoint import CheckpointError, load_model
-from sdpo.data import DataError, read_preferences
-from sdpo.generate import PromptFileError, generate, read_prompts
-from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
+from sdpo.data.pairs import encode_prompt, tokenize_pairs
+from sdpo.data.read import DataError, read_preferences
+from sdpo.data.tokenizer import TokenizerError, check_vocab, load_tokenizer
+from sdpo.eval import h4
+from sdpo.eval.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
+from sdpo.eval.plots import PlotError, plot_run
+from sdpo.eval.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
 from sdpo.loss import preference_loss
-from sdpo.pairs import encode_prompt, tokenize_pairs
-from sdpo.plots import PlotError, plot_run
+from sdpo.models.checkpoint import load_model
+from sdpo.models.generate import PromptFileError, generate, read_prompts
+from sdpo.models.hf_config import CheckpointError
 from sdpo.reference import pair_logps
-from sdpo.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
-from sdpo.tokenizer import TokenizerError, check_vocab, load_tokenizer
 
 class UsageError(ValueError):
     """Arguments that parse but do not fit together."""
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("h4", help="ARC, HellaSwag, MMLU, TruthfulQA as the Open LLM Leaderboard v1 scored them")
     sp.add_argument("--model", required=True)
-    sp.add_argument("--data-dir", required=True, help="task files in the HF layouts (see sdpo/h4.py)")
+    sp.add_argument("--data-dir", required=True, help="task files in the HF layouts (see sdpo/eval/h4.py)")
     sp.add_argument("--tasks", default=",".join(h4.H4_TASKS))
     sp.add_argument("--limit", type=int, help="at most N documents per task (per subject for MMLU)")
     sp.add_argument("--num-fewshot", type=int, help="override the shots of ARC/HellaSwag/MMLU (TruthfulQA stays 0)")

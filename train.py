@@ -14,17 +14,17 @@ read or written, 2 bad config or input (also a damaged run directory on --resume
 import sys
 from pathlib import Path
 
-from sdpo.config import ConfigError, parse_args
+from sdpo.runtime.config import ConfigError, parse_args
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.toml"
 
 
 def main(argv: list[str]) -> int:
-    from sdpo import distributed
-    from sdpo.checkpoint import CheckpointError
-    from sdpo.data import DataError
-    from sdpo.tokenizer import TokenizerError
-    from sdpo.run import StopRequested, TrainingError
+    from sdpo.data.read import DataError
+    from sdpo.data.tokenizer import TokenizerError
+    from sdpo.models.hf_config import CheckpointError
+    from sdpo.runtime import distributed
+    from sdpo.runtime.run import StopRequested, TrainingError
     from sdpo.stepwise import train
 
     try:

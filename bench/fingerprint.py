@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdpo.checkpoint import hash_weights, read_manifest, save_state_dict  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
+from sdpo.models.checkpoint import hash_weights, read_manifest, save_state_dict  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 
 def main():

@@ -71,7 +71,7 @@ def _collate(rows):
 def _setup(args):
     import torch
 
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
 
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -1,4 +1,4 @@
-"""Decoding speed: sdpo.generate (KV cache) against recomputing the whole prefix every token.
+"""Decoding speed: sdpo.models.generate (KV cache) against recomputing the whole prefix every token.
 
     python bench/generate.py [--batch 1,8] [--prompt-len 64] [--new 64] [--threads 1] [--device cpu]
 
@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdpo.generate import generate, left_pad  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
-from sdpo.report import format_table  # noqa: E402
+from sdpo.eval.report import format_table  # noqa: E402
+from sdpo.models.generate import generate, left_pad  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 
 @torch.no_grad()

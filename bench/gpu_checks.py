@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from sdpo.logprobs import pair_forward  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
-from sdpo.packing import collate, pack, pack_options  # noqa: E402
-from sdpo.pairs import TokenizedPair  # noqa: E402
+from sdpo.data.packing import collate, pack  # noqa: E402
+from sdpo.data.pairs import TokenizedPair  # noqa: E402
+from sdpo.logprobs import pack_options, pair_forward  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 
 def random_pairs(n: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:

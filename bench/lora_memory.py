@@ -35,12 +35,12 @@ def rss_mb() -> float:
 def one(args) -> dict:
     import torch
 
-    from sdpo import lora as L
-    from sdpo.config import Config
+    from sdpo.data.packing import collate
+    from sdpo.data.pairs import TokenizedPair
     from sdpo.loop import dpo_micro_loss, dpo_stage, make_optimizer
-    from sdpo.model import ModelConfig, Transformer
-    from sdpo.packing import collate
-    from sdpo.pairs import TokenizedPair
+    from sdpo.models import lora as L
+    from sdpo.models.model import ModelConfig, Transformer
+    from sdpo.runtime.config import Config
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,

@@ -1,4 +1,4 @@
-"""The memory plan (sdpo.memory) against measured peak memory of DPO steps on the CPU.
+"""The memory plan (sdpo.runtime.memory) against measured peak memory of DPO steps on the CPU.
 
     python bench/memory_plan.py [--hidden 256] [--layers 4] [--vocab 8000] [--pairs 4] [--seq 256]
 
@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from sdpo.logprobs import concatenated_forward
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
 
     a = json.loads(sys.argv[1])
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
@@ -66,8 +66,8 @@ def measure(args: dict) -> int:
 
 
 def planned(args: dict) -> int:
-    from sdpo.memory import Setup, plan
-    from sdpo.model import ModelConfig, checkpoint_every
+    from sdpo.models.model import ModelConfig, checkpoint_every
+    from sdpo.runtime.memory import Setup, plan
 
     cfg = ModelConfig(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["inter"],
                       num_hidden_layers=args["layers"], num_attention_heads=args["heads"],

@@ -30,7 +30,7 @@ def worker(argv: list[str]) -> None:
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096  # noqa: E731
     import torch  # noqa: F401
 
-    from sdpo.config import load_config
+    from sdpo.runtime.config import load_config
     from sdpo.stepwise import train
 
     base = rss()

@@ -37,19 +37,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sdpo.data.packing import batch_schedule, collate, micro_batches, pack, pair_cost  # noqa: E402
+from sdpo.data.pairs import TokenizedPair  # noqa: E402
 from sdpo.logprobs import pair_forward  # noqa: E402
 from sdpo.loss import preference_loss  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
-from sdpo.packing import batch_schedule, collate, micro_batches, pack, pair_cost  # noqa: E402
-from sdpo.pairs import TokenizedPair  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 MODES = ("padded", "packed", "packed + shared")
 
 
 def demo_pairs():
-    from sdpo.data import read_preferences
-    from sdpo.pairs import tokenize_pairs
-    from sdpo.tokenizer import load_tokenizer
+    from sdpo.data.pairs import tokenize_pairs
+    from sdpo.data.read import read_preferences
+    from sdpo.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ROOT / "data" / "tokenizer")
     pairs = []

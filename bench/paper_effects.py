@@ -86,11 +86,11 @@ def initial_dpo_loss(policy_dir: Path, ref_dir: Path, extra: list[str]) -> float
     import torch
     import torch.nn.functional as F
 
-    from sdpo.checkpoint import load_model
-    from sdpo.config import load_config
+    from sdpo.data.tokenizer import load_tokenizer
+    from sdpo.models.checkpoint import load_model
     from sdpo.reference import pair_logps
+    from sdpo.runtime.config import load_config
     from sdpo.stepwise import load_steps, tokenize
-    from sdpo.tokenizer import load_tokenizer
 
     cfg = load_config(TINY, extra)
     tok = load_tokenizer(REPO / cfg.model.tokenizer)
@@ -133,7 +133,7 @@ def interval(xs: list[float]) -> str:
 
 
 def tables(results: dict[int, dict[str, dict]]) -> str:
-    from sdpo.report import format_table
+    from sdpo.eval.report import format_table
 
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     per_seed = [[seed, v, r[v]["final"], r[v]["steps"], *(fmt(r[v][k]) for k in METRICS)]

@@ -1,7 +1,7 @@
 """Sequence log-probs of responses, the fused chosen/rejected forward, response-only logits.
 
 For a row x_0 .. x_{T-1} with labels l_0 .. l_{T-1} (labels == input ids on response
-tokens, ignore_index elsewhere, NOT shifted; see sdpo.packing.collate):
+tokens, ignore_index elsewhere, NOT shifted; see sdpo.data.packing.collate):
 
     log π(y|x) = Σ_{t : l_{t+1} ≠ ignore} log softmax(z_t)[l_{t+1}]        (1)
 
@@ -17,7 +17,7 @@ lm_head only to those: the [N, T, V] logits are never materialised. With fused=T
 (the default; config model.fused_logprobs) not even [R, V]: lm_head and the log-softmax
 run together in chunks of rows (kernels.linear_token_logprobs), [chunk, V] at a time.
 
-Packed rows (sdpo.packing.pack, packed_forward): the shift is done on the CPU instead.
+Packed rows (sdpo.data.packing.pack, packed_forward): the shift is done on the CPU instead.
 The batch carries the flat position of the hidden state that predicts each scored token
 ([R]; the last prompt position twice, for the first chosen and the first rejected token)
 and the targets; everything after the gather is the same as above.
@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 import kernels
-from sdpo.packing import IGNORE_INDEX
+from sdpo.data.packing import IGNORE_INDEX
+from sdpo.models.attention import FLEX_BLOCK, flex_available, packed_mask
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _shifted_targets(labels: Tensor, ignore_index: int) -> Tensor:
 
 
 def _check_token_range(model, token_range) -> bool:
-    """token_range (min, max) from the CPU batch (sdpo.packing.host_facts) against the vocab:
+    """token_range (min, max) from the CPU batch (sdpo.data.packing.host_facts) against the vocab:
     an id outside it would read out of bounds. True when checked, so the kernels may skip their
     own check on the device (a host sync per call); False: none given, the kernels check."""
     if token_range is None:
@@ -124,7 +125,7 @@ def sequence_logps(
     response_only=True needs `model.hidden_states(input_ids, attention_mask, position_ids)`
     -> [N, T, H] and `model.lm_head` (H -> V); False calls `model(...)` -> [N, T, V]
     (the reference path for tests and benchmarks). fused: see _token_logps.
-    gather_index, right_padded, token_range: sdpo.packing.host_facts of the CPU batch, so the
+    gather_index, right_padded, token_range: sdpo.data.packing.host_facts of the CPU batch, so the
     step asks the device nothing (no nonzero(), no is_right_padded .item(), no range check).
     """
     _check_inputs(input_ids, labels, attention_mask, position_ids)
@@ -165,7 +166,7 @@ def concatenated_forward(
     """One forward over the collated [2B, T] batch -> (chosen, rejected), each with [B] fields.
 
     batch: "input_ids" and "labels" [2B, T], optional "attention_mask" and "position_ids";
-    rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (sdpo.packing.collate).
+    rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones (sdpo.data.packing.collate).
     One forward instead of two halves the number of weight reads and kernel launches, and
     with FSDP the number of parameter all-gathers.
     """
@@ -200,17 +201,15 @@ PACKED_KEYS = ("input_ids", "position_ids", "doc_ids", "segments", "gather_index
 
 
 def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> SequenceLogps:
-    """Eq. (1) for every sequence of a packed batch (sdpo.packing.pack) -> [S] fields.
+    """Eq. (1) for every sequence of a packed batch (sdpo.data.packing.pack) -> [S] fields.
 
-    One forward over the packed rows [n, T] with the shared-prompt mask (sdpo.attention), the
+    One forward over the packed rows [n, T] with the shared-prompt mask (sdpo.models.attention), the
     hidden states gathered at the precomputed positions ([R, H]; the last prompt position
     twice, for the first chosen and the first rejected token), lm_head on those rows only.
     Sums per sequence are dense row sums over token_slot [S, L] (no index_add_: deterministic)."""
-    from sdpo.attention import packed_mask
-
     missing = [k for k in PACKED_KEYS if k not in batch]
     if missing:
-        raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.packing.pack)")
+        raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.data.packing.pack)")
     ids, pos = batch["input_ids"], batch["position_ids"]
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     mask = packed_mask(batch["doc_ids"], batch["segments"], pos, window, backend=backend)
@@ -238,5 +237,16 @@ def packed_forward(model, batch: dict, *, backend: str = "auto") -> tuple[Sequen
 
 
 def pair_forward(model, batch: dict) -> tuple[SequenceLogps, SequenceLogps]:
-    """(chosen, rejected) of a packed (sdpo.packing.pack) or padded (collate) pair batch."""
+    """(chosen, rejected) of a packed (sdpo.data.packing.pack) or padded (collate) pair batch."""
     return packed_forward(model, batch) if "doc_ids" in batch else concatenated_forward(model, batch)
+
+
+def pack_options(*, packing: bool, share_prompt: bool, device) -> dict | None:
+    """sdpo.data.packing.pack() keyword arguments for the data.packing / data.share_prompt switches on `device`, or
+    None: both off, the padded [2B, T] collate path. CUDA rows are padded to FlexAttention's block
+    (one compile per length bucket); CPU rows are not padded beyond the longest."""
+    if not (packing or share_prompt):
+        return None
+    flex = flex_available(device)
+    rows = ("one" if flex else "longest") if packing else "each"
+    return {"share_prompt": share_prompt, "rows": rows, "pad_to_multiple_of": FLEX_BLOCK if flex else None}

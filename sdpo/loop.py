@@ -16,15 +16,15 @@ from typing import Callable
 
 import torch
 
-from sdpo import distributed as D
-from sdpo.config import Config
-from sdpo.logprobs import SequenceLogps, packed_sequence_logps, pair_forward, sequence_logps
+from sdpo.data.packing import batch_schedule, collate, micro_batches, pack, pair_cost
+from sdpo.logprobs import SequenceLogps, pack_options, packed_sequence_logps, pair_forward, sequence_logps
 from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.metrics import preference_metrics
-from sdpo.packing import batch_schedule, collate, micro_batches, pack, pack_options, pair_cost
 from sdpo.reference import CachedReference, run_pair_logps
-from sdpo.run import Run, StopRequested, TrainingError, autocast, log, to_device
-from sdpo.state import STATE, load_state, save_state, write_metrics
+from sdpo.runtime import distributed as D
+from sdpo.runtime.config import Config
+from sdpo.runtime.run import Run, StopRequested, TrainingError, autocast, log, to_device
+from sdpo.runtime.state import STATE, load_state, save_state, write_metrics
 
 # micro_loss(model, batch) -> (loss summed over the micro-batch's pairs or tokens, stats [K] summed)
 MicroLoss = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]

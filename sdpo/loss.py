@@ -218,7 +218,7 @@ def check_loss_options(types: Sequence[str], weights: Sequence[float] | None, be
                        *, names: dict[str, str] = ARG_NAMES) -> list[str]:
     """Problems with a choice of loss types and their options, one message each ([] when valid).
 
-    The one place these rules live: preference_loss raises on them, sdpo.config reports them
+    The one place these rules live: preference_loss raises on them, sdpo.runtime.config reports them
     with the other config problems. The types are shown joined by "+" (the config's notation)."""
     T, W, B, E = names["type"], names["weights"], names["beta"], names["label_smoothing"]
     shown = "+".join(types)

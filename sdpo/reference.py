@@ -25,15 +25,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sdpo import distributed as D
-from sdpo.checkpoint import files_signature, hash_weights, read_manifest
-from sdpo.config import ConfigError
-from sdpo.logprobs import pair_forward
+from sdpo.data.packing import collate, micro_batches, pack, pair_cost
+from sdpo.data.pairs import tokenize_pairs
+from sdpo.data.tokenizer import load_tokenizer
+from sdpo.logprobs import pack_options, pair_forward
 from sdpo.metrics import gamma
-from sdpo.packing import collate, micro_batches, pack, pack_options, pair_cost
-from sdpo.pairs import tokenize_pairs
-from sdpo.run import Run, TrainingError, free_memory, load_for_training, log, to_device
-from sdpo.tokenizer import load_tokenizer
+from sdpo.models.checkpoint import files_signature, hash_weights, read_manifest
+from sdpo.runtime import distributed as D
+from sdpo.runtime.config import ConfigError
+from sdpo.runtime.run import Run, TrainingError, free_memory, load_for_training, log, to_device
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ FINGERPRINTS = "fingerprints.json"  # in the reference cache dir: {resolved path
 
 
 def weights_fingerprint(model_dir: str | Path, cache_dir: str | Path | None = None) -> str:
-    """sha256 over config.json and every safetensors file (content, not mtime; sdpo.checkpoint.hash_weights).
+    """sha256 over config.json and every safetensors file (content, not mtime; sdpo.models.checkpoint.hash_weights).
 
     Rank 0 alone asks (reference_logps broadcasts its decision). An M_t this run exported carries
     the hash in its manifest, written once by the exporter: read, not recomputed. A foreign
@@ -168,7 +168,7 @@ def reference_logps(run: Run, model_dir: str | Path, pairs, label: str, *,
     del model
     free_memory()
     if run.info.is_main:
-        # Temp name + rename: a kill leaves the old file or none (sdpo.state.recover removes the temp).
+        # Temp name + rename: a kill leaves the old file or none (sdpo.runtime.state.recover removes the temp).
         tmp = cache_dir / f".{key}.tmp{os.getpid()}"
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)

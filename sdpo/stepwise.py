@@ -11,7 +11,7 @@ reference and the policy start from M_{t-1}, the model aligned at step t-1 (M_0 
         M_t            <- policy, exported as an HF directory           (the next reference)
 
 Plain DPO is the same run with data.split = "all" (one step over all the data). The output
-directory's housekeeping (progress, resumable state, metrics) is sdpo.state's.
+directory's housekeeping (progress, resumable state, metrics) is sdpo.runtime.state's.
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from sdpo import distributed as D
-from sdpo import tracking
-from sdpo.checkpoint import load_model_config
-from sdpo.config import Config, ConfigError, non_defaults
-from sdpo.data import read_preferences, split_steps
+from sdpo.data.pairs import tokenize_pairs
+from sdpo.data.read import read_preferences, split_steps
+from sdpo.data.tokenizer import load_tokenizer
+from sdpo.eval.report import summarize
 from sdpo.loop import dpo_stage, heldout_evaluator, optimize, sft_stage
 from sdpo.metrics import gamma
-from sdpo.pairs import tokenize_pairs
+from sdpo.models.hf_config import load_model_config
 from sdpo.reference import References, reference_logps
-from sdpo.report import summarize
-from sdpo.run import Run, TrainingError, export, free_memory, load_for_training, log, random_base
-from sdpo.state import prepare_output, write_metrics, write_progress
-from sdpo.tokenizer import load_tokenizer
+from sdpo.runtime import distributed as D
+from sdpo.runtime import tracking
+from sdpo.runtime.config import Config, ConfigError, non_defaults
+from sdpo.runtime.run import Run, TrainingError, export, free_memory, load_for_training, log, random_base
+from sdpo.runtime.state import prepare_output, write_metrics, write_progress
 
 
 def train(cfg: Config) -> dict:

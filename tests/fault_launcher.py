@@ -172,7 +172,7 @@ def main() -> None:
     import sdpo.stepwise  # noqa: F401
     import train  # noqa: F401
 
-    gc.freeze()  # the children's gc.collect() (sdpo.run.free_memory) skips all of the above
+    gc.freeze()  # the children's gc.collect() (sdpo.runtime.run.free_memory) skips all of the above
     results = [run_job(job, n, work) for n, job in enumerate(plan["jobs"])]
     Path(sys.argv[2]).write_text(json.dumps(results))
 

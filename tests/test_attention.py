@@ -1,12 +1,12 @@
-"""sdpo.attention: the shared-prompt / packed mask (A), its FlexAttention twin, and the model's attn_mask."""
+"""sdpo.models.attention: the shared-prompt / packed mask (A), its FlexAttention twin, and the model's attn_mask."""
 
 import pytest
 import torch
 
-from sdpo.attention import CHOSEN, PROMPT, REJECTED, _mask_mod, attend, dense_packed_mask
-from sdpo.model import ModelConfig, Transformer
-from sdpo.packing import pack
-from sdpo.pairs import TokenizedPair
+from sdpo.data.packing import pack
+from sdpo.data.pairs import TokenizedPair
+from sdpo.models.attention import CHOSEN, PROMPT, REJECTED, _mask_mod, attend, dense_packed_mask
+from sdpo.models.model import ModelConfig, Transformer
 
 
 def _row():

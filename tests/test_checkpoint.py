@@ -7,9 +7,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import sdpo.checkpoint as ckpt
-from sdpo.checkpoint import CheckpointError, load_model, load_model_config, parse_size, save_model, save_state_dict
-from sdpo.model import ModelConfig, Transformer
+from sdpo.models.checkpoint import load_model, parse_size, save_model, save_state_dict
+import sdpo.models.checkpoint as ckpt
+from sdpo.models.hf_config import CheckpointError, load_model_config
+import sdpo.models.hf_config as hf_config
+from sdpo.models.model import ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
 FIXTURE_NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic"]
@@ -82,12 +84,12 @@ def test_fixture_configs_parsed():
 def test_mistral_sliding_window_absent_means_4096_and_null_means_none():
     raw = json.loads((FIXTURES / "mistral" / "config.json").read_text())
     absent = {k: v for k, v in raw.items() if k != "sliding_window"}
-    assert ckpt.config_from_dict(absent).sliding_window == 4096  # transformers' MistralConfig default
-    null = ckpt.config_from_dict({**raw, "sliding_window": None})
+    assert hf_config.config_from_dict(absent).sliding_window == 4096  # transformers' MistralConfig default
+    null = hf_config.config_from_dict({**raw, "sliding_window": None})
     assert null.sliding_window is None
-    as_dict = ckpt.model_config_to_dict(null)
+    as_dict = hf_config.model_config_to_dict(null)
     assert "sliding_window" in as_dict and as_dict["sliding_window"] is None
-    assert ckpt.config_from_dict(ckpt.model_config_to_dict(null)).sliding_window is None
+    assert hf_config.config_from_dict(hf_config.model_config_to_dict(null)).sliding_window is None
 
 
 def test_legacy_and_v5_config_formats_agree(tmp_path):
@@ -96,8 +98,8 @@ def test_legacy_and_v5_config_formats_agree(tmp_path):
     legacy["rope_theta"] = v5["rope_parameters"]["rope_theta"]
     legacy["rope_scaling"] = {k: v for k, v in v5["rope_parameters"].items() if k != "rope_theta"}
     legacy["torch_dtype"] = "bfloat16"
-    a = ckpt.config_from_dict(v5)
-    b = ckpt.config_from_dict(legacy)
+    a = hf_config.config_from_dict(v5)
+    b = hf_config.config_from_dict(legacy)
     assert b.torch_dtype == "bfloat16"
     b.torch_dtype = a.torch_dtype
     assert a == b
@@ -109,7 +111,7 @@ def test_legacy_and_v5_config_formats_agree(tmp_path):
                                                        high_freq_factor=4.0, original_max_position_embeddings=32))])
 def test_config_dict_round_trip(kw):
     config = tiny(**kw)
-    assert ckpt.config_from_dict(ckpt.model_config_to_dict(config)) == config
+    assert hf_config.config_from_dict(hf_config.model_config_to_dict(config)) == config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def test_error_index_points_at_missing_shard(tmp_path):
 def test_error_pickle_only_checkpoint(tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(ckpt.model_config_to_dict(tiny())))
+    (d / "config.json").write_text(json.dumps(hf_config.model_config_to_dict(tiny())))
     (d / "pytorch_model.bin").write_bytes(b"\x80\x02not really a pickle")
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin.*safetensors only.*save_pretrained\(.*safe_serialization=True\)"):
         load_model(d)
@@ -392,7 +394,7 @@ def test_error_pickle_only_checkpoint(tmp_path):
 def test_error_no_weights(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps(ckpt.model_config_to_dict(tiny())))
+    (d / "config.json").write_text(json.dumps(hf_config.model_config_to_dict(tiny())))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_model(d)
 

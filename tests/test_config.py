@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sdpo.config import (
+from sdpo.runtime.config import (
     Config,
     ConfigError,
     apply_overrides,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sdpo.data import (
+from sdpo.data.check import main
+from sdpo.data.read import (
     DataError,
     PreferenceExample,
-    main,
     read_preferences,
     split_steps,
 )

@@ -22,8 +22,8 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     import kernels
-    from sdpo.distributed import apply_fsdp, build_mesh, destroy, full_state_dict, init_distributed, all_reduce, reshard_root
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
+    from sdpo.runtime.distributed import apply_fsdp, build_mesh, destroy, full_state_dict, init_distributed, all_reduce, reshard_root
 
     tied, fused = sys.argv[1] == "tied", sys.argv[2] == "fused"
     info = init_distributed("cpu")
@@ -98,7 +98,7 @@ def test_fsdp_hidden_states_then_lm_head_matches_unsharded(tmp_path, tied, fused
 
 
 def test_single_process_helpers_are_identities():
-    from sdpo.distributed import all_gather_objects, all_reduce, broadcast_object, init_distributed, is_main
+    from sdpo.runtime.distributed import all_gather_objects, all_reduce, broadcast_object, init_distributed, is_main
 
     if "WORLD_SIZE" in os.environ:
         pytest.skip("running under torchrun")
@@ -119,8 +119,8 @@ LOAD_WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
-    from sdpo.checkpoint import load_model
-    from sdpo.distributed import build_mesh, destroy, full_state_dict, init_distributed, load_sharded
+    from sdpo.models.checkpoint import load_model
+    from sdpo.runtime.distributed import build_mesh, destroy, full_state_dict, init_distributed, load_sharded
 
     def rss():  # current resident set, bytes
         for line in open("/proc/self/status"):
@@ -178,7 +178,7 @@ LOAD_WORKER = textwrap.dedent(
 
 
 def test_shard_rows_follow_torch_chunk():
-    from sdpo.distributed import shard_rows
+    from sdpo.runtime.distributed import shard_rows
 
     for n in (1, 2, 5, 7, 8, 51):
         for world in (1, 2, 3, 4, 8):
@@ -190,8 +190,8 @@ def test_shard_rows_follow_torch_chunk():
 
 
 def test_load_sharded_equals_load_model_and_holds_one_shard(tmp_path):
-    from sdpo.checkpoint import save_model
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.checkpoint import save_model
+    from sdpo.models.model import ModelConfig, Transformer
 
     # vocab 51 -> 26 + 25 rows over 2 ranks (uneven chunks); bf16 on disk (the cast is part of
     # the load); the untied one in several safetensors files behind an index.
@@ -240,7 +240,7 @@ def test_load_sharded_equals_load_model_and_holds_one_shard(tmp_path):
 # hit or miss decided by rank 0 alone
 
 def _tiny_dir(path, seed=0):
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
 
     m = Transformer(ModelConfig(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                 num_attention_heads=2))
@@ -249,8 +249,9 @@ def _tiny_dir(path, seed=0):
 
 
 def test_export_manifest_holds_the_files_hash_and_is_read_instead_of_hashing(tmp_path, monkeypatch):
-    from sdpo import checkpoint, reference
-    from sdpo.checkpoint import MANIFEST_NAME, hash_weights, read_manifest, save_state_dict
+    from sdpo import reference
+    from sdpo.models import checkpoint
+    from sdpo.models.checkpoint import MANIFEST_NAME, hash_weights, read_manifest, save_state_dict
 
     m = _tiny_dir(tmp_path)
     save_state_dict(m.state_dict(), m.config, tmp_path / "M1", manifest=True, max_shard_size="2KB")
@@ -276,7 +277,7 @@ def test_export_manifest_holds_the_files_hash_and_is_read_instead_of_hashing(tmp
 
 def test_foreign_model_is_hashed_once_and_again_when_its_files_change(tmp_path, monkeypatch):
     from sdpo import reference
-    from sdpo.checkpoint import MANIFEST_NAME, save_state_dict
+    from sdpo.models.checkpoint import MANIFEST_NAME, save_state_dict
 
     m = _tiny_dir(tmp_path)
     save_state_dict(m.state_dict(), m.config, tmp_path / "base")  # no manifest: a foreign directory
@@ -300,7 +301,7 @@ def test_cache_hit_or_miss_is_rank_zeros_decision(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from sdpo import reference
-    from sdpo.config import load_config
+    from sdpo.runtime.config import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.toml", [f"--train.output_dir={tmp_path / 'run'}"])
     info = SimpleNamespace(rank=1, world_size=2, is_main=False, distributed=True, device=torch.device("cpu"))
@@ -340,11 +341,11 @@ def _inductor_or_skip():
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_compiled_blocks_give_the_eager_loss_and_gradients(packed):
-    from sdpo.distributed import compile_blocks
+    from sdpo.data.packing import collate, pack
+    from sdpo.data.pairs import TokenizedPair
     from sdpo.logprobs import pair_forward
-    from sdpo.model import ModelConfig, Transformer
-    from sdpo.packing import collate, pack
-    from sdpo.pairs import TokenizedPair
+    from sdpo.models.model import ModelConfig, Transformer
+    from sdpo.runtime.distributed import compile_blocks
 
     _inductor_or_skip()
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -12,11 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import eval as eval_cli  # noqa: E402
-from sdpo import h4  # noqa: E402
-from sdpo.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn  # noqa: E402
-from sdpo.checkpoint import save_model  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
-from sdpo.tokenizer import CHAT_TEMPLATES, load_tokenizer  # noqa: E402
+from sdpo.eval import h4  # noqa: E402
+from sdpo.data.tokenizer import CHAT_TEMPLATES, load_tokenizer  # noqa: E402
+from sdpo.eval.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn  # noqa: E402
+from sdpo.models.checkpoint import save_model  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "h4"
 
@@ -87,7 +87,7 @@ def test_h4_end_to_end_matches_a_direct_forward(models, tmp_path, capsys):
     assert "truthfulqa: " in stderr  # progress line
 
     # Recompute TruthfulQA's mc2 with a plain full-logits forward of the same model
-    from sdpo.checkpoint import load_model
+    from sdpo.models.checkpoint import load_model
 
     model = load_model(models["S"], dtype=torch.float32).eval()
     tok = load_tokenizer(models["S"])
@@ -193,7 +193,7 @@ def test_report_table(tmp_path, capsys):
 
 
 def test_one_token_groups_share_a_forward_and_agree_with_the_fused_path(models):
-    from sdpo.checkpoint import load_model
+    from sdpo.models.checkpoint import load_model
 
     model = load_model(models["S"], dtype=torch.float32).eval()
     tok = load_tokenizer(models["S"])
@@ -239,9 +239,9 @@ def test_h4_log_samples_and_samplers(models, tmp_path, capsys):
 # ---------------------------------------------------------------- generate
 
 def test_generate_jsonl_and_text_prompts_match_the_library(models, tmp_path, capsys):
-    from sdpo.checkpoint import load_model
-    from sdpo.generate import generate
-    from sdpo.pairs import encode_prompt
+    from sdpo.data.pairs import encode_prompt
+    from sdpo.models.checkpoint import load_model
+    from sdpo.models.generate import generate
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Is the answer good?"}) + "\n\n"
@@ -289,8 +289,8 @@ def test_generate_sampling_is_seeded(models, tmp_path, capsys):
 
 
 def test_generate_on_an_hf_fixture_model_with_token_ids(tmp_path, capsys):
-    from sdpo.checkpoint import load_model
-    from sdpo.generate import generate
+    from sdpo.models.checkpoint import load_model
+    from sdpo.models.generate import generate
 
     fixture = Path(__file__).parent / "fixtures" / "hf_reference" / "mistral"  # no tokenizer files
     prompts = tmp_path / "ids.jsonl"

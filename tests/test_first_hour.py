@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import train as train_cli
-from sdpo.checkpoint import save_model
-from sdpo.config import Config, load_config, non_defaults, parse_args
-from sdpo.model import ModelConfig, Transformer
+from sdpo.models.checkpoint import save_model
+from sdpo.models.model import ModelConfig, Transformer
+from sdpo.runtime.config import Config, load_config, non_defaults, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -72,7 +72,7 @@ def test_plain_dpo_on_an_hf_directory_and_a_jsonl(user_model, tmp_path, capsys, 
 def test_help_lists_every_key_with_a_meaning(capsys):
     import dataclasses
 
-    from sdpo.config import _sections, key_help
+    from sdpo.runtime.config import _sections, key_help
 
     with pytest.raises(SystemExit) as e:
         parse_args(["--help"])
@@ -81,7 +81,7 @@ def test_help_lists_every_key_with_a_meaning(capsys):
     for name, cls in _sections().items():
         meanings = key_help(cls)
         for f in dataclasses.fields(cls):
-            assert meanings.get(f.name), f"{name}.{f.name} has no comment in sdpo/config.py"
+            assert meanings.get(f.name), f"{name}.{f.name} has no comment in sdpo/runtime/config.py"
             assert f"{name}.{f.name} = " in text
 
 
@@ -92,14 +92,14 @@ def test_metrics_rows_carry_time_and_tokens_and_heldout_eval_matches_a_direct_sc
 
     import torch
 
-    from sdpo.checkpoint import load_model
-    from sdpo.loss import preference_loss
-    from sdpo.packing import collate
-    from sdpo.pairs import tokenize_pairs
-    from sdpo.data import read_preferences
+    from sdpo.data.packing import collate
+    from sdpo.data.pairs import tokenize_pairs
+    from sdpo.data.read import read_preferences
+    from sdpo.data.tokenizer import load_tokenizer
     from sdpo.logprobs import concatenated_forward
+    from sdpo.loss import preference_loss
+    from sdpo.models.checkpoint import load_model
     from sdpo.stepwise import train
-    from sdpo.tokenizer import load_tokenizer
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"

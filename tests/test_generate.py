@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo.checkpoint import load_model
-from sdpo.generate import generate, sample_next
-from sdpo.model import KVCache, ModelConfig, Transformer
+from sdpo.models.checkpoint import load_model
+from sdpo.models.generate import generate, sample_next
+from sdpo.models.model import KVCache, ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
 FIXTURE_NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic"]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo import h4
-from sdpo import loglikelihood as ll
-from sdpo.packing import IGNORE_INDEX
+from sdpo.data.packing import IGNORE_INDEX
+from sdpo.eval import h4
+from sdpo.eval import loglikelihood as ll
 
 FIX = Path(__file__).parent / "fixtures" / "h4"
 
@@ -344,7 +344,7 @@ def test_make_batch_pads_right_and_truncates_the_context_from_the_left():
 def test_truncation_matches_the_harness_formula_on_a_real_model():
     """lm-eval's loglikelihood of a request whose context overflows the window, written out:
     inp = (ctx + cont)[-(L + 1):][:-1]; the last len(cont) logits of model(inp) score cont."""
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
 
     model = Transformer(ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, max_position_embeddings=64))

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo import loop, packing, reference
-from sdpo.config import load_config
+from sdpo import loop, reference
+from sdpo.data import packing
+from sdpo.runtime.config import load_config
 from sdpo.stepwise import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +136,8 @@ def test_the_watch_sees_a_sync_in_the_model_and_the_kernel(tmp_path, monkeypatch
 
 def test_host_facts_match_what_the_device_would_compute():
     """collate's gather_index / right_padded / token_range equal the device-side computations."""
-    from sdpo.model import is_right_padded
-    from sdpo.pairs import TokenizedPair
+    from sdpo.data.pairs import TokenizedPair
+    from sdpo.models.model import is_right_padded
 
     pairs = [TokenizedPair(prompt_ids=[5, 6, 7], chosen_ids=[8, 9], rejected_ids=[10, 11, 12, 13], index=0),
              TokenizedPair(prompt_ids=[1], chosen_ids=[2, 3, 4, 5, 6], rejected_ids=[7], index=1)]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo import distributed as D
-from sdpo.checkpoint import hash_weights
-from sdpo.config import ConfigError, load_config
+from sdpo.models.checkpoint import hash_weights
+from sdpo.runtime import distributed as D
+from sdpo.runtime.config import ConfigError, load_config
 from sdpo.stepwise import check_setup, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from sdpo.data.packing import collate
+from sdpo.data.pairs import TokenizedPair
 from sdpo.logprobs import SequenceLogps, concatenated_forward, sequence_logps
-from sdpo.model import ModelConfig, Transformer
-from sdpo.packing import collate
-from sdpo.pairs import TokenizedPair
+from sdpo.models.model import ModelConfig, Transformer
 
 IGN = -100
 
@@ -247,7 +247,7 @@ def test_no_response_tokens_gives_zero():
 
 
 def test_with_data_collate_batch():
-    """sdpo.packing.collate's batch (with position_ids and an `index` key) goes straight in, and
+    """sdpo.data.packing.collate's batch (with position_ids and an `index` key) goes straight in, and
     pad_to_multiple_of (more padding) changes nothing."""
     pairs = [TokenizedPair(p, c, r, index=i) for i, (p, c, r) in enumerate(_pairs(seed=7))]
     m = _tiny_model(seed=8)

@@ -1,4 +1,4 @@
-"""LoRA (sdpo/lora.py): the update, merging, gradients, peft's file layout, and an sDPO run with it."""
+"""LoRA (sdpo/models/lora.py): the update, merging, gradients, peft's file layout, and an sDPO run with it."""
 
 import copy
 import json
@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdpo import lora as L
-from sdpo.checkpoint import load_model, save_model
-from sdpo.config import Config, ConfigError, load_config, parse_args
+from sdpo.data.packing import collate
+from sdpo.data.pairs import TokenizedPair
 from sdpo.loop import dpo_micro_loss, dpo_stage, make_optimizer
-from sdpo.model import ModelConfig, Transformer
-from sdpo.packing import collate
-from sdpo.pairs import TokenizedPair
+from sdpo.models import lora as L
+from sdpo.models.checkpoint import load_model, save_model
+from sdpo.models.model import ModelConfig, Transformer
+from sdpo.runtime.config import Config, ConfigError, load_config, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "peft" / "peft_0.21.2_llama_r4.json"  # tools/make_peft_fixture.py
@@ -313,7 +313,7 @@ def test_sdpo_with_lora_exports_merged_models_and_peft_adapters(tmp_path, monkey
 def test_lora_run_killed_inside_a_dpo_step_resumes_bit_for_bit(tmp_path, monkeypatch):
     """The resumable state holds the adapters, their AdamW moments and the dropout RNG."""
     monkeypatch.chdir(REPO)
-    from sdpo.run import StopRequested
+    from sdpo.runtime.run import StopRequested
     from sdpo.stepwise import train
     from tests.test_train import small_cfg
 

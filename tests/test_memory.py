@@ -1,5 +1,5 @@
 """Memory: finished models and optimizers are freed before the next stage (weakrefs), the
-activation_checkpointing key, and the memory plan (sdpo.memory) against measured peaks."""
+activation_checkpointing key, and the memory plan (sdpo.runtime.memory) against measured peaks."""
 
 import gc
 import weakref
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdpo import loop, reference, stepwise
-from sdpo.config import ConfigError, load_config
+from sdpo.runtime.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -70,7 +70,7 @@ def test_finished_models_and_optimizers_are_freed_before_the_next_stage(tmp_path
 @pytest.mark.parametrize("value, k", [("true", 1), ("false", 0), ("2", 2), ('"every:3"', 3), ('"full"', 1),
                                       ('"none"', 0)])
 def test_activation_checkpointing_key_accepts_old_and_new_forms(tmp_path, monkeypatch, value, k):
-    from sdpo.model import checkpoint_every
+    from sdpo.models.model import checkpoint_every
 
     monkeypatch.chdir(REPO)
     toml = tmp_path / "c.toml"
@@ -93,8 +93,8 @@ def test_activation_checkpointing_bad_value_names_the_key(tmp_path):
 @pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True),
                                 dict(model_type="qwen2", attention_bias=True, num_key_value_heads=1)])
 def test_param_counts_equal_the_model(kw):
-    from sdpo.memory import param_counts
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
+    from sdpo.runtime.memory import param_counts
 
     cfg = ModelConfig(vocab_size=101, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=kw.pop("num_key_value_heads", 2), **kw)
@@ -105,8 +105,8 @@ def test_param_counts_equal_the_model(kw):
 
 
 def test_plan_shards_by_world_size_and_checkpointing_lowers_activations():
-    from sdpo.memory import Setup, plan
-    from sdpo.checkpoint import load_model_config
+    from sdpo.models.hf_config import load_model_config
+    from sdpo.runtime.memory import Setup, plan
 
     c = load_model_config(REPO / "bench" / "shapes" / "solar-10.7b")
     one, eight = plan(c, Setup(world_size=1)), plan(c, Setup(world_size=8))
@@ -119,7 +119,7 @@ def test_plan_shards_by_world_size_and_checkpointing_lowers_activations():
 
 
 def test_plan_cli_on_solar_8x80(capsys):
-    from sdpo import memory
+    from sdpo.runtime import memory
 
     assert memory.main([str(REPO / "bench" / "shapes" / "solar-10.7b"), "--gpus", "8", "--gpu-mem-gb", "80",
                         "--config", str(REPO / "configs" / "solar-10.7b-sdpo.toml")]) == 0
@@ -130,7 +130,7 @@ def test_plan_cli_on_solar_8x80(capsys):
 
 
 def test_plan_cli_bad_model_dir(tmp_path, capsys):
-    from sdpo import memory
+    from sdpo.runtime import memory
 
     assert memory.main([str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
@@ -163,7 +163,7 @@ def test_plan_within_15_percent_with_checkpointing(ckpt):
 
 def test_plan_constants_follow_the_kernel():
     from kernels import fused_linear
-    from sdpo import memory
+    from sdpo.runtime import memory
 
     assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK, memory.MIN_ROWS) == \
         (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK, fused_linear.MIN_ROWS)

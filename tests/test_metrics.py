@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sdpo import metrics, report
+from sdpo import metrics
+from sdpo.eval import report
 
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdpo.model import (
+from sdpo.models.model import (
     Attention,
     ModelConfig,
     RMSNorm,
@@ -225,7 +225,7 @@ def test_gqa_equals_repeated_kv():
 @pytest.mark.parametrize("masked", [False, True])
 def test_gqa_without_copies_equals_repeat_interleave_fallback(monkeypatch, masked):
     """enable_gqa (no K/V copies) gives exactly the repeat_interleave path's outputs and gradients."""
-    import sdpo.model as model_mod
+    import sdpo.models.model as model_mod
 
     if not model_mod.SDPA_GQA:
         pytest.skip("torch < 2.5: only the repeat_interleave path exists")
@@ -254,7 +254,7 @@ def test_gqa_passes_unrepeated_kv_to_sdpa(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     make_model(num_attention_heads=6, num_key_value_heads=2, hidden_size=24)(ids(1, 5))
-    import sdpo.model as model_mod
+    import sdpo.models.model as model_mod
     assert seen and all(s == ((6, 2, True) if model_mod.SDPA_GQA else (6, 6, False)) for s in seen), seen
 
 
@@ -340,7 +340,7 @@ def test_gradient_checkpointing_same_gradients(name, setting):
 
 
 def test_every_kth_block_is_checkpointed(monkeypatch):
-    import sdpo.model as model_mod
+    import sdpo.models.model as model_mod
 
     calls = []
     real = model_mod.checkpoint

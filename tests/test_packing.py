@@ -4,9 +4,9 @@ from collections import Counter
 import pytest
 import torch
 
-from sdpo.data import DataError
-from sdpo.packing import IGNORE_INDEX, batch_schedule, collate
-from sdpo.pairs import TokenizedPair
+from sdpo.data.packing import IGNORE_INDEX, batch_schedule, collate
+from sdpo.data.pairs import TokenizedPair
+from sdpo.data.read import DataError
 
 
 # ---------------------------------------------------------------------------
@@ -114,9 +114,9 @@ def test_schedule_errors():
 # Packing: shared-prompt rows give the unpacked path's log-probs and gradients
 # ---------------------------------------------------------------------------
 
+from sdpo.data.packing import micro_batches, pack, pair_cost  # noqa: E402
 from sdpo.logprobs import concatenated_forward, packed_forward, packed_sequence_logps  # noqa: E402
-from sdpo.model import ModelConfig, Transformer  # noqa: E402
-from sdpo.packing import micro_batches, pack, pair_cost  # noqa: E402
+from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 
 def _model(sliding_window=None, seed=0):
@@ -234,7 +234,7 @@ def test_micro_batches_by_token_budget_and_min_count():
 def test_config_switches_are_validated():
     from pathlib import Path
 
-    from sdpo.config import ConfigError, load_config
+    from sdpo.runtime.config import ConfigError, load_config
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
     cfg = load_config(tiny)
@@ -252,7 +252,7 @@ def test_packed_run_equals_the_padded_run(tmp_path, monkeypatch, packed_args):
 
     from safetensors.torch import load_file
 
-    from sdpo.config import load_config
+    from sdpo.runtime.config import load_config
     from sdpo.stepwise import train
 
     repo = Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_torchrun_token_budget_two_ranks_equal_one_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from sdpo.config import load_config
+    from sdpo.runtime.config import load_config
     from sdpo.stepwise import train
 
     repo = Path(__file__).resolve().parents[1]

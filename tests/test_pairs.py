@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from sdpo.data import DataError, PreferenceExample, read_preferences
-from sdpo.pairs import tokenize_pairs
-from sdpo.tokenizer import load_tokenizer
+from sdpo.data.pairs import tokenize_pairs
+from sdpo.data.read import DataError, PreferenceExample, read_preferences
+from sdpo.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_tokenize_argument_errors():
         tokenize_pairs([example()], tok)
 
 def test_demo_tokenizer_with_load_tokenizer():
-    tokenizer_mod = pytest.importorskip("sdpo.tokenizer")
+    tokenizer_mod = pytest.importorskip("sdpo.data.tokenizer")
     tok = tokenizer_mod.load_tokenizer(ROOT / "data" / "tokenizer")
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0) and tok.vocab_size <= 400
     exs, _ = read_preferences(ROOT / "data/demo/ultrafeedback/test_prefs.jsonl")

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import eval as eval_cli
-from sdpo.plots import PlotError, plot_run, run_series
+from sdpo.eval.plots import PlotError, plot_run, run_series
 
 
 def write_run(tmp_path):

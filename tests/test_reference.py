@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo.checkpoint import load_model, save_model
-from sdpo.config import ConfigError, load_config
-from sdpo.data import read_preferences
-from sdpo.model import ModelConfig, Transformer
-from sdpo.pairs import TokenizedPair, tokenize_pairs
+from sdpo.data.pairs import TokenizedPair, tokenize_pairs
+from sdpo.data.read import read_preferences
+from sdpo.data.tokenizer import load_tokenizer
+from sdpo.models.checkpoint import load_model, save_model
+from sdpo.models.model import ModelConfig, Transformer
 from sdpo.reference import keep_common, mix_into, pair_logps
+from sdpo.runtime.config import ConfigError, load_config
 from sdpo.stepwise import train
-from sdpo.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -185,9 +185,9 @@ def test_live_reference_with_another_tokenizer_is_refused(models, tmp_path):
 
 TWO_RANKS = r'''
 import json, sys, torch
-from sdpo import distributed as D
-from sdpo.config import load_config
 from sdpo.reference import mix_into
+from sdpo.runtime import distributed as D
+from sdpo.runtime.config import load_config
 from sdpo.stepwise import train
 models, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 for name, extra in json.loads(sys.argv[4]).items():

@@ -1,7 +1,7 @@
-"""Tables and progress lines (sdpo.report)."""
+"""Tables and progress lines (sdpo.eval.report)."""
 import io
 
-from sdpo import report
+from sdpo.eval import report
 
 
 def test_format_table():
@@ -22,8 +22,8 @@ def test_progress_lines_in_a_log_file():
 def test_exact_match_compares_the_greedy_completion_text_with_the_chosen_response(monkeypatch):
     from pathlib import Path
 
-    from sdpo.pairs import TokenizedPair
-    from sdpo.tokenizer import load_tokenizer
+    from sdpo.data.pairs import TokenizedPair
+    from sdpo.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(Path(__file__).resolve().parents[1] / "data" / "tokenizer")
     enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731

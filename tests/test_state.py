@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import train as train_cli
-from sdpo import state
-from sdpo.config import ConfigError, load_config
-from sdpo.run import StopRequested, TrainingError
-from sdpo.state import DamagedRunError
+from sdpo.runtime import state
+from sdpo.runtime.config import ConfigError, load_config
+from sdpo.runtime.run import StopRequested, TrainingError
+from sdpo.runtime.state import DamagedRunError
 from sdpo.stepwise import check_setup, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from sdpo.tokenizer import CHAT_TEMPLATES, TokenizerError, check_vocab, load_tokenizer
+from sdpo.data.tokenizer import CHAT_TEMPLATES, TokenizerError, check_vocab, load_tokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while hello world models learn "
          "preference pairs chosen rejected reference policy step data").split()

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdpo import loop, reference, stepwise
-from sdpo.config import load_config
-from sdpo.run import StopRequested, TrainingError
+from sdpo.runtime.config import load_config
+from sdpo.runtime.run import StopRequested, TrainingError
 from sdpo.stepwise import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,10 +324,10 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
     log-probs with the formulas written out (DPO Eq. 7; IPO, Azar et al. Eq. 17; NLL per token)."""
     import torch.nn.functional as F
 
-    from sdpo.packing import collate
-    from sdpo.pairs import TokenizedPair
+    from sdpo.data.packing import collate
+    from sdpo.data.pairs import TokenizedPair
     from sdpo.logprobs import concatenated_forward
-    from sdpo.model import ModelConfig, Transformer
+    from sdpo.models.model import ModelConfig, Transformer
 
     overrides = {"sigmoid+sft with rpo": ["--loss.type=sigmoid+sft", "--loss.weights=[1.0,0.5]", "--loss.rpo_alpha=0.2"],
                  "length-normalised ipo": ["--loss.type=ipo", "--loss.length_normalize=true"],
@@ -360,7 +360,7 @@ def test_dpo_micro_loss_wires_the_loss_section(case):
 
 
 def test_sft_datasets_replace_the_preference_data_for_the_base():
-    from sdpo.tokenizer import load_tokenizer
+    from sdpo.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(REPO / "data" / "tokenizer")
     default = load_config(TINY)

@@ -140,12 +140,13 @@ def check_roundtrip() -> int:
     sys.path.insert(0, str(ROOT))
     from transformers import AutoModelForCausalLM
 
-    from sdpo.checkpoint import config_from_dict, save_model
+    from sdpo.models.checkpoint import save_model
+    from sdpo.models.hf_config import config_from_dict
 
     worst = 0.0
     for i, (name, cfg) in enumerate(CONFIGS.items()):
         ours_cfg = config_from_dict(dict(cfg), f"CONFIGS[{name!r}]")
-        from sdpo.model import Transformer
+        from sdpo.models.model import Transformer
 
         model = Transformer(ours_cfg).eval()
         randomize(model, seed=200 + i)

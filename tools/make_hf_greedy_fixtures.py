@@ -6,7 +6,7 @@ Needs transformers (sdpo never imports it); run it in a separate environment:
 
 For each model made by tools/make_hf_fixtures.py: the prompts one at a time, and the same prompts as
 one left-padded batch (transformers derives positions from the attention mask in generate(), as sdpo
-does), EOS disabled so every row runs max_new_tokens. tests/test_generate.py compares sdpo.generate.
+does), EOS disabled so every row runs max_new_tokens. tests/test_generate.py compares sdpo.models.generate.
 """
 
 from __future__ import annotations

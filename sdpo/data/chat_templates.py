@@ -3,7 +3,7 @@
 Templates render through jinja2's ImmutableSandboxedEnvironment with trim_blocks and
 lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape,
 the loopcontrols extension and a pass-through `{% generation %}` tag, as transformers'
-apply_chat_template does; sdpo.tokenizer.Tokenizer.apply_chat_template supplies the
+apply_chat_template does; sdpo.data.tokenizer.Tokenizer.apply_chat_template supplies the
 variables (`messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the
 special tokens that are set).
 """

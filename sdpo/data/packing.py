@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sdpo.data import DataError
-from sdpo.pairs import TokenizedPair
+from sdpo.data.pairs import TokenizedPair
+from sdpo.data.read import DataError
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding); torch's cross-entropy default
 
@@ -26,7 +26,7 @@ def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int
     labels equal input_ids on the scored tokens and ignore_index on context and padding; they
     are NOT shifted (logprobs.py scores labels[t+1] with the logits at t). position_ids count
     from 0 per row and are 0 on padding. The one batch builder: pairs (collate) and
-    (context, continuation) requests (sdpo.loglikelihood) both come through here.
+    (context, continuation) requests (sdpo.eval.loglikelihood) both come through here.
     """
     T = max(len(a) + len(b) for a, b in rows)
     if pad_to_multiple_of:
@@ -67,7 +67,7 @@ def host_facts(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
       token_range     (min, max) Python ints of input_ids: sdpo.logprobs checks them against the
                       vocab here, so the kernels skip their device-side range check
     and, for right-padded rows with labels (pad_rows):
-      right_padded    True: plain causal attention is exact (sdpo.model.is_right_padded, known here)
+      right_padded    True: plain causal attention is exact (sdpo.models.model.is_right_padded, known here)
       gather_index    [R] flat positions in [N*T] whose next label is scored (instead of nonzero())
       chosen_targets  how many of them lie in the first half of the rows (SFT scores rows 0..B-1)
     """
@@ -134,7 +134,7 @@ def batch_schedule(num_examples: int, global_batch_size: int, *, seed: int, epoc
 # Packing: padding-free rows, one document per pair with a shared prompt
 # --------------------------------------------------------------------------------------
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segment ids, as sdpo.attention reads them
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segment ids, as sdpo.models.attention reads them
 MIN_ROW = 256  # CPU rows hold at least this many tokens: short pairs share a row, T² stays small
 
 
@@ -180,7 +180,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
     longest (rounded up to pad_to_multiple_of).
 
     Keys: input_ids, position_ids, doc_ids (0 = pad), segments (PROMPT/CHOSEN/REJECTED) [n_rows, T]
-    for sdpo.attention.packed_mask; and for sdpo.logprobs.packed_forward, with S = B sequences
+    for sdpo.models.attention.packed_mask; and for sdpo.logprobs.packed_forward, with S = B sequences
     (chosen_only) or 2B (0..B-1 chosen, B..2B-1 rejected) and R scored tokens:
       gather_index [R]  flat index into n_rows*T of the hidden state that predicts each target;
                         the last prompt position serves both the first chosen and the first
@@ -269,19 +269,6 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
             "gather_index": torch.cat(gather) if gather else empty, "targets": torch.cat(targets) if targets else empty,
             "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
             **host_facts(input_ids)}
-
-
-def pack_options(*, packing: bool, share_prompt: bool, device) -> dict | None:
-    """pack() keyword arguments for the data.packing / data.share_prompt switches on `device`, or
-    None: both off, the padded [2B, T] collate path. CUDA rows are padded to FlexAttention's block
-    (one compile per length bucket); CPU rows are not padded beyond the longest."""
-    from sdpo.attention import FLEX_BLOCK, flex_available
-
-    if not (packing or share_prompt):
-        return None
-    flex = flex_available(device)
-    rows = ("one" if flex else "longest") if packing else "each"
-    return {"share_prompt": share_prompt, "rows": rows, "pad_to_multiple_of": FLEX_BLOCK if flex else None}
 
 
 def micro_batches(indices: Sequence[int], costs: Sequence[int], *, max_pairs: int | None = None,

@@ -2,7 +2,7 @@
 
     [PreferenceExample] ──tokenize_pairs──> [TokenizedPair] (prompt_ids, chosen_ids, rejected_ids)
 
-The pairs go on to sdpo/packing.py for collation.
+The pairs go on to sdpo/data/packing.py for collation.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from sdpo.data import DataError
+from sdpo.data.read import DataError
 
 @dataclass
 class TokenizedPair:

@@ -2,28 +2,24 @@
 
     files ──read_preferences──> [PreferenceExample] ──split_steps──> D_1 .. D_T
 
-Tokenization is in sdpo/pairs.py, collation and batching in sdpo/packing.py.
+Tokenization is in sdpo/data/pairs.py, collation and batching in sdpo/data/packing.py.
 
 Every record is checked before any model work; a bad record is reported as
 ``file:line: field 'x': what was expected`` and either stops the run
 (``on_error="fail"``) or is dropped and counted (``"skip"``).
 
-Command line: ``python -m sdpo.data check FILE_OR_DIR... [--schema S]
-[--tokenizer DIR --max-length N --max-prompt-length N]`` prints the summary and
-exits 1 when any record is invalid.
+The ``python -m sdpo.data check`` command line is in sdpo/data/check.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -138,7 +134,7 @@ def dataset_name(path: Path) -> str:
 def iter_records(path: Path) -> Iterator[tuple[str, object]]:
     """Yields (origin, record) or (origin, RowError) for records that cannot even be parsed, of a
     .jsonl, .json (a list, or an object with a "data" or "rows" list) or .parquet file; raises
-    DataError for a file that cannot be read as a whole. The one record reader (sdpo.h4 uses it too)."""
+    DataError for a file that cannot be read as a whole. The one record reader (sdpo.eval.h4 uses it too)."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -427,7 +423,7 @@ def split_steps(datasets: list[list[PreferenceExample]], strategy: str, *, fract
     easy_to_hard sort by `scores` (aligned with the concatenated datasets; HIGHER = EASIER, e.g. the
                  initial model's gamma = log pi(y_w|x) - log pi(y_l|x)), cut by `fractions`, easiest first
     fractions: a list summing to 1, or an int k for k equal chunks. Within a chunk the pairs keep
-    their input order (easy_to_hard: easiest first); sdpo.packing.batch_schedule shuffles them for training.
+    their input order (easy_to_hard: easiest first); sdpo.data.packing.batch_schedule shuffles them for training.
     """
     if strategy not in SPLIT_STRATEGIES:
         raise DataError(f"unknown split strategy {strategy!r}; expected one of {', '.join(SPLIT_STRATEGIES)}")
@@ -473,45 +469,3 @@ def split_steps(datasets: list[list[PreferenceExample]], strategy: str, *, fract
     if any(not c for c in chunks):
         raise DataError(f"{strategy} split of {n} pairs by {fr} leaves an empty step")
     return [[pool[i] for i in c] for c in chunks]
-
-
-# ---------------------------------------------------------------------------
-# python -m sdpo.data check FILE...
-# ---------------------------------------------------------------------------
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdpo.data", description="Preference data tools.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate preference files and print a summary")
-    check.add_argument("paths", nargs="+", help=".jsonl / .json / .parquet files or directories")
-    check.add_argument("--schema", default="auto", choices=SCHEMAS)
-    check.add_argument("--max-errors", type=int, default=50, help="error lines to print")
-    check.add_argument("--tokenizer", help="also tokenize with this tokenizer directory and report lengths")
-    check.add_argument("--max-length", type=int, default=1024)
-    check.add_argument("--max-prompt-length", type=int, help="default: half of --max-length")
-    args = ap.parse_args(list(argv) if argv is not None else None)
-    try:
-        examples, report = read_preferences(args.paths, schema=args.schema, on_error="skip")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.summary(max_errors=args.max_errors))
-    sources = Counter(ex.source for ex in examples)
-    print("sources: " + ", ".join(f"{s}={n}" for s, n in sorted(sources.items())))
-    if args.tokenizer and examples:
-        # here, not at the top: sdpo.pairs imports DataError from this module
-        from sdpo.pairs import tokenize_pairs
-        from sdpo.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer)
-        pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
-                                      max_prompt_length=args.max_prompt_length or args.max_length // 2)
-        lens = np.array([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] or [0])
-        print("tokens: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k != "dropped_indices"))
-        print(f"pair length (prompt + longer response): mean {lens.mean():.1f}, max {lens.max()}")
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

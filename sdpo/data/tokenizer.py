@@ -38,7 +38,7 @@ Rules this module follows (each one matches what transformers does unless said):
 * vocab_size is max id + 1 over the base vocabulary and all added tokens, i.e. the
   smallest embedding the ids fit in.
 * Chat templates (the built-in CHAT_TEMPLATES and the jinja sandbox that renders
-  them and a model's own) live in sdpo/chat_templates.py; apply_chat_template passes
+  them and a model's own) live in sdpo/data/chat_templates.py; apply_chat_template passes
   `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the special
   tokens that are set (bos_token, eos_token, unk_token, pad_token, ...) as variables,
   as transformers' apply_chat_template does.
@@ -54,7 +54,7 @@ import jinja2
 import sentencepiece as spm
 import tokenizers
 
-from sdpo.chat_templates import CHAT_TEMPLATES, TemplateRaised, compile_template
+from sdpo.data.chat_templates import CHAT_TEMPLATES, TemplateRaised, compile_template
 
 
 class TokenizerError(ValueError):

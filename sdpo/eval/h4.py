@@ -3,7 +3,7 @@ acc_norm), HellaSwag (10-shot acc_norm), MMLU (5-shot acc, macro over subjects) 
 TruthfulQA (0-shot mc2), scored as EleutherAI's lm-evaluation-harness scored them:
 
 * each choice is a request (context, " " + choice); its score is the summed
-  log-likelihood of the continuation tokens given the context tokens (sdpo.loglikelihood);
+  log-likelihood of the continuation tokens given the context tokens (sdpo.eval.loglikelihood);
 * acc = [argmax_i ll_i == gold]; acc_norm = [argmax_i ll_i / len(choice_i) == gold]
   with len in characters of the choice text (without the leading space);
 * mc2 = Σ_{i true} exp(ll_i) / Σ_i exp(ll_i);
@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdpo.data import DataError, RowError, iter_records
+from sdpo.data.read import DataError, RowError, iter_records
 
 H4_TASKS = ("arc", "hellaswag", "mmlu", "truthfulqa")
 

@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import torch
 
 import kernels
-from sdpo.packing import IGNORE_INDEX, pad_rows
-from sdpo.report import Progress
+from sdpo.data.packing import IGNORE_INDEX, pad_rows
+from sdpo.eval.report import Progress
 
 def split_trailing_space(context: str, continuation: str) -> tuple[str, str]:
     """Move the context's trailing whitespace to the front of the continuation."""

@@ -1,6 +1,6 @@
 """Training curves of a run directory: loss, reward margins, reward accuracy and γ per sDPO step.
 
-Reads `metrics.jsonl` (sdpo.state) only; matplotlib is optional and imported when drawing.
+Reads `metrics.jsonl` (sdpo.runtime.state) only; matplotlib is optional and imported when drawing.
 """
 
 from __future__ import annotations

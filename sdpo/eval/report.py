@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 
-from sdpo.generate import generate
 from sdpo.metrics import gamma, preference_accuracy, reward_accuracy
+from sdpo.models.generate import generate
 from sdpo.reference import run_pair_logps
-from sdpo.run import Run, autocast, free_memory, load_for_training
+from sdpo.runtime.run import Run, autocast, free_memory, load_for_training
 
 
 class Progress:

@@ -1,6 +1,6 @@
 """Attention masks for packed rows with a shared prompt per pair, and the attention call itself.
 
-A packed row (sdpo.packing.pack) holds several documents side by side. Every token carries
+A packed row (sdpo.data.packing.pack) holds several documents side by side. Every token carries
 
     doc [B, T]  long: 0 = padding, k > 0 = the document (one pair with a shared prompt)
     seg [B, T]  long: PROMPT 0 | CHOSEN 1 | REJECTED 2
@@ -87,7 +87,7 @@ _compiled_flex = None
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v with the default scale; q [B, n_heads, T, d], k, v [B, n_kv, T, d]
-    (n_kv < n_heads: GQA, enable_gqa; sdpo.model repeats K/V itself on torch < 2.5). mask: None
+    (n_kv < n_heads: GQA, enable_gqa; sdpo.models.model repeats K/V itself on torch < 2.5). mask: None
     (plain causal: SDPA's fused causal kernels), a boolean [B or 1, 1, T_q, T_k] tensor (SDPA),
     or a FlexAttention BlockMask (packed rows on CUDA)."""
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
@@ -102,6 +102,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
             return flex_attention(q, k, v, block_mask=mask, **gqa)
     if _compiled_flex is None:
         # Compiled once; dynamic=False specialises per shape, and rows padded to FLEX_BLOCK
-        # multiples (sdpo.packing) keep the number of shapes, hence of compiles, small.
+        # multiples (sdpo.data.packing) keep the number of shapes, hence of compiles, small.
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=mask, **gqa)

@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-# config.json <-> ModelConfig lives in sdpo.hf_config; its public functions are importable from here too.
-from sdpo.hf_config import (CONFIG_NAME, CheckpointError, check_family, config_from_dict,  # noqa: F401
-                            dtype_name, load_model_config, model_config_to_dict, parse_dtype)
-from sdpo.model import ModelConfig, Transformer
+# config.json <-> ModelConfig lives in sdpo.models.hf_config; its public functions are importable from here too.
+from sdpo.models.hf_config import (CONFIG_NAME, CheckpointError, check_family, dtype_name, load_model_config,
+                                   model_config_to_dict, parse_dtype)
+from sdpo.models.model import ModelConfig, Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,7 +131,7 @@ def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
     """Our parameter name -> (file, HF name) for every tensor the model needs, from the headers only.
 
     Raises CheckpointError listing missing and unexpected tensors, or naming a shape mismatch.
-    Shared by load_model and the sharded loader in sdpo.distributed, so both fail alike."""
+    Shared by load_model and the sharded loader in sdpo.runtime.distributed, so both fail alike."""
     found = _shard_shapes(_weight_files(root))
     expected = expected_shapes(config)  # a tied lm_head is left out
     names = {}
@@ -279,7 +279,7 @@ def save_state_dict(
     except OSError as e:
         raise CheckpointError(f"save to {path}: cannot create a directory in {path.parent} ({e})") from e
     # Built as .NAME.tmp-*; a kill leaves it (or .NAME.old-*) behind, never a NAME that looks complete.
-    # sdpo.state removes such leftovers (TEMP_DIR) when a run resumes.
+    # sdpo.runtime.state removes such leftovers (TEMP_DIR) when a run resumes.
     try:
         shards = _shards(tensors, limit)
         if len(shards) == 1:

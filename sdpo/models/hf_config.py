@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sdpo.model import ROPE_TYPES, ModelConfig
+from sdpo.models.model import ROPE_TYPES, ModelConfig
 
 CONFIG_NAME = "config.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from sdpo.checkpoint import to_hf_name
+from sdpo.models.checkpoint import to_hf_name
 
-# sdpo.model's projection names (HF's): attention, then the SwiGLU MLP.
+# sdpo.models.model's projection names (HF's): attention, then the SwiGLU MLP.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
@@ -48,7 +48,7 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        dev = base.weight.device  # may be "meta" (sdpo.distributed.load_sharded); initial_adapters fills them
+        dev = base.weight.device  # may be "meta" (sdpo.runtime.distributed.load_sharded); initial_adapters fills them
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -69,7 +69,7 @@ class LoRALinear(nn.Linear):
 def apply_lora(model: nn.Module, cfg, *, base_dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
     """Freeze `model` and put LoRALinear adapters on the projections named in cfg.targets.
 
-    cfg: anything with rank, alpha, dropout, targets (sdpo.config.LoRASection). base_dtype casts
+    cfg: anything with rank, alpha, dropout, targets (sdpo.runtime.config.LoRASection). base_dtype casts
     the targeted frozen weights (e.g. bfloat16 on a GPU); None keeps them. In place; returns model.
     On a meta-device model (before FSDP2 sharding) the adapters stay empty: fill them from
     initial_adapters(model, seed) once allocated."""
@@ -123,7 +123,7 @@ def adapter_names(state: dict[str, Tensor]) -> list[str]:
 def merge_state_dict(state: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
     """A LoRA model's state dict (our names) -> the plain model's: W + scaling · B A in float32.
 
-    Works on the gathered full state dict (sdpo.distributed.full_state_dict), so the live model
+    Works on the gathered full state dict (sdpo.runtime.distributed.full_state_dict), so the live model
     is untouched. Non-targeted tensors pass through as they are."""
     out = {k: v for k, v in state.items() if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))}
     for name in adapter_names(state):

@@ -5,7 +5,7 @@ grouped-query attention, a SwiGLU MLP. They differ only in small switches in the
 config: q/k/v biases (Qwen2), a sliding attention window (Mistral), the RoPE
 frequency schedule (Llama-3.1's "llama3" scaling) and tied embeddings.
 
-Parameter names are Hugging Face's without the leading "model." (sdpo/checkpoint.py
+Parameter names are Hugging Face's without the leading "model." (sdpo/models/checkpoint.py
 maps them), and every op is done in the same order and dtype as transformers'
 implementation, so the same weights give the same logits (see tests/test_checkpoint.py).
 
@@ -13,7 +13,7 @@ Masking convention (one rule for unpadded, padded and packed batches):
 attention_mask [B, T] holds 0 at padding and a positive segment id elsewhere; a token
 attends to earlier-or-equal positions of its own segment. position_ids default to
 0, 1, 2, ... counted from each segment's first token, so left padding and packing
-need nothing special. With a KVCache (incremental decoding, sdpo/generate.py) the mask
+need nothing special. With a KVCache (incremental decoding, sdpo/models/generate.py) the mask
 covers the cached tokens and the new ones, [B, past + T], as in transformers.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sdpo.attention import attend
+from sdpo.models.attention import attend
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
@@ -203,7 +203,7 @@ def checkpoint_every(value) -> int:
 
     A checkpointed block keeps only its input [B, T, H] and recomputes its activations in
     backward (one extra block forward); every k-th trades 1/k of that compute for 1/k of the
-    memory saving, so the cheapest k that fits is the one to use (python -m sdpo.memory)."""
+    memory saving, so the cheapest k that fits is the one to use (python -m sdpo.runtime.memory)."""
     v = value.strip().lower() if isinstance(value, str) else value
     if v is True or v in ("full", "true", "all"):
         return 1
@@ -267,7 +267,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         # softmax(q kᵀ / sqrt(d)) v, with the default scale 1/sqrt(head_dim)
-        y = attend(q, k, v, mask)  # SDPA; FlexAttention for packed rows on CUDA (sdpo/attention.py)
+        y = attend(q, k, v, mask)  # SDPA; FlexAttention for packed rows on CUDA (sdpo/models/attention.py)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -340,7 +340,7 @@ class Transformer(nn.Module):
                 position_ids = default_position_ids(attention_mask)[:, past:]
         x = self.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim) each
-        # attn_mask: a precomputed mask (sdpo.attention.packed_mask: shared-prompt rows, which
+        # attn_mask: a precomputed mask (sdpo.models.attention.packed_mask: shared-prompt rows, which
         # segment ids cannot express) replaces the one built from attention_mask.
         mask = attn_mask if attn_mask is not None else build_attention_mask(
             attention_mask, T, self.config.sliding_window, input_ids.device, past)

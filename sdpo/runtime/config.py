@@ -26,9 +26,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdpo.config_checks import config_problems
 from sdpo.loss import REFERENCE_FREE_TYPES
-from sdpo.lora import LORA_TARGETS
+from sdpo.models.lora import LORA_TARGETS
+from sdpo.runtime.config_checks import config_problems
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class ModelSection:
     init_std: float = 0.02                # std of the normal init (random init)
     # Recompute block activations in backward: "none", "full" (every block) or "every:K" (blocks
     # 0, K, 2K, ...; the int K works too; old configs' true / false mean full / none). The
-    # cheapest setting that fits: python -m sdpo.memory MODEL_DIR --config FILE.
+    # cheapest setting that fits: python -m sdpo.runtime.memory MODEL_DIR --config FILE.
     activation_checkpointing: str = "none"
     # lm_head + log-softmax in chunks of rows (kernels.linear_token_logprobs): no [R, V] logits.
     fused_logprobs: bool = True
@@ -189,7 +189,7 @@ class EvalSection:
 
 @dataclass
 class LoRASection:
-    # Low-rank adapters on the DPO steps' policy (Hu et al. 2021; sdpo/lora.py): base frozen,
+    # Low-rank adapters on the DPO steps' policy (Hu et al. 2021; sdpo/models/lora.py): base frozen,
     # M_t exported merged, plus its adapter in peft's layout under M_t/adapter/.
     enabled: bool = False                 # train LoRA adapters instead of all weights (DPO steps; SFT trains all)
     rank: int = 16                        # r, the adapters' rank

@@ -1,4 +1,4 @@
-"""The rules a run config's values must follow, in one place (sdpo.config.validate_config raises them).
+"""The rules a run config's values must follow, in one place (sdpo.runtime.config.validate_config raises them).
 
 Each rule names the key and what was expected; all problems are reported together, before
 any work starts.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sdpo.data import SPLIT_STRATEGIES
+from sdpo.data.read import SPLIT_STRATEGIES
 from sdpo.loss import check_loss_options
-from sdpo.lora import LORA_TARGETS
-from sdpo.model import checkpoint_every
-from sdpo.tracking import TRACKERS
+from sdpo.models.lora import LORA_TARGETS
+from sdpo.models.model import checkpoint_every
+from sdpo.runtime.tracking import TRACKERS
 
 LOSS_OPTION_NAMES = {"type": "loss.type", "weights": "loss.weights", "beta": "loss.beta",
                      "label_smoothing": "loss.label_smoothing"}
@@ -28,7 +28,7 @@ REFERENCE_MODES = ("cached", "live")
 
 
 def config_problems(cfg) -> list[str]:
-    """Every problem with the values of `cfg` (a sdpo.config.Config), one message each; [] when valid.
+    """Every problem with the values of `cfg` (a sdpo.runtime.config.Config), one message each; [] when valid.
     Paths are checked later, by sdpo.stepwise.check_setup."""
     problems = []
 

@@ -21,8 +21,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from sdpo.checkpoint import CheckpointError, checked_tensors, load_model_config, open_safetensors
-from sdpo.model import Transformer
+from sdpo.models.checkpoint import checked_tensors, open_safetensors
+from sdpo.models.hf_config import CheckpointError, load_model_config
+from sdpo.models.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def apply_fsdp(model: nn.Module, mesh, *, mp_policy=None, reshard_after_forward:
     included, are reduce-scattered in FSDP's end-of-backward callback. A no-grad pass
     (the reference) has no backward to reshard the root: call `reshard_root` after it.
 
-    activation_checkpointing: "none" | "full" | "every:K" | K | bool (sdpo.model.checkpoint_every);
+    activation_checkpointing: "none" | "full" | "every:K" | K | bool (sdpo.models.model.checkpoint_every);
     the blocks are checkpointed inside their FSDP wrappers, so a recomputed block all-gathers
     its parameters again in backward, as it would without checkpointing.
     """
@@ -288,7 +289,7 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
     flight, instead of the whole model in float32 (43 GB for a 10.7B model, on every rank).
     Values equal load_model(path, dtype=float32) bit for bit (the cast happens per row block).
 
-    prepare(model) runs on the meta model before sharding (sdpo.lora adds its adapters there, so
+    prepare(model) runs on the meta model before sharding (sdpo.models.lora adds its adapters there, so
     fully_shard shards them with their block) and returns full CPU values of the parameters it
     added, {name: tensor}; each rank copies its rows of those like the file's.
     """

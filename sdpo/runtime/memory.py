@@ -1,9 +1,9 @@
 """A memory plan to read before renting GPUs: per-rank bytes of a DPO step, from config.json alone.
 
-    python -m sdpo.memory MODEL_DIR --gpus 8 --gpu-mem-gb 80 --config configs/solar-10.7b-sdpo.toml
+    python -m sdpo.runtime.memory MODEL_DIR --gpus 8 --gpu-mem-gb 80 --config configs/solar-10.7b-sdpo.toml
 
 Counts what this code keeps alive at the peak of a micro-batch's backward, per rank, with W
-ranks under FSDP2 (sdpo.distributed.apply_fsdp):
+ranks under FSDP2 (sdpo.runtime.distributed.apply_fsdp):
 
   parameters       float32 master weights, sharded:               4·P / W
   gradients        float32, sharded (reduce-scattered):           4·P / W
@@ -40,7 +40,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from sdpo.model import ModelConfig, checkpoint_every
+from sdpo.models.model import ModelConfig, checkpoint_every
 
 GIB = 1 << 30
 CONTEXT_BYTES = 1 * GIB        # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -199,25 +199,25 @@ def format_plan(c: ModelConfig, s: Setup, gpu_mem_gb: float, per_rank_pairs: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdpo.memory", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sdpo.runtime.memory", description=__doc__.split("\n")[0])
     ap.add_argument("model_dir", help="HF model directory (only config.json is read)")
     ap.add_argument("--gpus", type=int, default=8, help="ranks (FSDP2 world size)")
     ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
     ap.add_argument("--config", help="training TOML: micro batch, lengths, checkpointing, fused logits, optimizer")
     ap.add_argument("overrides", nargs="*", help="--section.key=value, as train.py")
     args, extra = ap.parse_known_args(argv)
-    from sdpo.checkpoint import CheckpointError, load_model_config
-    from sdpo.config import ConfigError, load_config
+    from sdpo.models.hf_config import CheckpointError, load_model_config
+    from sdpo.runtime.config import ConfigError, load_config
 
     try:
         c = load_model_config(args.model_dir)
         cfg = load_config(args.config, list(args.overrides) + extra, validate=False)
         k = checkpoint_every(cfg.model.activation_checkpointing)
     except (CheckpointError, ConfigError, ValueError) as e:
-        print(f"sdpo.memory: {e}", file=sys.stderr)
+        print(f"sdpo.runtime.memory: {e}", file=sys.stderr)
         return 2
     if args.gpus < 1 or args.gpu_mem_gb <= 0:
-        print("sdpo.memory: --gpus must be >= 1 and --gpu-mem-gb > 0", file=sys.stderr)
+        print("sdpo.runtime.memory: --gpus must be >= 1 and --gpu-mem-gb > 0", file=sys.stderr)
         return 2
     t, d = cfg.train, cfg.data
     prompt = d.max_prompt_length if d.max_prompt_length is not None else d.max_length // 2

@@ -1,7 +1,7 @@
 """What every stage of a training run shares: the `Run` record, logging, and models in and out.
 
 A model is float32 master weights on this rank's device, FSDP2-sharded under torchrun
-(sdpo.distributed); the model class itself knows nothing of that.
+(sdpo.runtime.distributed); the model class itself knows nothing of that.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from sdpo import distributed as D
-from sdpo.checkpoint import load_model, load_model_config, save_state_dict
-from sdpo.config import Config
-from sdpo.lora import apply_lora, initial_adapters, merge_state_dict, save_peft_adapter
-from sdpo.model import ModelConfig, Transformer
-from sdpo.tokenizer import check_vocab
+from sdpo.data.tokenizer import check_vocab
+from sdpo.models.checkpoint import load_model, save_state_dict
+from sdpo.models.hf_config import load_model_config
+from sdpo.models.lora import apply_lora, initial_adapters, merge_state_dict, save_peft_adapter
+from sdpo.models.model import ModelConfig, Transformer
+from sdpo.runtime import distributed as D
+from sdpo.runtime.config import Config
 
 
 class TrainingError(RuntimeError):
@@ -59,7 +60,7 @@ def autocast(run: Run):
 
 
 def to_device(batch: dict, device) -> dict:
-    # Python values (sdpo.packing.host_facts: flags, id ranges, counts) stay on the host.
+    # Python values (sdpo.data.packing.host_facts: flags, id ranges, counts) stay on the host.
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -67,7 +68,7 @@ def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False, to
     """float32 master weights on this rank's device; FSDP2-sharded under torchrun.
 
     lora=True (the DPO policy when lora.enabled; never the no-grad reference): frozen base with
-    float32 adapters (sdpo.lora), added before FSDP2 shards the model.
+    float32 adapters (sdpo.models.lora), added before FSDP2 shards the model.
     tokenizer: the one whose ids the model will read (an external reference's own; default the run's)."""
     check_vocab(tokenizer or run.tokenizer, load_model_config(model_dir))  # before any weights are read
     la, seed = run.cfg.lora, run.cfg.train.seed
@@ -115,7 +116,7 @@ def mp_policy(run: Run):
 
 
 def export(run: Run, model, path: Path, dtype: str | None, *, base_model_path=None) -> None:
-    """M_t as an HF directory (gathered to rank 0, written atomically by sdpo.checkpoint).
+    """M_t as an HF directory (gathered to rank 0, written atomically by sdpo.models.checkpoint).
 
     A LoRA policy is written merged (W + (α/r)·BA: the next step's reference loads it like any
     model), and its adapter in peft's layout under path/adapter/, for base_model_path."""

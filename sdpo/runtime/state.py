@@ -41,11 +41,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sdpo import distributed as D
-from sdpo import tracking
-from sdpo.checkpoint import TEMP_DIR
-from sdpo.config import ConfigError, config_to_dict, load_config, save_config
-from sdpo.run import Run, TrainingError, log
+from sdpo.models.checkpoint import TEMP_DIR
+from sdpo.runtime import distributed as D
+from sdpo.runtime import tracking
+from sdpo.runtime.config import ConfigError, config_to_dict, load_config, save_config
+from sdpo.runtime.run import Run, TrainingError, log
 
 STATE = "state"
 PROGRESS = "progress.json"
