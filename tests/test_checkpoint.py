@@ -53,9 +53,12 @@ def test_matches_hf_reference_logits(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_matches_hf_reference_bf16(name):
     # HF's bf16 logits (from_pretrained(dtype=bfloat16)) differ from its float32 ones by bf16 rounding;
-    # ours in bf16 must sit far closer to HF's bf16 than that, which fails if an op (e.g. where
+    # ours in bf16 must sit well closer to HF's bf16 than that, which fails if an op (e.g. where
     # RMSNorm casts back to bf16) runs in a different order or dtype. Mean, not max: a stray ulp
-    # on another CPU's bf16 matmul should not fail it.
+    # on another CPU's bf16 matmul should not fail it. The fixtures were made on one CPU and are
+    # compared on others whose bf16 GEMM kernels round differently: on a 2-core AVX2 machine
+    # (torch 2.14.1) the six fixtures measure 0.28-0.49 of the rounding; RMSNorm scaling before the
+    # cast back, or normalising in bf16, measures 0.91-1.24 there. 0.6 keeps the two apart.
     d = FIXTURES / name
     ref = load_file(str(d / "reference.safetensors"))
     model = load_model(d, dtype=torch.bfloat16).eval()
@@ -64,7 +67,7 @@ def test_matches_hf_reference_bf16(name):
     assert ours.dtype == torch.bfloat16
     rounding = (ref["logits_bf16"].float() - ref["logits"]).abs().mean()
     assert rounding > 1e-3
-    assert (ours.float() - ref["logits_bf16"].float()).abs().mean() <= 0.25 * rounding
+    assert (ours.float() - ref["logits_bf16"].float()).abs().mean() <= 0.6 * rounding
 
 
 def test_fixture_configs_parsed():
