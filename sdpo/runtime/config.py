@@ -153,6 +153,9 @@ class TrainSection:
     dp_replicate: int | None = None     # HSDP replicas, gradients all-reduced across; None: world size / dp_shard
     timeout_s: float = 1800.0           # process-group timeout: a collective waiting longer fails the job
     export_timeout_s: float = 7200.0    # how long the other ranks wait for rank 0 to write M_t
+    # SIGTERM / SIGUSR1 (a preemption): finish the optimizer step, save, exit 75; a process not out
+    # this long after the signal exits anyway (128 + signal). A few seconds under the scheduler's grace.
+    preempt_grace_s: float = 25.0
     compile: bool = False               # torch.compile each transformer block (inductor; needs a C compiler on CPU)
     report_to: list[str] = field(default_factory=list)  # trackers fed the metrics rows too: "tensorboard"
     # Fault injection for tests: exit with code 3 after this many optimizer steps in

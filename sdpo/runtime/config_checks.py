@@ -110,7 +110,7 @@ def config_problems(cfg) -> list[str]:
     need(t.stop_after is None or t.stop_after > 0, f"train.stop_after must be > 0, got {t.stop_after}")
     for key in ("dp_shard", "dp_replicate"):
         need(getattr(t, key) is None or getattr(t, key) >= 1, f"train.{key} must be >= 1 (or unset), got {getattr(t, key)}")
-    for key in ("timeout_s", "export_timeout_s"):
+    for key in ("timeout_s", "export_timeout_s", "preempt_grace_s"):
         need(getattr(t, key) > 0, f"train.{key} must be > 0 seconds, got {getattr(t, key)}")
     need(bool(t.output_dir), "train.output_dir is empty")
 
