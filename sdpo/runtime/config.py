@@ -1,7 +1,7 @@
 """Typed run configuration: dataclass sections, TOML files, `--section.key=value` overrides.
 
 A config is one `Config` made of sections (`[model]`, `[data]`, `[loss]`, `[optim]`,
-`[train]`, `[sft]`, `[eval]`, `[lora]`, `[reference]`). Each field has one type; TOML values and command-line
+`[train]`, `[sft]`, `[eval]`, `[lora]`, `[reference]`, `[online]`). Each field has one type; TOML values and command-line
 overrides are checked against it, so a typo or a wrong type fails before any work:
 
     cfg = load_config("configs/tiny.toml", overrides=["--loss.beta=0.2"])
@@ -215,6 +215,25 @@ class ReferenceSection:
 
 
 @dataclass
+class OnlineSection:
+    # On-policy steps (sdpo/online.py): at step t, M_{t-1} samples completions for D_t's prompts, a
+    # judge scores them, best vs worst per prompt become D_t's pairs (reference = M_{t-1} as before).
+    enabled: bool = False                 # off: D_t is the file's pairs
+    samples: int = 4                      # completions per prompt (>= 2)
+    temperature: float = 1.0              # sampling temperature (> 0)
+    top_p: float = 1.0                    # nucleus sampling's p, in (0, 1]
+    max_new_tokens: int = 64              # tokens per completion at most
+    batch_prompts: int = 16               # prompts per sampling batch (x samples rows): the unit of seeding, ranks and resume
+    judge: str = "exact_match"            # exact_match | command:ARGV (argument list, no shell) | reward_model:DIR
+    answer_field: str = "chosen"          # exact_match: the record's reference answer (chosen: the preferred response)
+    casefold: bool = False                # exact_match: compare case-folded, after stripping whitespace
+    min_margin: float = 0.0               # a prompt's pair needs best - worst >= this (and > 0: ties are dropped)
+    mix: float = 0.0                      # share of the file's own pairs of D_t kept alongside, in [0, 1]
+    timeout_s: float = 600.0              # command judge: seconds per call (one call per sampling batch)
+    judge_batch_size: int = 16            # reward model judge: sequences per no-grad forward
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -225,6 +244,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     lora: LoRASection = field(default_factory=LoRASection)
     reference: ReferenceSection = field(default_factory=ReferenceSection)
+    online: OnlineSection = field(default_factory=OnlineSection)
 
 
 

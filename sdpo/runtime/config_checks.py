@@ -152,4 +152,31 @@ def config_problems(cfg) -> list[str]:
     need(r.tokenizer is None or r.path is not None, "reference.tokenizer needs reference.path")
     need(r.chat_template is None or r.path is not None, "reference.chat_template needs reference.path")
 
+    if cfg.online.enabled:
+        problems += online_problems(cfg.online)
+    return problems
+
+
+ONLINE_JUDGES = ("exact_match", "command:ARGV", "reward_model:DIR")
+
+
+def online_problems(on) -> list[str]:
+    """The [online] section's rules (on-policy steps, sdpo/online.py)."""
+    problems = []
+    for ok, msg in (
+            (on.samples >= 2, f"online.samples must be >= 2 (a pair is the best and the worst of them), got {on.samples}"),
+            (on.temperature > 0, f"online.temperature must be > 0 (0 is greedy: every sample the same), got {on.temperature}"),
+            (0 < on.top_p <= 1, f"online.top_p must be in (0, 1], got {on.top_p}"),
+            (on.max_new_tokens > 0, f"online.max_new_tokens must be > 0, got {on.max_new_tokens}"),
+            (on.batch_prompts > 0, f"online.batch_prompts must be > 0, got {on.batch_prompts}"),
+            (on.min_margin >= 0, f"online.min_margin must be >= 0, got {on.min_margin}"),
+            (0 <= on.mix <= 1, f"online.mix must be in [0, 1], got {on.mix}"),
+            (on.timeout_s > 0, f"online.timeout_s must be > 0 seconds, got {on.timeout_s}"),
+            (on.judge_batch_size > 0, f"online.judge_batch_size must be > 0, got {on.judge_batch_size}"),
+            (bool(on.answer_field), "online.answer_field is empty")):
+        if not ok:
+            problems.append(msg)
+    kind, _, arg = on.judge.partition(":")
+    if on.judge != "exact_match" and not (kind in ("command", "reward_model") and arg.strip()):
+        problems.append(f"online.judge must be one of {', '.join(ONLINE_JUDGES)}, got {on.judge!r}")
     return problems
