@@ -102,12 +102,9 @@ def test_schema_override_applies_to_every_file():
         read_preferences(FIXTURES / "orca_dpo_pairs", schema="generic")
 
 
-def test_parquet_without_pyarrow_gives_clear_message(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
+def test_parquet_without_pyarrow_gives_clear_message(tmp_path, monkeypatch):
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed (requirements.txt has it)
     p = tmp_path / "train.parquet"
     p.write_bytes(b"PAR1")
     with pytest.raises(DataError, match=r"train.parquet: reading .parquet files needs pyarrow"):
