@@ -8,6 +8,10 @@ after this op (e.g. the lm_head output): its backward then overwrites the logits
 buffer with their gradient instead of allocating a second N×V tensor. Any other
 autograd user of those logits fails loudly (version-counter error) rather than
 reading the overwritten values.
+
+softcap=c (both entry points) takes the log-softmax of c·tanh(logits/c) instead of the logits:
+Gemma 2's final_logit_softcapping, forward and backward, per chunk; None (default) leaves the
+op exactly as without it.
 """
 
 from __future__ import annotations
@@ -64,8 +68,17 @@ def _check_inputs(logits, targets, ignore_index: int, check_targets: bool = True
                              f"ignore_index={ignore_index}, e.g. {first}")
 
 
+def _check_softcap(softcap, where: str) -> None:
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+        raise ValueError(f"{where}: softcap must be None or a positive finite number (Gemma 2's "
+                         f"final_logit_softcapping, e.g. 30.0), got {softcap!r}")
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                   inplace_backward: bool = False, impl: str = "auto", check_targets: bool = True) -> torch.Tensor:
+                   inplace_backward: bool = False, impl: str = "auto", check_targets: bool = True,
+                   *, softcap: float | None = None) -> torch.Tensor:
     """log softmax(logits)[targets] per token.
 
     logits [..., V] (fp32/bf16/fp16; fp64 on the reference path), targets [...]
@@ -73,7 +86,10 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     gradient there). impl: "auto" (Triton for CUDA tensors when triton
     imports, else the reference), "triton", or "reference". check_targets=False skips the range
     check of the ids (one host sync): for callers that checked them on the host already.
+    softcap: c > 0 for log softmax(c·tanh(logits/c))[targets], or None.
     """
+    _check_softcap(softcap, "kernels.token_logprobs")
+    softcap = None if softcap is None else float(softcap)
     if impl not in _IMPLS:
         raise ValueError(f"kernels.token_logprobs: impl must be one of {_IMPLS}, got {impl!r}")
     _check_inputs(logits, targets, ignore_index, check_targets)
@@ -89,13 +105,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
         flat_logits = flat_logits.contiguous()
     flat_targets = targets.reshape(-1).long()
     if impl == "reference":
-        out = chunked_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward)
+        out = chunked_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward, softcap=softcap)
     else:
         if _triton_impl is None:
             raise RuntimeError(f"kernels.token_logprobs(impl='triton'): triton failed to import "
                                f"({_TRITON_IMPORT_ERROR}); use impl='reference'")
         _triton_impl.check_device(flat_logits)
-        out = _triton_impl.triton_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward)
+        out = _triton_impl.triton_token_logprobs(flat_logits, flat_targets, ignore_index, inplace_backward, softcap)
     return out.reshape(lead)
 
 
@@ -114,16 +130,20 @@ def _pick_impl(impl: str, x: torch.Tensor, where: str) -> str:
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           ignore_index: int = -100, chunk_size: int | None = None,
-                          impl: str = "auto", check_targets: bool = True) -> torch.Tensor:
+                          impl: str = "auto", check_targets: bool = True,
+                          *, softcap: float | None = None) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[targets] per row, without the [R, V] logits.
 
     hidden [R, H], weight [V, H] (the lm_head weight; a tied embedding is the same Parameter),
     targets [R] integer ids -> float32 [R] (float64 for float64 inputs), 0 where
     targets == ignore_index. Gradients flow to hidden and weight. chunk_size: rows per chunk
     (None: about 2^22 logits per chunk). Under autocast both inputs are cast to its dtype, as
-    F.linear would be; impl and check_targets as in token_logprobs.
+    F.linear would be; impl, check_targets and softcap (logits -> c·tanh(logits/c)) as in
+    token_logprobs.
     """
     where = "kernels.linear_token_logprobs"
+    _check_softcap(softcap, where)
+    softcap = None if softcap is None else float(softcap)
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -150,4 +170,4 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden = hidden.contiguous()
     with torch.autocast(dev, enabled=False):  # the matmuls stay in the dtype chosen above
         return FusedLinearLogprobs.apply(hidden, weight, targets.long().contiguous(), ignore_index,
-                                         chunk_size, impl == "triton")
+                                         chunk_size, impl == "triton", softcap)

@@ -29,10 +29,11 @@ def _signature(kernel_name: str, dtype: str) -> dict[str, str]:
     ptr = _PTR[dtype]
     if kernel_name == "logprobs_fwd_kernel":
         return {"logits_ptr": ptr, "targets_ptr": "*i64", "out_ptr": "*fp32", "max_ptr": "*fp32", "logsum_ptr": "*fp32",
-                "stride_row": "i64", "V": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
+                "stride_row": "i64", "V": "i32", "ignore_index": "i32", "softcap": "fp32",
+                "BLOCK": "constexpr", "HAS_SOFTCAP": "constexpr"}
     return {"logits_ptr": ptr, "grad_ptr": ptr, "targets_ptr": "*i64", "max_ptr": "*fp32", "logsum_ptr": "*fp32",
             "grad_out_ptr": "*fp32", "stride_row": "i64", "stride_grad_row": "i64", "V": "i32",
-            "ignore_index": "i32", "BLOCK": "constexpr"}
+            "ignore_index": "i32", "softcap": "fp32", "BLOCK": "constexpr", "HAS_SOFTCAP": "constexpr"}
 
 
 def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
@@ -71,7 +72,7 @@ def compile_all(capabilities=(80, 90)) -> list[dict]:
     for kernel in (lg.logprobs_fwd_kernel, lg.logprobs_bwd_kernel):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         for dtype in _PTR:
-            for block, num_warps in configs:
+            for (block, num_warps), softcap in [(c, False) for c in configs] + [(configs[-1], True)]:
                 for cap in capabilities:
                     sig = _signature(name, dtype)
                     # What the launcher's specialisation gives at real sizes: 16-byte aligned
@@ -79,12 +80,13 @@ def compile_all(capabilities=(80, 90)) -> list[dict]:
                     # lets the loads vectorise (more registers: the case to check for spills).
                     attrs = {(i,): [["tt.divisibility", 16]] for i, (arg, ty) in enumerate(sig.items())
                              if ty.startswith("*") or arg in ("stride_row", "stride_grad_row", "V")}
-                    src = ASTSource(fn=kernel, signature=sig, constexprs={"BLOCK": block}, attrs=attrs)
+                    src = ASTSource(fn=kernel, signature=sig, constexprs={"BLOCK": block, "HAS_SOFTCAP": softcap}, attrs=attrs)
                     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                               options={"num_warps": num_warps})
                     if not compiled.asm.get("cubin"):
                         raise RuntimeError(f"{name} {dtype} sm_{cap}: no cubin produced")
                     rows.append({"kernel": name, "dtype": dtype, "arch": f"sm_{cap}", "BLOCK": block,
+                                 "softcap": softcap,
                                  "num_warps": num_warps, **_ptxas_report(compiled.asm["ptx"], cap)})
     return rows
 
@@ -94,7 +96,7 @@ def main(argv: list[str]) -> None:
     if "--json" in argv:
         print(json.dumps(rows))
         return
-    cols = ["kernel", "dtype", "arch", "BLOCK", "num_warps", "registers", "spill_stores", "spill_loads", "stack_bytes"]
+    cols = ["kernel", "dtype", "arch", "BLOCK", "softcap", "num_warps", "registers", "spill_stores", "spill_loads", "stack_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
     for r in rows:

@@ -20,6 +20,9 @@ linear losses and Cut-Cross-Entropy (Wijmans et al. 2024) trade the same way.
 logsoftmax_gather.py, in-place backward) and a chunk-sized PyTorch version on CPU.
 The upstream gradient g differs per row (DPO weights each sequence by its own σ), which is
 why (4) cannot be precomputed in forward.
+
+softcap c (Gemma 2's final_logit_softcapping): (2) and (3) are taken of y = c·tanh(z/c) instead
+of z, and D_i gains the factor dy/dz = 1 - tanh²(z/c) elementwise, per chunk like the rest.
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # (2) and (3) on one chunk: PyTorch (CPU, float64) and Triton (CUDA)
 # --------------------------------------------------------------------------------------
 
-def _chunk_forward_torch(z, targets, valid):
+def _chunk_forward_torch(z, targets, valid, softcap=None):
     """z [c, V] logits (overwritten), targets [c] (0 where ignored) -> (out, m, logsum) [c] each."""
     acc = _acc_dtype(z.dtype)
     x = z if z.dtype == acc else z.to(acc)
+    if softcap is not None:
+        x.div_(softcap).tanh_().mul_(softcap)                   # y = c·tanh(z/c)
     m = x.amax(dim=-1)
     m = torch.where(m == float("-inf"), 0.0, m)                 # all -inf row: keep exp() finite
     x.sub_(m[:, None])                                          # z - m
@@ -65,24 +70,31 @@ def _chunk_forward_torch(z, targets, valid):
     return torch.where(valid, picked - logsum, 0.0), m, logsum
 
 
-def _chunk_backward_torch(z, idx, m, logsum, g, g_hit):
+def _chunk_backward_torch(z, idx, m, logsum, g, g_hit, softcap=None, dy=None):
     """z [c, Vb] recomputed logits of a vocab block -> g·D [c, Vb] in z's dtype (in z's buffer when
-    it is the acc dtype). idx [c]: the target's column in the block; g_hit [c]: g where it is in it."""
+    it is the acc dtype). idx [c]: the target's column in the block; g_hit [c]: g where it is in it.
+    softcap: dy, an acc-dtype buffer of z's shape, receives 1 - tanh²(z/c)."""
     acc = _acc_dtype(z.dtype)
     x = z if z.dtype == acc else z.to(acc)
+    if softcap is not None:
+        t = x.div_(softcap).tanh_()
+        d = torch.mul(t, t, out=dy).neg_().add_(1)                           # dy/dz = 1 - tanh²(z/c)
+        t.mul_(softcap).sub_(m[:, None]).sub_(logsum[:, None]).exp_().mul_(-g[:, None])
+        x.scatter_add_(1, idx[:, None], g_hit[:, None]).mul_(d)
+        return x if x.dtype == z.dtype else z.copy_(x)
     x.sub_(m[:, None]).sub_(logsum[:, None]).exp_().mul_(-g[:, None])   # -g·softmax(z)
     x.scatter_add_(1, idx[:, None], g_hit[:, None])                      # + g·onehot(t)
     return x if x.dtype == z.dtype else z.copy_(x)
 
 
-def _chunk_forward_triton(z, targets_raw, ignore_index):
+def _chunk_forward_triton(z, targets_raw, ignore_index, softcap=None):
     from . import logsoftmax_gather as lg
-    return lg.logprobs_forward(z, targets_raw, ignore_index)
+    return lg.logprobs_forward(z, targets_raw, ignore_index, softcap)
 
 
-def _chunk_backward_triton(z, targets_raw, m, logsum, g, ignore_index):
+def _chunk_backward_triton(z, targets_raw, m, logsum, g, ignore_index, softcap=None):
     from . import logsoftmax_gather as lg
-    return lg.logprobs_backward(z, targets_raw, m, logsum, g, ignore_index, inplace=True)
+    return lg.logprobs_backward(z, targets_raw, m, logsum, g, ignore_index, inplace=True, softcap=softcap)
 
 
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -108,7 +120,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
     """(1)-(4) over hidden [R, H] and weight [V, H], chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int | None, use_triton: bool):
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk_size: int | None, use_triton: bool,
+                softcap: float | None = None):
         R, V = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         out, row_max, logsum = (torch.empty(R, dtype=acc, device=hidden.device) for _ in range(3))
@@ -120,12 +133,13 @@ class FusedLinearLogprobs(torch.autograd.Function):
             e = min(s + c, R)
             z = torch.mm(hidden[s:e], weight.t(), out=buf[:e - s])          # (1) [c, V]
             if use_triton:
-                o, mm_, ls = _chunk_forward_triton(z, targets[s:e], ignore_index)
+                o, mm_, ls = _chunk_forward_triton(z, targets[s:e], ignore_index, softcap)
             else:
-                o, mm_, ls = _chunk_forward_torch(z, safe[s:e], valid[s:e])
+                o, mm_, ls = _chunk_forward_torch(z, safe[s:e], valid[s:e], softcap)
             out[s:e], row_max[s:e], logsum[s:e] = o, mm_, ls
         ctx.save_for_backward(hidden, weight, targets, safe, valid, row_max, logsum)
         ctx.ignore_index, ctx.chunk_size, ctx.use_triton = ignore_index, chunk_size, use_triton
+        ctx.softcap = softcap
         return out
 
     @staticmethod
@@ -148,6 +162,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
         if want_h:
             grad_h = torch.empty_like(hidden) if Vb == V else torch.zeros(R, H, dtype=acc, device=dev)
         flat = torch.empty(c * Vb, dtype=hidden.dtype, device=dev)           # one [c, Vb] chunk, reused
+        softcap = ctx.softcap
+        dy_flat = None if softcap is None or ctx.use_triton else torch.empty(c * Vb, dtype=acc, device=dev)
         for v0 in range(0, V, Vb):
             v1 = min(v0 + Vb, V)
             wb = weight[v0:v1]                                               # [vb, H]
@@ -164,9 +180,12 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 e = min(s + c, R)
                 z = torch.mm(hidden[s:e], wb.t(), out=flat[:(e - s) * (v1 - v0)].view(e - s, v1 - v0))  # (1)
                 if ctx.use_triton:
-                    dz = _chunk_backward_triton(z, t_blk[s:e], row_max[s:e], logsum[s:e], g[s:e], ctx.ignore_index)
+                    dz = _chunk_backward_triton(z, t_blk[s:e], row_max[s:e], logsum[s:e], g[s:e], ctx.ignore_index,
+                                                softcap)
                 else:
-                    dz = _chunk_backward_torch(z, idx[s:e], row_max[s:e], logsum[s:e], g[s:e], g_hit[s:e])  # (3)·g
+                    dy = None if dy_flat is None else dy_flat[:z.numel()].view(z.shape)
+                    dz = _chunk_backward_torch(z, idx[s:e], row_max[s:e], logsum[s:e], g[s:e], g_hit[s:e],
+                                               softcap, dy)                  # (3)·g
                 if want_h:
                     if Vb == V:
                         torch.mm(dz, wb, out=grad_h[s:e])                    # (4) [c, H]
@@ -178,4 +197,4 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 grad_w[v0:v1].copy_(w_acc[:v1 - v0])                         # the one rounding
         if grad_h is not None and grad_h.dtype != hidden.dtype:
             grad_h = grad_h.to(hidden.dtype)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None

@@ -27,6 +27,20 @@ _MAX_BLOCK = 4096
 
 
 @triton.jit
+def softcap_fn(z, cap):
+    # (7) Final-logit soft-capping (Gemma 2's final_logit_softcapping): y = c·tanh(z/c), and
+    #     dy/dz = 1 - tanh²(z/c) = sech²(z/c). With e = exp(-2|u|), u = z/c (no overflow:
+    #     e <= 1):  tanh|u| = (1 - e)/(1 + e)  and  sech² u = 4e/(1 + e)², the latter without
+    #     the cancellation of 1 - tanh² where tanh -> ±1. tanh's absolute error is ~1 ulp(1),
+    #     so y's is ~c·eps, the size of ulp(y) near the cap. z = ±inf gives y = ±c, dy/dz = 0.
+    u = z / cap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(u < 0, -t, t)
+    return cap * t, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def logprobs_fwd_kernel(
     logits_ptr,      # [N, V] fp32/bf16/fp16, row stride `stride_row`, column stride 1
     targets_ptr,     # [N] int64
@@ -36,7 +50,9 @@ def logprobs_fwd_kernel(
     stride_row,
     V,
     ignore_index,
+    softcap,         # fp32 c of (7); read only when HAS_SOFTCAP
     BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     # int64 row offset: N·V passes 2^31 at N=16384, V=128256.
     row = tl.program_id(0).to(tl.int64)
@@ -65,6 +81,8 @@ def logprobs_fwd_kernel(
     for start in range(0, V, BLOCK):
         idx = start + cols
         x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:   # (7); the padding columns past V stay -inf (capped they would be -c)
+            x = tl.where(idx < V, softcap_fn(x, softcap)[0], float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
@@ -75,6 +93,8 @@ def logprobs_fwd_kernel(
     #     x_t - m is exact when x_t is near the max; log d <= log V is small.
     logsum = tl.log(d)
     x_t = tl.load(row_ptr + target).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_t = softcap_fn(x_t, softcap)[0]
     tl.store(out_ptr + row, (x_t - m) - logsum)
     tl.store(max_ptr + row, m)
     tl.store(logsum_ptr + row, logsum)
@@ -92,7 +112,9 @@ def logprobs_bwd_kernel(
     stride_grad_row,
     V,
     ignore_index,
+    softcap,         # fp32 c of (7); read only when HAS_SOFTCAP
     BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
@@ -118,8 +140,13 @@ def logprobs_bwd_kernel(
         idx = start + cols
         mask = idx < V
         x = tl.load(row_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp((x - m) - logsum)
-        grad = g * (tl.where(idx == target, 1.0, 0.0) - p)
+        if HAS_SOFTCAP:
+            # (7) the chain rule through y = c·tanh(z/c): grad_z = grad_y · sech²(z/c).
+            y, dy = softcap_fn(x, softcap)
+            grad = g * (tl.where(idx == target, 1.0, 0.0) - tl.exp((y - m) - logsum)) * dy
+        else:
+            p = tl.exp((x - m) - logsum)
+            grad = g * (tl.where(idx == target, 1.0, 0.0) - p)
         tl.store(grad_row_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -145,20 +172,23 @@ def check_device(logits: torch.Tensor) -> None:
                            "set in the environment before triton is first imported (CPU interpreter)")
 
 
-def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """logits [N, V], targets [N] int64 -> (out, row max, log sum exp(x - max)), each [N] fp32."""
+def logprobs_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, softcap: float | None = None):
+    """logits [N, V], targets [N] int64 -> (out, row max, log sum exp(x - max)), each [N] fp32.
+    softcap c: the statistics are those of the capped logits c·tanh(x/c), see (7)."""
     n, v = logits.shape
     assert logits.stride(1) == 1 and targets.is_contiguous()
     out, row_max, logsum = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
     if n:
         block, num_warps = launch_config(v)
         logprobs_fwd_kernel[(n,)](logits, targets, out, row_max, logsum, logits.stride(0), v, ignore_index,
-                                  BLOCK=block, num_warps=num_warps)
+                                  float(softcap or 0.0), BLOCK=block, HAS_SOFTCAP=softcap is not None,
+                                  num_warps=num_warps)
     return out, row_max, logsum
 
 
 def logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
-                      logsum: torch.Tensor, grad_out: torch.Tensor, ignore_index: int, inplace: bool) -> torch.Tensor:
+                      logsum: torch.Tensor, grad_out: torch.Tensor, ignore_index: int, inplace: bool,
+                      softcap: float | None = None) -> torch.Tensor:
     """g [N] -> gradient [N, V] in the logits' dtype; written into `logits` if inplace."""
     n, v = logits.shape
     grad = logits if inplace else torch.empty((n, v), dtype=logits.dtype, device=logits.device)
@@ -166,31 +196,33 @@ def logprobs_backward(logits: torch.Tensor, targets: torch.Tensor, row_max: torc
     if n:
         block, num_warps = launch_config(v)
         logprobs_bwd_kernel[(n,)](logits, grad, targets, row_max, logsum, grad_out, logits.stride(0),
-                                  grad.stride(0), v, ignore_index, BLOCK=block, num_warps=num_warps)
+                                  grad.stride(0), v, ignore_index, float(softcap or 0.0), BLOCK=block,
+                                  HAS_SOFTCAP=softcap is not None, num_warps=num_warps)
     return grad
 
 
 class TritonLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index: int, inplace_backward: bool):
-        out, row_max, logsum = logprobs_forward(logits, targets, ignore_index)
+    def forward(ctx, logits, targets, ignore_index: int, inplace_backward: bool, softcap: float | None):
+        out, row_max, logsum = logprobs_forward(logits, targets, ignore_index, softcap)
         ctx.save_for_backward(logits, targets, row_max, logsum)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.softcap = ignore_index, softcap
         ctx.inplace_backward = inplace_backward
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, row_max, logsum = ctx.saved_tensors
-        grad = logprobs_backward(logits, targets, row_max, logsum, grad_out, ctx.ignore_index, ctx.inplace_backward)
+        grad = logprobs_backward(logits, targets, row_max, logsum, grad_out, ctx.ignore_index, ctx.inplace_backward,
+                                 ctx.softcap)
         if ctx.inplace_backward:
             # A raw kernel write does not bump the version counter: do it, so that any other
             # autograd user of these logits fails loudly instead of reading the gradient.
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def triton_token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                          inplace_backward: bool = False) -> torch.Tensor:
-    """logits [N, V] (column stride 1), targets [N] int64 -> float32 [N]."""
-    return TritonLogprobs.apply(logits, targets.contiguous(), ignore_index, inplace_backward)
+                          inplace_backward: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """logits [N, V] (column stride 1), targets [N] int64 -> float32 [N]; softcap c: of c·tanh(logits/c)."""
+    return TritonLogprobs.apply(logits, targets.contiguous(), ignore_index, inplace_backward, softcap)

@@ -210,3 +210,66 @@ def test_no_allocation_of_rv_size(impl):
     with _FreshAllocations() as rec:
         torch.autograd.grad(kernels.token_logprobs(h @ w.t(), t, impl=impl), (h, w), g)
     assert max(rec.sizes) >= rv_bytes
+
+
+# ---- final-logit soft-capping (softcap=c: log softmax(c·tanh(h Wᵀ / c))) ----
+
+def truth_softcap(h, w, t, g, cap):
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    out = naive_token_logprobs(torch.tanh((h64 @ w64.t()) / cap) * cap, t, IGNORE)
+    gh, gw = torch.autograd.grad(out, (h64, w64), g.double())
+    return out.detach(), gh, gw
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_softcap_matches_float64_truth(impl, dtype, shape):
+    R, H, V, chunk = shape
+    cap = 2.0                                          # logits ~ N(0, 4): well into the tanh's knee
+    h, w, t, g = make_case(R, H, V, dtype)
+    out, gh, gw = fused(h, w, t, g, chunk_size=chunk, impl=impl, softcap=cap)
+    o64, gh64, gw64 = truth_softcap(h, w, t, g, cap)
+    assert out.dtype == torch.float32 and gh.dtype == dtype and gw.dtype == dtype
+    ignored = t == IGNORE
+    assert (out[ignored] == 0).all() and (gh[ignored] == 0).all()
+    torch.testing.assert_close(out.double(), o64, **TOL[dtype])
+    torch.testing.assert_close(gh.double(), gh64, **TOL[dtype])
+    torch.testing.assert_close(gw.double(), gw64, **TOL[dtype])
+    # No worse than the unfused path in the same dtype (capped logits, then token_logprobs).
+    hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    uo = kernels.token_logprobs(hh @ ww.t(), t, IGNORE, impl="reference", softcap=cap)
+    ugh, ugw = torch.autograd.grad(uo, (hh, ww), g)
+    eps = torch.finfo(dtype).eps
+    for mine, theirs, exact in ((out, uo.detach(), o64), (gh, ugh, gh64), (gw, ugw, gw64)):
+        assert err(mine, exact) <= err(theirs, exact) + 4 * eps * exact.abs().max().item()
+    assert err(out, fused(h, w, t, g, chunk_size=chunk, impl=impl)[0]) > 0.1   # the cap bites
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_bf16_many_vocab_blocks(impl, monkeypatch):
+    from kernels import fused_linear
+    monkeypatch.setattr(fused_linear, "VOCAB_BLOCK", 96)
+    h, w, t, g = make_case(47, 16, 1000, torch.bfloat16, seed=7)
+    out, gh, gw = fused(h, w, t, g, chunk_size=10, impl=impl, softcap=3.0)
+    o64, gh64, gw64 = truth_softcap(h, w, t, g, 3.0)
+    for mine, exact in ((out, o64), (gh, gh64), (gw, gw64)):
+        torch.testing.assert_close(mine.double(), exact, **TOL[torch.bfloat16])
+
+
+def test_softcap_gradcheck_float64():
+    h, w, t, _ = make_case(11, 6, 37, torch.float64)
+    h, w = (h * 3).requires_grad_(True), w.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: kernels.linear_token_logprobs(a, b, t, IGNORE, chunk_size=3, softcap=1.5), (h, w))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_no_allocation_of_rv_size(impl):
+    R, H, V, chunk = 512, 8, 2048, 32
+    h, w, t, g = make_case(R, H, V, torch.float32, seed=5)
+    h, w = h.requires_grad_(True), w.requires_grad_(True)
+    with _FreshAllocations() as rec:
+        torch.autograd.grad(kernels.linear_token_logprobs(h, w, t, chunk_size=chunk, impl=impl, softcap=30.0),
+                            (h, w), g)
+    assert max(rec.sizes) <= max(chunk * V * 4, V * H * 4) < R * V * 4 / 8, max(rec.sizes)

@@ -276,6 +276,7 @@ def test_aot_compile_sm80_sm90_without_spills():
         for dtype in ("float32", "bfloat16", "float16"):
             for arch in ("sm_80", "sm_90"):
                 assert (kernel, dtype, arch, 4096) in seen
+                assert any(r["softcap"] for r in rows if (r["kernel"], r["dtype"], r["arch"]) == (kernel, dtype, arch))
     for r in rows:
         print(r)   # the register report, visible with -s
         assert r["registers"] > 0
@@ -355,3 +356,98 @@ def test_reference_inplace_backward_peak_rss():
     # high-water mark, so transient memory earlier in the process can hide part of it (0.80
     # was seen once on a loaded machine, 0.99 usually).
     assert out_of_place > 0.5
+
+
+# ---- final-logit soft-capping: log softmax(c·tanh(x/c)) (Gemma 2's final_logit_softcapping) ----
+
+def truth_softcap(x, t, g, cap):
+    """float64 ground truth through autograd's own tanh: the capped formula written out."""
+    x64 = x.detach().to(torch.float64).requires_grad_(True)
+    y = torch.tanh(x64 / cap) * cap
+    out = torch.where(t == IGNORE, 0.0, torch.log_softmax(y, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0])
+    (grad,) = torch.autograd.grad(out, x64, g.to(torch.float64))
+    return out.detach(), _zero_ignored_rows(grad, t)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("cap", [3.0, 30.0])
+def test_softcap_matches_float64_truth(impl, shape, dtype, cap, poisoned, monkeypatch):
+    n, v = shape
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 7 * v)       # several chunks, the last partial
+    x, t, g = make_case(n, v, dtype)
+    x = torch.where(torch.isfinite(x), x * (cap / 4), x)            # logits on both sides of the knee
+    logits = x.clone().requires_grad_(True)
+    out = kernels.token_logprobs(logits, t, ignore_index=IGNORE, impl=impl, softcap=cap)
+    (grad,) = torch.autograd.grad(out, logits, g)
+    out64, grad64 = truth_softcap(x, t, g, cap)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    ignored = t == IGNORE
+    assert (out[ignored] == 0).all() and (grad[ignored] == 0).all()
+    # The capped logits lie in (-c, c): the forward is fp32-accurate to a few ulps of c.
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=8 * EPS[torch.float32] * cap)
+    torch.testing.assert_close(grad.double(), grad64, rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype])
+    # No worse than PyTorch's same-dtype formula plus a small margin.
+    xt = x.clone().requires_grad_(True)
+    out_pt = naive_token_logprobs(xt, t, IGNORE, softcap=cap)
+    (grad_pt,) = torch.autograd.grad(out_pt, xt, g.to(out_pt.dtype))
+    grad_pt = _zero_ignored_rows(grad_pt, t)
+    assert max_err(out, out64) <= max_err(out_pt.detach(), out64) + 8 * EPS[torch.float32] * cap
+    assert max_err(grad, grad64) <= max_err(grad_pt, grad64) + 2 * EPS[dtype] * grad64.abs().max().item()
+    # The cap does bite here: the uncapped log-probs are far from these.
+    plain = kernels.token_logprobs(x, t, ignore_index=IGNORE, impl=impl)
+    assert ((plain - out).abs() > 0.1).any()
+
+
+@needs_triton
+def test_softcap_triton_many_blocks_and_inplace(monkeypatch):
+    """BLOCK 128 over a 1000-wide row (the padding columns of the last block must stay out of the
+    sum: capped they would be -c, not -inf); in place gives the out-of-place gradient."""
+    monkeypatch.setattr(kernels._triton_impl, "_MAX_BLOCK", 128)
+    x, t, g = make_case(47, 1000, torch.float32, seed=3)
+    x = torch.where(torch.isfinite(x), x * 2, x)
+    out64, grad64 = truth_softcap(x, t, g, 5.0)
+    results = []
+    for inplace in (False, True):
+        logits = x.clone().requires_grad_(True)
+        out = kernels.token_logprobs(logits, t, impl="triton", inplace_backward=inplace, softcap=5.0)
+        (grad,) = torch.autograd.grad(out, logits, g)
+        torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), grad64, rtol=2e-5, atol=1e-6)
+        results.append(grad)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softcap_reference_inplace_backward(dtype):
+    x, t, g = make_case(47, 1000, dtype, seed=1)
+    grads = []
+    for inplace in (False, True):
+        logits = x.clone().requires_grad_(True)
+        out = kernels.token_logprobs(logits * 1.0, t, impl="reference", inplace_backward=inplace, softcap=4.0)
+        (grad,) = torch.autograd.grad(out, logits, g)
+        grads.append(grad)
+    assert torch.equal(grads[0], grads[1])
+    torch.testing.assert_close(grads[0].double(), truth_softcap(x, t, g, 4.0)[1],
+                               rtol=GRAD_RTOL[dtype], atol=GRAD_ATOL[dtype])
+
+
+def test_softcap_gradcheck_float64_and_default_unchanged():
+    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 10, IGNORE, 5, 5, 3])
+    fn = lambda z: reference.chunked_token_logprobs(z * 3, t, IGNORE, False, chunk_elements=22,  # noqa: E731
+                                                    softcap=2.0)
+    assert torch.autograd.gradcheck(fn, (x,))
+    # softcap=None is the uncapped op itself.
+    assert torch.equal(kernels.token_logprobs(x.detach(), t, softcap=None), kernels.token_logprobs(x.detach(), t))
+
+
+@pytest.mark.parametrize("cap", [0, -1.0, float("inf"), float("nan"), "30", True])
+def test_softcap_bad_values(cap):
+    with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+        kernels.token_logprobs(torch.randn(2, 9), torch.zeros(2, dtype=torch.long), softcap=cap)
+    with pytest.raises(ValueError, match="softcap must be None or a positive finite number"):
+        kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(9, 4), torch.zeros(2, dtype=torch.long),
+                                      softcap=cap)
