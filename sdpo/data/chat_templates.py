@@ -1,11 +1,15 @@
 """Chat templates: the built-in ones and the jinja sandbox they (and a model's own) render in.
 
-Templates render through jinja2's ImmutableSandboxedEnvironment with trim_blocks and
-lstrip_blocks, `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape,
-the loopcontrols extension and a pass-through `{% generation %}` tag, as transformers'
-apply_chat_template does; sdpo.data.tokenizer.Tokenizer.apply_chat_template supplies the
-variables (`messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the
-special tokens that are set).
+Templates render as transformers' apply_chat_template renders them (tests/test_chat_templates.py
+compares every family's published template with transformers' output, tests/fixtures/templates/):
+jinja2's ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols
+extension, a pass-through `{% generation %}` tag, `raise_exception`, `strftime_now`, a `tojson` that
+does not HTML-escape, a `dict` constructor and a `namespace` that refuses underscore names. The
+messages are cleaned the same way first (template_messages: keys whose value is None dropped, a
+message's reasoning under any of its names passed as `reasoning_content` and `thinking`).
+sdpo.data.tokenizer.Tokenizer.apply_chat_template supplies the variables (`messages`,
+`add_generation_prompt`, `tools=None`, `documents=None`, the special tokens that are set, and template
+keywords such as Qwen3's and SmolLM3's `enable_thinking`).
 """
 from __future__ import annotations
 
@@ -145,6 +149,51 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    # `namespace(...)` / `{% set ns.x = ... %}`; names starting with "_" could reach interpreter
+    # internals, so they are refused (transformers refuses them too).
+    def __init__(*args, **kwargs):  # no named `self`: namespace(self=...) stays a valid attribute
+        ns, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(ns, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a chat template may not set the namespace attribute {name!r}")
+
+
+class _Dict:
+    # `dict(...)` and `dict.fromkeys(...)` in templates, without exposing the dict type itself.
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_messages(messages) -> list[dict]:
+    """The messages a template sees: copies, keys whose value is None dropped (a template tests `is defined`,
+    not `is none`), and a message's reasoning under any of its names also as `reasoning_content` (what
+    Qwen3's template reads) and `thinking`."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in dict(m).items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
 def compile_template(source: str) -> jinja2.Template:
     """Compile `source` in the sandbox; a syntax error raises jinja2.TemplateSyntaxError."""
     env = ImmutableSandboxedEnvironment(
@@ -153,4 +202,6 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _Dict()
+    env.globals["namespace"] = _Namespace
     return env.from_string(source)

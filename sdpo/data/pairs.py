@@ -25,16 +25,44 @@ def render_prompt(messages, tokenizer) -> str:
     return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True)
 
 
+def _adds_bos(tokenizer) -> bool:
+    # sdpo's Tokenizer says whether tokenizer(text) puts BOS in front; a tokenizer without the
+    # attribute is taken to put in front the BOS it has.
+    return bool(getattr(tokenizer, "adds_bos", tokenizer.bos_id is not None))
+
+
 def encode_prompt(messages, tokenizer) -> list[int]:
-    """Chat template with the generation prompt; BOS exactly once at the front (if the tokenizer has one)."""
+    """Chat template with the generation prompt, then BOS at most once, at the front:
+    - the template wrote BOS (Gemma's, Llama 3's, Mistral's "{{ bos_token }}"): kept once, even when the
+      tokenizer would add its own too, or the template wrote it twice;
+    - it did not, and the tokenizer puts BOS in front of plain text (Llama 2's sentencepiece, a tokenizer.json
+      whose post-processor adds it: what transformers' tokenizer(text) gives): BOS added;
+    - otherwise none (Qwen has no BOS token; Phi-3.5/Phi-4-mini have one that neither puts in front)."""
     ids = list(tokenizer.encode(render_prompt(messages, tokenizer), add_special_tokens=False))
     bos = tokenizer.bos_id
-    if bos is not None:
-        start = 0
-        while start < len(ids) and ids[start] == bos:  # template already wrote <s> (maybe twice)
-            start += 1
-        ids = [bos] + ids[start:]
+    if bos is None:
+        return ids
+    start = 0
+    while start < len(ids) and ids[start] == bos:
+        start += 1
+    if start or _adds_bos(tokenizer):
+        return [bos] + ids[start:]
     return ids
+
+
+def bos_handling(messages, tokenizer) -> str:
+    """One line saying which BOS rule of encode_prompt applies to this prompt (for `sdpo.data check`)."""
+    bos = tokenizer.bos_id
+    if bos is None:
+        return "none: the tokenizer has no BOS token"
+    name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
+    ids = list(tokenizer.encode(render_prompt(messages, tokenizer), add_special_tokens=False))
+    if ids[:1] == [bos]:
+        also = " (the tokenizer would add it too; kept once)" if _adds_bos(tokenizer) else ""
+        return f"{name!s} written by the chat template{also}"
+    if _adds_bos(tokenizer):
+        return f"{name!s} added by the tokenizer (the chat template does not write it)"
+    return f"none: neither the chat template nor the tokenizer puts {name!s} in front"
 
 
 def encode_response(text: str, tokenizer, prompt_text: str | None = None) -> tuple[list[int], bool]:

@@ -39,9 +39,15 @@ Rules this module follows (each one matches what transformers does unless said):
   smallest embedding the ids fit in.
 * Chat templates (the built-in CHAT_TEMPLATES and the jinja sandbox that renders
   them and a model's own) live in sdpo/data/chat_templates.py; apply_chat_template passes
-  `messages`, `add_generation_prompt`, `tools=None`, `documents=None` and the special
-  tokens that are set (bos_token, eos_token, unk_token, pad_token, ...) as variables,
-  as transformers' apply_chat_template does.
+  `messages` (cleaned by template_messages), `add_generation_prompt`, `tools=None`,
+  `documents=None`, the special tokens that are set (bos_token, eos_token, unk_token,
+  pad_token, ...) and the template keywords (`template_kwargs` of load_tokenizer, e.g.
+  enable_thinking=False; keywords given to the call win) as variables, as transformers'
+  apply_chat_template does.
+* `adds_bos`: whether encode(text, add_special_tokens=True) puts BOS in front, i.e. what
+  transformers' `tokenizer(text)` does: the tokenizer.json post-processor decides for
+  `tokenizers`, add_bos_token (default true) for sentencepiece. sdpo.data.pairs uses it for
+  prompts whose template does not write BOS itself.
 """
 from __future__ import annotations
 
@@ -54,7 +60,7 @@ import jinja2
 import sentencepiece as spm
 import tokenizers
 
-from sdpo.data.chat_templates import CHAT_TEMPLATES, TemplateRaised, compile_template
+from sdpo.data.chat_templates import CHAT_TEMPLATES, TemplateRaised, compile_template, template_messages
 
 
 class TokenizerError(ValueError):
@@ -254,7 +260,8 @@ class _SentencePieceBackend:
 
 class Tokenizer:
     def __init__(self, path, backend, specials: dict[str, str | None], additional: list[str],
-                 chat_template: str | None, template_origin: str, add_bos: bool, add_eos: bool):
+                 chat_template: str | None, template_origin: str, add_bos: bool, add_eos: bool,
+                 template_kwargs: dict | None = None):
         self.path = path
         self._backend = backend
         self._specials = specials
@@ -269,6 +276,8 @@ class Tokenizer:
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.vocab_size = backend.max_id() + 1
         self.chat_template = chat_template
+        self.template_origin = template_origin if chat_template is not None else None  # where it came from, for reports
+        self.template_kwargs = dict(template_kwargs or {})
         self._compiled = _compile_template(chat_template, template_origin) if chat_template is not None else None
 
     def _id_of(self, text, key):
@@ -289,6 +298,10 @@ class Tokenizer:
         ids.update(i for i in (self.bos_id, self.eos_id, self._id_of(self._specials.get("pad_token"), "pad_token")) if i is not None)
         return ids
 
+    @cached_property
+    def adds_bos(self) -> bool:
+        return self.bos_id is not None and self.encode("a", add_special_tokens=True)[:1] == [self.bos_id]
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
@@ -307,7 +320,7 @@ class Tokenizer:
             ids = ids.tolist()
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         if self._compiled is None:
             raise TokenizerError(
                 f"{self.path}: no chat_template in tokenizer_config.json; pass one with "
@@ -316,9 +329,11 @@ class Tokenizer:
         variables = {k: v for k, v in self._specials.items() if v is not None}
         if self._additional:
             variables["additional_special_tokens"] = list(self._additional)
+        variables.update(self.template_kwargs)
+        variables.update(kwargs)  # as in transformers, keywords win over the special tokens
         try:
             return self._compiled.render(
-                messages=messages, tools=None, documents=None,
+                messages=template_messages(messages), tools=None, documents=None,
                 add_generation_prompt=add_generation_prompt, **variables,
             )
         except TemplateRaised as e:
@@ -331,8 +346,13 @@ class Tokenizer:
                 f"bos={self.bos_token!r}, eos={self.eos_token!r}, pad_id={self.pad_id})")
 
 
-def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
+def load_tokenizer(path, chat_template: str | None = None, template_kwargs: dict | None = None) -> Tokenizer:
+    """The tokenizer in directory `path`. `chat_template`: a name in CHAT_TEMPLATES or jinja text in place of
+    the directory's own template; `template_kwargs`: extra variables every render sees (enable_thinking=False)."""
     path = os.fspath(path)
+    if template_kwargs is not None and not (
+            isinstance(template_kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in template_kwargs)):
+        raise TokenizerError(f"template_kwargs must map variable names to values, got {template_kwargs!r}")
     if not os.path.isdir(path):
         raise TokenizerError(f"{path}: not a directory (expected a model directory with tokenizer.json or tokenizer.model)")
     tj, sm = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
@@ -378,6 +398,7 @@ def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
     return Tokenizer(
         path, backend, specials, additional, template, origin,
         add_bos=bool(cfg.get("add_bos_token", True)), add_eos=bool(cfg.get("add_eos_token", False)),
+        template_kwargs=template_kwargs,
     )
 
 
@@ -418,7 +439,7 @@ def _sentencepiece_added_tokens(path, cfg, cfg_file, backend, specials, addition
 def _resolve_template(path, cfg, cfg_file, chat_template):
     if chat_template is not None:
         if chat_template in CHAT_TEMPLATES:
-            return CHAT_TEMPLATES[chat_template], f"CHAT_TEMPLATES[{chat_template!r}]"
+            return CHAT_TEMPLATES[chat_template], f"built-in {chat_template!r} (sdpo.data.chat_templates.CHAT_TEMPLATES)"
         if "{{" in chat_template or "{%" in chat_template:
             return chat_template, "chat_template argument"
         raise TokenizerError(

@@ -1,0 +1,154 @@
+"""Every family's published chat template renders in sdpo exactly as transformers renders it, and its
+pairs tokenize to transformers' ids with the BOS rule of sdpo.data.pairs.encode_prompt.
+
+The expected strings and ids come from transformers 5 (tools/make_template_fixtures.py, run with
+/opt/hf/bin/python); tests/fixtures/templates/SOURCES.md says where each template came from. Each family
+folder is a tokenizer directory: the published chat_template.jinja beside a stand-in tokenizer with the
+family's special tokens and BOS convention.
+"""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+import sdpo.data.chat_templates as chat_templates
+from sdpo.data.check import main as check_main
+from sdpo.data.pairs import bos_handling, tokenize_pairs
+from sdpo.data.read import PreferenceExample
+from sdpo.data.tokenizer import TokenizerError, load_tokenizer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "templates"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
+FAMILIES = EXPECTED["families"]
+RENDERS = [(family, case) for family, data in FAMILIES.items() for case in data["renders"]]
+PAIRS = [(family, i) for family, data in FAMILIES.items() for i in range(len(data["pairs"]))]
+
+
+@pytest.fixture(autouse=True)
+def fixed_date(monkeypatch):
+    # SmolLM3's template prints today's date (strftime_now); the fixtures were made on this one.
+    date = EXPECTED["date"]
+
+    class Fixed(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(*date)
+
+    monkeypatch.setattr(chat_templates, "datetime", Fixed)
+
+
+def test_every_family_folder_has_fixtures():
+    folders = {p.name for p in FIXTURES.iterdir() if (p / "chat_template.jinja").is_file()}
+    assert folders == set(FAMILIES) == {"qwen3", "gemma2", "gemma3", "olmo2", "olmo3", "phi3", "phi4mini",
+                                        "smollm3", "ministral3"}
+    sources = (FIXTURES / "SOURCES.md").read_text(encoding="utf-8")
+    assert all(f"`{family}/`" in sources for family in folders)
+
+
+@pytest.mark.parametrize("family,case", RENDERS, ids=[f"{f}-{c['name']}-{c['add_generation_prompt']}-"
+                                                       f"{c['kwargs'].get('enable_thinking', '')}" for f, c in RENDERS])
+def test_renders_like_transformers(family, case):
+    tok = load_tokenizer(FIXTURES / family)
+    assert tok.template_origin.endswith("chat_template.jinja")
+    messages, gen, kwargs = case["messages"], case["add_generation_prompt"], case["kwargs"]
+    if "error" in case:
+        with pytest.raises(TokenizerError) as e:
+            tok.apply_chat_template(messages, add_generation_prompt=gen, **kwargs)
+        assert str(e.value) == f"chat template rejected the conversation: {case['error']}"
+        return
+    assert tok.apply_chat_template(messages, add_generation_prompt=gen, **kwargs) == case["text"]
+    # the same keywords given once to load_tokenizer (how the data path passes them)
+    tok = load_tokenizer(FIXTURES / family, template_kwargs=kwargs)
+    assert tok.apply_chat_template(messages, add_generation_prompt=gen) == case["text"]
+
+
+def test_qwen3_thinking_switch_and_history():
+    """What the Qwen3 cases above pin down, said once in words: enable_thinking=False closes an empty
+    think block in the generation prompt; reasoning in an earlier turn is dropped, in the last kept."""
+    renders = {(c["name"], c["add_generation_prompt"], c["kwargs"].get("enable_thinking")): c["text"]
+               for c in FAMILIES["qwen3"]["renders"] if "text" in c}
+    assert renders[("user", True, False)].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert renders[("user", True, None)].endswith("<|im_start|>assistant\n")
+    assert "The capital is Paris" not in renders[("think_in_history", True, None)]
+    assert "<think>\nThe capital is Paris.\n</think>\n\nParis." in renders[("think_in_last_turn", False, None)]
+
+
+def test_sandbox_constructs_like_transformers():
+    c = EXPECTED["constructs"]
+    tok = load_tokenizer(FIXTURES / "qwen3", chat_template=c["template"])
+    for r in c["renders"]:
+        assert tok.apply_chat_template(c["messages"], add_generation_prompt=r["add_generation_prompt"]) == r["text"]
+
+
+@pytest.mark.parametrize("source", ["{% set ns = namespace(_x=1) %}", "{% set ns = namespace() %}{% set ns._x = 1 %}"])
+def test_namespace_refuses_underscore_names(source):
+    tok = load_tokenizer(FIXTURES / "qwen3", chat_template=source)
+    with pytest.raises(TokenizerError, match="may not set the namespace attribute '_x'"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("family,i", PAIRS, ids=[f"{f}-{i}" for f, i in PAIRS])
+def test_pairs_tokenize_like_transformers(family, i):
+    data, pair = FAMILIES[family], FAMILIES[family]["pairs"][i]
+    tok = load_tokenizer(FIXTURES / family, template_kwargs=pair["kwargs"])
+    assert tok.bos_id == data["bos_token_id"] and tok.adds_bos == data["tokenizer_adds_bos"]
+    ex = PreferenceExample(tuple(pair["prompt"]), pair["chosen"], pair["rejected"], "s", "f:1")
+    (got,), stats = tokenize_pairs([ex], tok, max_length=4096, max_prompt_length=4096)
+    assert tok.apply_chat_template(pair["prompt"], add_generation_prompt=True) == pair["prompt_text"]
+    assert got.prompt_ids == pair["prompt_ids"]
+    assert got.chosen_ids == pair["chosen_ids"] and got.rejected_ids == pair["rejected_ids"]
+    # the boundary rule: the prompt's ids are a prefix of prompt + response's
+    bos = [tok.bos_id] if tok.bos_id is not None and got.prompt_ids[:1] == [tok.bos_id] else []
+    for response, ids in ((pair["chosen"], got.chosen_ids), (pair["rejected"], got.rejected_ids)):
+        whole = tok.encode(pair["prompt_text"] + response)
+        if bos and whole[:1] == bos:
+            whole = whole[1:]
+        assert got.prompt_ids + ids == bos + whole + [tok.eos_id]
+    assert stats["responses_encoded_alone"] == 0
+    if tok.bos_id is not None and tok.bos_id != tok.eos_id:  # OLMo 2's BOS is its EOS, which ends turns
+        assert got.prompt_ids.count(tok.bos_id) == len(bos)
+
+
+BOS_HANDLING = {
+    "qwen3": "none: the tokenizer has no BOS token",
+    "smollm3": "none: the tokenizer has no BOS token",
+    "gemma2": "<bos> written by the chat template (the tokenizer would add it too; kept once)",
+    "gemma3": "<bos> written by the chat template (the tokenizer would add it too; kept once)",
+    "ministral3": "<s> written by the chat template (the tokenizer would add it too; kept once)",
+    "olmo2": "<|endoftext|> written by the chat template",
+    "olmo3": "none: neither the chat template nor the tokenizer puts <|endoftext|> in front",
+    "phi3": "none: neither the chat template nor the tokenizer puts <s> in front",
+    "phi4mini": "none: neither the chat template nor the tokenizer puts <|endoftext|> in front",
+}
+
+
+@pytest.mark.parametrize("family", sorted(BOS_HANDLING))
+def test_bos_handling_is_reported(family):
+    tok = load_tokenizer(FIXTURES / family)
+    assert bos_handling([{"role": "user", "content": "hi"}], tok) == BOS_HANDLING[family]
+
+
+def test_bos_added_by_the_tokenizer_when_the_template_has_none(tmp_path):
+    # Gemma's tokenizer with a template that writes no BOS: the tokenizer's own BOS goes in front, once.
+    tok = load_tokenizer(FIXTURES / "gemma2", chat_template="chatml")
+    assert bos_handling([{"role": "user", "content": "hi"}], tok) == \
+        "<bos> added by the tokenizer (the chat template does not write it)"
+    ex = PreferenceExample(({"role": "user", "content": "hi"},), "a", "b", "s", "f:1")
+    (pair,), _ = tokenize_pairs([ex], tok)
+    assert pair.prompt_ids[0] == tok.bos_id and pair.prompt_ids.count(tok.bos_id) == 1
+
+
+def test_check_reports_template_and_bos(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."}) + "\n")
+    assert check_main(["check", str(f), "--tokenizer", str(FIXTURES / "gemma3")]) == 0
+    out = capsys.readouterr().out
+    assert f"chat template: {FIXTURES / 'gemma3' / 'chat_template.jinja'}" in out
+    assert "BOS: <bos> written by the chat template (the tokenizer would add it too; kept once)" in out
+    assert check_main(["check", str(f), "--tokenizer", str(FIXTURES / "qwen3"), "--chat-template", "chatml",
+                       "--template-kwarg", "enable_thinking=false"]) == 0
+    out = capsys.readouterr().out
+    assert "chat template: built-in 'chatml'" in out and "template keywords: enable_thinking=False" in out
+    assert "BOS: none: the tokenizer has no BOS token" in out
