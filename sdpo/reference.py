@@ -279,7 +279,7 @@ class References:
             # reference's tokenizer (with its own special tokens).
             template = r.chat_template or run.tokenizer.chat_template
             if not (tok_dir == run.tokenizer_dir and template == run.tokenizer.chat_template):
-                self.tokenizer = load_tokenizer(tok_dir, template)
+                self.tokenizer = load_tokenizer(tok_dir, template, run.tokenizer.template_kwargs)
 
     def model_dir(self, prev: str) -> str:
         return self.section.path or prev

@@ -44,7 +44,8 @@ def train(cfg: Config) -> dict:
     bf16 = D.use_bf16(cfg.train.precision, info.device)
     tok_dir = cfg.model.tokenizer or cfg.model.path
     run = Run(cfg=cfg, info=info, mesh=D.build_mesh(info, cfg.train.dp_shard, cfg.train.dp_replicate), out=Path(cfg.train.output_dir),
-              tokenizer=load_tokenizer(tok_dir, cfg.model.chat_template), tokenizer_dir=tok_dir,
+              tokenizer=load_tokenizer(tok_dir, cfg.model.chat_template, {"enable_thinking": cfg.model.enable_thinking}),
+              tokenizer_dir=tok_dir,
               autocast_dtype=torch.bfloat16 if bf16 else None)
 
     # Everything that can fail on bad input fails here, before any model work.

@@ -152,3 +152,19 @@ def test_check_reports_template_and_bos(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chat template: built-in 'chatml'" in out and "template keywords: enable_thinking=False" in out
     assert "BOS: none: the tokenizer has no BOS token" in out
+
+
+def test_enable_thinking_config_key_reaches_the_template():
+    from sdpo.runtime.config import load_config
+
+    cfg = load_config(None, ["--model.enable_thinking=false"], validate=False)
+    assert cfg.model.enable_thinking is False and load_config(None, [], validate=False).model.enable_thinking is None
+    # stepwise.py passes {"enable_thinking": cfg.model.enable_thinking}; None leaves the template's default
+    unset = load_tokenizer(FIXTURES / "qwen3", template_kwargs={"enable_thinking": None})
+    off = load_tokenizer(FIXTURES / "qwen3", template_kwargs={"enable_thinking": cfg.model.enable_thinking})
+    assert unset.template_kwargs == {} and off.template_kwargs == {"enable_thinking": False}
+    msgs = [{"role": "user", "content": "hi"}]
+    assert unset.apply_chat_template(msgs, add_generation_prompt=True).endswith("assistant\n")
+    assert off.apply_chat_template(msgs, add_generation_prompt=True).endswith("assistant\n<think>\n\n</think>\n\n")
+    with pytest.raises(TokenizerError, match="template_kwargs must map variable names"):
+        load_tokenizer(FIXTURES / "qwen3", template_kwargs={"not a name": 1})

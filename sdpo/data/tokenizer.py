@@ -348,11 +348,13 @@ class Tokenizer:
 
 def load_tokenizer(path, chat_template: str | None = None, template_kwargs: dict | None = None) -> Tokenizer:
     """The tokenizer in directory `path`. `chat_template`: a name in CHAT_TEMPLATES or jinja text in place of
-    the directory's own template; `template_kwargs`: extra variables every render sees (enable_thinking=False)."""
+    the directory's own template; `template_kwargs`: extra variables every render sees (enable_thinking=False;
+    a None value is left out, so an unset config switch leaves the template's default)."""
     path = os.fspath(path)
     if template_kwargs is not None and not (
             isinstance(template_kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in template_kwargs)):
         raise TokenizerError(f"template_kwargs must map variable names to values, got {template_kwargs!r}")
+    template_kwargs = {k: v for k, v in (template_kwargs or {}).items() if v is not None}
     if not os.path.isdir(path):
         raise TokenizerError(f"{path}: not a directory (expected a model directory with tokenizer.json or tokenizer.model)")
     tj, sm = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")

@@ -42,6 +42,7 @@ class ModelSection:
     path: str | None = None
     tokenizer: str | None = None        # tokenizer directory; None -> model.path
     chat_template: str | None = None    # None -> tokenizer_config.json's; else a name in CHAT_TEMPLATES or jinja text
+    enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3, SmolLM3: false = no reasoning)
     # Random-init sizes (used only when path is None).
     hidden_size: int = 64
     intermediate_size: int = 176          # MLP width (random init)
