@@ -22,8 +22,9 @@ from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.metrics import preference_metrics
 from sdpo.reference import CachedReference, run_pair_logps
 from sdpo.runtime import distributed as D
+from sdpo.runtime import preempt
 from sdpo.runtime.config import Config
-from sdpo.runtime.run import Run, StopRequested, TrainingError, autocast, log, to_device
+from sdpo.runtime.run import Preempted, Run, StopRequested, TrainingError, autocast, log, to_device
 from sdpo.runtime.state import STATE, load_state, save_state, write_metrics
 
 # micro_loss(model, batch) -> (loss summed over the micro-batch's pairs or tokens, stats [K] summed)
@@ -281,7 +282,10 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
                 loss = loss * scale
             loss.backward()
             stats = st if stats is None else stats + st
-        stats = D.all_reduce(stats).cpu()  # the step's one sync: the loss check below needs it
+        # The step's one sync: the loss check below needs it. Each rank's preemption flag rides along, so
+        # all ranks agree to stop after this step without a sync of their own (sdpo.runtime.preempt).
+        stats = D.all_reduce(torch.cat([stats, preempt.flag(stats.device)])).cpu()
+        stats, preempted = stats[:-1], bool(stats[-1] > 0)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -301,7 +305,7 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
         window_steps, window_loss, window_grad_norm = window_steps + 1, window_loss + loss_value, window_grad_norm + grad_norm
         window_stats = window_stats + stats
 
-        if done % cfg.train.log_every == 0 or done == total:
+        if done % cfg.train.log_every == 0 or done == total or preempted:  # preempted: the window so far
             now = time.perf_counter()
             row = {"step": run.global_step, "sdpo_step": stage.sdpo_step, "stage": stage.kind, "epoch": epoch,
                    "lr": cur_lr, "loss": window_loss / window_steps, "grad_norm": window_grad_norm / window_steps}
@@ -327,8 +331,11 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             log(run, f"{stage.name} | held-out at {done}/{total} | loss {held['eval_loss']:.4f} | "
                      f"acc {held['eval_rewards/accuracies']:.3f} margin {held['eval_rewards/margins']:.3f}")
 
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
+        if preempted or (cfg.train.save_every and done % cfg.train.save_every == 0 and done < total):
             save_state(run, model, optimizer, {"stage": [stage.kind, stage.sdpo_step], "step": done,
                                                "global_step": run.global_step})
+        if preempted:
+            raise Preempted(f"{stage.name}: preempted ({preempt.signal_name()}) after optimizer step {done}/{total} "
+                            f"(global step {run.global_step}); its state is in {run.out / STATE}")
         if cfg.train.stop_after is not None and run.global_step >= cfg.train.stop_after:
             raise StopRequested(f"stopped after {run.global_step} optimizer steps (train.stop_after)")

@@ -1,9 +1,12 @@
-"""Kill the trainer at file events (tests/fault_launcher.py), --resume until done, and compare with
-an uninterrupted run: the same bytes in sft/, M1/, M2/, the same metrics lines, nothing left over.
+"""Kill or preempt the trainer at file events and micro-batches (tests/fault_launcher.py), --resume
+until done, and compare with an uninterrupted run: the same bytes in sft/, M1/, M2/, the same metrics
+lines, nothing left over.
 
 The default run covers the three kill points issue 11 found broken and one or more of every kind
 of write the trainer makes (state save, export, progress, reference cache, metrics, and the
-resumed run's own recovery and trim); test_every_kill_point (slow) kills at every event of the run.
+resumed run's own recovery and trim), and preemption (SIGTERM / SIGUSR1: exit 75 with the state
+saved at the step, a second signal during the save, the last step of a stage, an export);
+test_every_kill_point (slow) kills at every event of the run. Several ranks: test_cluster_faults.py.
 """
 
 import json
@@ -20,6 +23,7 @@ from sdpo.loop import MACHINE_DEPENDENT
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).with_name("fault_launcher.py")
 KILLED = 137
+PREEMPTED = 75
 
 # ~10K parameters, 16 pairs per sDPO step; SFT 3 steps, 2 per sDPO step, a state save after every
 # step but a stage's last: 97 file events in all (the events are listed by the launcher's record).
@@ -34,6 +38,13 @@ ARGS = [
 
 def kill(match, nth=1, when="before"):
     return {"match": match, "nth": nth, "when": when}
+
+
+def signal_at(sig, nth=None, match=None, when="before"):
+    """`sig` at the nth micro-batch (mid-step: SFT steps have 2, sDPO steps 2), or at the nth matching file event."""
+    if match is None:
+        return {"call": "to_device", "nth": nth, "signal": sig}
+    return {"match": match, "nth": nth or 1, "when": when, "signal": sig}
 
 
 # name -> the kill of each attempt (attempt 1 runs fresh, later ones --resume)
@@ -60,7 +71,20 @@ SCENARIOS = {
     "killed_in_metrics_trim": [kill(r"^rmtree \.state\.tmp$", 2),
                                kill(r"^open-w \.metrics\.jsonl\.tmp$", 1, "after")],
 }
-EXPECTED_TOP = {"config.toml", "metrics.jsonl", "progress.json", "ref_cache", "sft", "M1", "M2"}
+# name -> (the signals of attempt 1 (then --resume), the state/meta.json and last metrics step it leaves)
+PREEMPTIONS = {
+    # mid-step: the first micro-batch of global step 4 (sDPO step 1's first); the state is saved after it
+    "SIGTERM_mid_step": ([signal_at("SIGTERM", 7)], ({"stage": ["dpo", 1], "step": 1, "global_step": 4}, 4)),
+    # SIGUSR1 in SFT step 1, then SIGUSR1 again while that step's state is being written: no harm
+    "SIGUSR1_again_during_the_save": ([signal_at("SIGUSR1", 2),
+                                       signal_at("SIGUSR1", 1, r"^open-w \.state\.tmp/__0_0\.distcp$", "after")],
+                                      ({"stage": ["sft", 0], "step": 1, "global_step": 1}, 1)),
+    # in a stage's last step: its state is saved at step == total, the export is left to --resume
+    "SIGTERM_in_the_last_step_of_SFT": ([signal_at("SIGTERM", 6)], ({"stage": ["sft", 0], "step": 3, "global_step": 3}, 3)),
+    # during M1's export: the run stops once progress.json records M1, with no state/ to save
+    "SIGTERM_during_an_export": ([signal_at("SIGTERM", 1, r"^mkdir \.M1\.tmp-\*$", "after")], (None, 5)),
+}
+EXPECTED_TOP = {"config.toml", "metrics.jsonl", "progress.json", "ref_cache", "sft", "M1", "M2", "run.lock"}
 
 
 def launch(tmp_path, jobs, timeout=900):
@@ -78,8 +102,9 @@ def launch(tmp_path, jobs, timeout=900):
     return json.loads(results.read_text())
 
 
-def job(out, kills=(), record=False):
-    return {"argv": ["--config", "tiny.toml", *ARGS, f"--train.output_dir={out}"], "out": str(out), "kills": list(kills), "record": record}
+def job(out, kills=(), record=False, extra=(), **kw):
+    return {"argv": ["--config", "tiny.toml", *ARGS, f"--train.output_dir={out}", *extra], "out": str(out),
+            "kills": list(kills), "record": record, **kw}
 
 
 def metrics(out):
@@ -98,10 +123,10 @@ def tree(root: Path) -> dict:
             if p.is_file() and "manifest" not in p.name}
 
 
-def check_same(full: Path, out: Path, result: dict) -> None:
+def check_same(full: Path, out: Path, result: dict, first=KILLED) -> None:
     codes = result["attempts"]
-    assert codes[0] == KILLED, f"the kill point was not reached: {codes}\n{result['log']}"
-    assert codes[-1] == 0 and all(c == KILLED for c in codes[:-1]), f"{codes}\n{result['log']}"
+    assert codes[0] == first, f"the kill point was not reached: {codes}\n{result['log']}"
+    assert codes[-1] == 0 and all(c in (KILLED, PREEMPTED) for c in codes[:-1]), f"{codes}\n{result['log']}"
     assert {p.name for p in out.iterdir()} == EXPECTED_TOP  # no state/, .state.old, .M1.tmp-*, ...
     leftovers = [str(p) for p in out.rglob(".*")]
     assert not leftovers, leftovers
@@ -120,8 +145,11 @@ def runs(tmp_path_factory):
     """One launcher: the uninterrupted run (its events recorded), then every scenario."""
     tmp = tmp_path_factory.mktemp("faults")
     names = list(SCENARIOS)
-    results = launch(tmp, [job(tmp / "full", record=True)] + [job(tmp / n, SCENARIOS[n]) for n in names])
-    return tmp, results[0], dict(zip(names, results[1:]))
+    # the preempted runs save only when preempted (the full run saves every step: the same weights)
+    jobs = [job(tmp / n, SCENARIOS[n]) for n in names] + \
+        [job(tmp / n, [sigs], extra=["--train.save_every=none"]) for n, (sigs, _) in PREEMPTIONS.items()]
+    results = launch(tmp, [job(tmp / "full", record=True)] + jobs)
+    return tmp, results[0], dict(zip(names + list(PREEMPTIONS), results[1:]))
 
 
 def test_uninterrupted_run_and_its_events(runs):
@@ -134,6 +162,9 @@ def test_uninterrupted_run_and_its_events(runs):
     for name, kills in SCENARIOS.items():
         k = kills[0]
         assert sum(re.search(k["match"], e) is not None for e in events) >= k["nth"], name
+    for name, (sigs, _) in PREEMPTIONS.items():
+        for k in sigs:
+            assert "match" not in k or sum(re.search(k["match"], e) is not None for e in events) >= k["nth"], name
     assert sum(e.startswith("rename .state.tmp -> state") for e in events) == 4  # SFT 2, sDPO 1 + 1
 
 
@@ -161,3 +192,19 @@ def test_every_kill_point(tmp_path, when):
         except AssertionError as e:
             bad.append(f"kill {when} event {i} ({events[i]}): {str(e)[:300]}")
     assert not bad, f"{len(bad)} of {len(points)} kill points:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", list(PREEMPTIONS))
+def test_preempted_saves_at_the_step_exits_75_and_resumes_bit_identical(runs, name):
+    tmp, _, results = runs
+    r = results[name]
+    state, last_step = PREEMPTIONS[name][1]
+    assert r["attempts"] == [PREEMPTED, 0], f"{r['attempts']}\n{r['log']}"
+    # what the preempted attempt left: the state and the metrics line of the step it stopped after
+    assert r["after"][0] == {"state": state, "last_step": last_step}, r["log"]
+    signalled, exited = r["fired"][0][0]["t"], r["exited"][0][0]
+    assert 0 < exited - signalled < 25  # train.preempt_grace_s (default 25 s)
+    assert "continue with the same command plus --resume" in r["log"]
+    if len(PREEMPTIONS[name][0]) > 1:
+        assert "SIGUSR1 again: already stopping" in r["log"]
+    check_same(tmp / "full", tmp / name, r, first=PREEMPTED)

@@ -32,6 +32,10 @@ class StopRequested(Exception):
     """train.stop_after reached (fault injection: the process exits as a kill would)."""
 
 
+class Preempted(Exception):
+    """SIGTERM / SIGUSR1 (sdpo.runtime.preempt): every rank stopped after the same step, the state saved."""
+
+
 @dataclasses.dataclass
 class Run:
     """What every stage needs; a record, not a class to subclass."""

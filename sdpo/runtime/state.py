@@ -7,6 +7,7 @@
     ref_cache/        reference log-probs, one file per (weights, data, tokenization) key
     state/            resumable state (DCP) of the stage in progress
     progress.json     the stages finished so far
+    run.lock          held by the live run's rank 0 (sdpo.runtime.lock): a second run here is refused
     summary.json      the end-of-run table (eval.summary = true)
 
 Every file is written to a temporary name and renamed into place, so a kill leaves
@@ -43,9 +44,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from sdpo.models.checkpoint import TEMP_DIR
 from sdpo.runtime import distributed as D
-from sdpo.runtime import tracking
+from sdpo.runtime import lock, preempt, tracking
 from sdpo.runtime.config import ConfigError, config_to_dict, load_config, save_config
-from sdpo.runtime.run import Run, TrainingError, log
+from sdpo.runtime.run import Preempted, Run, TrainingError, log
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -53,7 +54,8 @@ METRICS = "metrics.jsonl"
 # Keys that may change between a run and its --resume without changing the result.
 # output_dir: a run directory moved (or copied) elsewhere resumes there.
 RESUME_MAY_CHANGE = {("train", "resume"), ("train", "stop_after"), ("train", "log_every"), ("train", "save_every"),
-                     ("eval", "summary"), ("eval", "batch_size"), ("train", "ref_batch_size"), ("train", "output_dir")}
+                     ("eval", "summary"), ("eval", "batch_size"), ("train", "ref_batch_size"), ("train", "output_dir"),
+                     ("train", "preempt_grace_s")}
 # Written to a temporary name and renamed: a kill can leave these.
 SMALL_TEMPS = (f".{PROGRESS}.tmp", f".{METRICS}.tmp")
 
@@ -110,11 +112,16 @@ def read_progress(out: Path) -> dict:
 
 
 def write_progress(run: Run, progress: dict) -> None:
+    """Record a finished stage. A stage boundary: a preemption signal that came during the stage's
+    export stops the run here, with nothing more to save (the ranks agree on one all-reduce)."""
     if run.info.is_main:
         _replace_text(run.out / PROGRESS, json.dumps(progress, indent=1))
         # The finished stage's state is stale now; a kill before this line leaves it for `recover`.
         shutil.rmtree(run.out / STATE, ignore_errors=True)
     D.barrier()
+    if D.all_reduce(preempt.flag("cpu")).item() > 0:
+        raise Preempted(f"preempted ({preempt.signal_name()}) after {progress['done'][-1]} was saved "
+                        f"(global step {progress['global_step']})")
 
 
 def _damaged(out: Path, file: Path, why: str) -> DamagedRunError:
@@ -264,9 +271,28 @@ def load_state(run: Run, model, optimizer) -> None:
 # --------------------------------------------------------------------------------------
 
 def prepare_output(run: Run) -> dict:
-    """Fresh run: clear our earlier outputs (not the reference cache). --resume: check the
-    config matches the saved one, recover from a kill, and return the progress so far."""
+    """Lock the directory for this run; then, fresh run: clear our earlier outputs (not the
+    reference cache); --resume: check the config matches the saved one, recover from a kill,
+    and return the progress so far."""
+    _lock(run)
     return _resume(run) if run.cfg.train.resume else _start_over(run)
+
+
+def _lock(run: Run) -> None:
+    """Rank 0 takes run.lock before anything is written or tidied; every rank stops if it could not."""
+    problem = None
+    if run.info.is_main and (not run.cfg.train.resume or (run.out / "config.toml").is_file()):
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+            warning = lock.acquire(run.out)
+            if warning:
+                log(run, warning)
+        except lock.RunDirInUse as e:
+            problem = ConfigError(str(e))
+        except OSError as e:
+            problem = ConfigError(f"train.output_dir: cannot prepare {run.out}: {e}")
+    if D.all_reduce(torch.tensor([float(problem is not None)])).item() > 0:
+        raise problem or ConfigError(f"train.output_dir: rank 0 could not lock {run.out / lock.LOCK} (its error says why)")
 
 
 def _resume(run: Run) -> dict:
@@ -322,7 +348,7 @@ def _trim_metrics(out: Path, progress: dict, resume_state: dict | None) -> None:
 def _start_over(run: Run) -> dict:
     cfg, out = run.cfg, run.out
     if run.info.is_main:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != lock.LOCK for p in out.iterdir()):
             log(run, f"note: {out} exists; starting over (pass --resume to continue the run in it)")
         try:
             out.mkdir(parents=True, exist_ok=True)
