@@ -142,7 +142,7 @@ def test_preference_against_itself_and_another_model(models, tmp_path, capsys):
     assert res["metrics"]["rewards/margins"] != 0
 
 
-def test_gamma_stats_histogram_and_missing_matplotlib_note(models, tmp_path, capsys):
+def test_gamma_stats_histogram_and_missing_matplotlib_note(models, tmp_path, capsys, monkeypatch):
     out = tmp_path / "g" / "gamma.json"
     rc, stdout, err = run(["gamma", "--models", models["S"], models["M1"], "--names", "S", "M1",
                            "--data", models["prefs"], "--bins", "5", "--out", out], capsys)
@@ -152,13 +152,17 @@ def test_gamma_stats_histogram_and_missing_matplotlib_note(models, tmp_path, cap
     assert set(g) == {"S", "M1"} and len(g["S"]) == 3
     assert res["stats"]["S"]["mean"] == pytest.approx(sum(g["S"]) / 3)
     assert sum(res["histogram"]["counts"]["M1"]) == 3 and len(res["histogram"]["edges"]) == 6
-    try:
-        import matplotlib  # noqa: F401
-        assert (tmp_path / "g" / "gamma.png").is_file()
-    except ImportError:
-        assert "matplotlib is not installed" in stdout
-        assert (tmp_path / "g" / "gamma.csv").read_text().startswith("bin_lo,bin_hi,S,M1\n")
-        assert res["figure"] is None
+    assert (tmp_path / "g" / "gamma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: requirements.txt
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed: bins as CSV, and a note
+    out = tmp_path / "h" / "gamma.json"
+    rc, stdout, err = run(["gamma", "--models", models["S"], models["M1"], "--names", "S", "M1",
+                           "--data", models["prefs"], "--bins", "5", "--out", out], capsys)
+    assert rc == 0, err
+    assert "matplotlib is not installed" in stdout and not (tmp_path / "h" / "gamma.png").exists()
+    assert (tmp_path / "h" / "gamma.csv").read_text().startswith("bin_lo,bin_hi,S,M1\n")
+    assert json.loads(out.read_text())["figure"] is None
+    monkeypatch.undo()
     rc, _, err = run(["gamma", "--models", models["S"], "--names", "a", "b", "--data", models["prefs"]], capsys)
     assert rc == 2 and "--names needs 1 distinct names" in err
 

@@ -158,7 +158,9 @@ class TrainSection:
     # this long after the signal exits anyway (128 + signal). A few seconds under the scheduler's grace.
     preempt_grace_s: float = 25.0
     compile: bool = False               # torch.compile each transformer block (inductor; needs a C compiler on CPU)
-    report_to: list[str] = field(default_factory=list)  # trackers fed the metrics rows too: "tensorboard"
+    report_to: list[str] = field(default_factory=list)  # trackers fed the metrics rows too: tensorboard | wandb | trackio
+    run_name: str | None = None         # the wandb / trackio run's name; None: the output directory's name
+    project: str | None = None          # the wandb / trackio project; None: $WANDB_PROJECT for wandb, else "sdpo"
     # Fault injection for tests: exit with code 3 after this many optimizer steps in
     # total, as a kill would (no state saved beyond the last save_every checkpoint).
     stop_after: int | None = None

@@ -102,6 +102,8 @@ def config_problems(cfg) -> list[str]:
     need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
     need(set(t.report_to) <= set(TRACKERS), f"train.report_to: unknown {sorted(set(t.report_to) - set(TRACKERS))}; "
                                             f"expected a list of {list(TRACKERS)}")
+    for key in ("run_name", "project"):
+        need(getattr(t, key) is None or getattr(t, key).strip() != "", f"train.{key} must be a non-empty name (or unset)")
     need(t.ref_batch_size is None or t.ref_batch_size > 0, f"train.ref_batch_size must be > 0, got {t.ref_batch_size}")
     for key in ("tokens_per_micro_batch", "ref_tokens_per_batch"):
         v = getattr(t, key)
