@@ -145,7 +145,7 @@ def test_check_reports_template_and_bos(tmp_path, capsys):
     f.write_text(json.dumps({"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon."}) + "\n")
     assert check_main(["check", str(f), "--tokenizer", str(FIXTURES / "gemma3")]) == 0
     out = capsys.readouterr().out
-    assert f"chat template: {FIXTURES / 'gemma3' / 'chat_template.jinja'}" in out
+    assert f"chat template: from {FIXTURES / 'gemma3' / 'chat_template.jinja'}" in out
     assert "BOS: <bos> written by the chat template (the tokenizer would add it too; kept once)" in out
     assert check_main(["check", str(f), "--tokenizer", str(FIXTURES / "qwen3"), "--chat-template", "chatml",
                        "--template-kwarg", "enable_thinking=false"]) == 0

@@ -34,7 +34,9 @@ FIXED_DATE = (2025, 7, 8)
 
 # family -> stand-in tokenizer: special tokens (added, special), other added tokens (not special),
 # the named special tokens, and whether tokenizer(text) puts BOS in front (a TemplateProcessing
-# post-processor, which is what transformers 5 follows for tokenizer.json tokenizers).
+# post-processor, which is what transformers 5 follows for tokenizer.json tokenizers). The BOS setups
+# cover the four cases of sdpo.data.pairs.encode_prompt; they follow the families' published
+# tokenizer_config.json files as far as known here, which were not all available to check.
 FAMILIES = {
     # Qwen/Qwen3-*: no BOS token at all; <think> and </think> are added tokens, not special.
     "qwen3": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"],
@@ -48,11 +50,11 @@ FAMILIES = {
     "olmo2": dict(special=["<|endoftext|>", "<|pad|>"], added=[],
                   names=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>"),
                   adds_bos=False),
-    # OLMo 3 (ChatML): a BOS token that neither the template nor the tokenizer puts in front.
+    # OLMo 3 (ChatML); the stand-in has a BOS token that neither the template nor the tokenizer puts in front.
     "olmo3": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"], added=[],
                   names=dict(bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>"),
                   adds_bos=False),
-    # microsoft/Phi-3.5-mini-instruct: <s> exists, add_bos_token false, the template writes none.
+    # microsoft/Phi-3.5-mini-instruct: the template writes no BOS; the stand-in's <s> is not added either.
     "phi3": dict(special=["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
                           "<|end|>"], added=[],
                  names=dict(bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>"),
@@ -62,7 +64,7 @@ FAMILIES = {
                               "<|/tool|>"], added=[],
                      names=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"),
                      adds_bos=False),
-    # HuggingFaceTB/SmolLM3-3B: ChatML; the stand-in has no BOS.
+    # HuggingFaceTB/SmolLM3-3B: ChatML, no BOS in the template; the stand-in has no BOS token.
     "smollm3": dict(special=["<|end_of_text|>", "<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"],
                     names=dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|end_of_text|>"), adds_bos=False),
     # mistralai/Ministral-3-*: the template writes <s> and the tokenizer adds it too.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from typing import Iterable
@@ -50,7 +51,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         except (TokenizerError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"chat template: {tok.template_origin or 'none'}")
+        origin = tok.template_origin
+        print("chat template: " + ("none" if origin is None else f"from {origin}" if os.path.isfile(origin) else origin))
         if tok.template_kwargs:
             print("template keywords: " + ", ".join(f"{k}={v!r}" for k, v in tok.template_kwargs.items()))
         print(f"BOS: {bos_handling(examples[0].prompt, tok)}")

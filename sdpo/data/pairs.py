@@ -37,7 +37,7 @@ def encode_prompt(messages, tokenizer) -> list[int]:
       tokenizer would add its own too, or the template wrote it twice;
     - it did not, and the tokenizer puts BOS in front of plain text (Llama 2's sentencepiece, a tokenizer.json
       whose post-processor adds it: what transformers' tokenizer(text) gives): BOS added;
-    - otherwise none (Qwen has no BOS token; Phi-3.5/Phi-4-mini have one that neither puts in front)."""
+    - otherwise none (Qwen has no BOS token; a tokenizer may also name a BOS that neither puts in front)."""
     ids = list(tokenizer.encode(render_prompt(messages, tokenizer), add_special_tokens=False))
     bos = tokenizer.bos_id
     if bos is None:
