@@ -5,6 +5,7 @@ reference and the policy start from M_{t-1}, the model aligned at step t-1 (M_0 
 
     S = M_0  (given, or made by an optional SFT stage on chosen responses)
     for t = 1 .. T:
+        [online]       D_t <- best vs worst of M_{t-1}'s samples of D_t's prompts, by a judge (sdpo.online)
         ref log-probs  <- M_{t-1} scores D_t once, without gradients   (sdpo.reference, cached)
         policy         <- M_{t-1}  (or S with train.init = "base": the Figure 3 ablation)
         policy         <- DPO on D_t against the reference              (sdpo.loop)
@@ -28,6 +29,7 @@ from sdpo.eval.report import summarize
 from sdpo.loop import dpo_stage, heldout_evaluator, optimize, sft_stage
 from sdpo.metrics import gamma
 from sdpo.models.hf_config import load_model_config
+from sdpo.online import clear as clear_online, check_judge, on_policy_examples
 from sdpo.reference import References, reference_logps
 from sdpo.runtime import distributed as D
 from sdpo.runtime import tracking
@@ -57,6 +59,7 @@ def train(cfg: Config) -> dict:
         steps = tokenize_steps(cfg, split, run.tokenizer)
     run.num_steps = len(steps) if steps is not None else len(cfg.data.fractions)
     progress = prepare_output(run)
+    clear_online(run)  # a fresh run samples its own on-policy pairs; --resume keeps the finished batches
     log(run, f"sdpo: world size {info.world_size} ({D.describe_mesh(run.mesh)}), device {info.device}, "
              f"{'bf16 autocast' if bf16 else 'float32'}, output {run.out}")
     log(run, "config (keys that differ from the defaults): " + "; ".join(non_defaults(cfg)))
@@ -88,19 +91,26 @@ def train(cfg: Config) -> dict:
         if f"M{t}" in progress["done"]:
             prev = str(out_t)
             continue
+        examples, start_row = split[t - 1][: cfg.data.max_examples], {}
+        if cfg.online.enabled:
+            # On-policy: M_{t-1} samples D_t's prompts, a judge scores the samples, and best vs worst
+            # per prompt are the pairs (sdpo.online; written to RUN/online/step{t}.jsonl, resumable).
+            examples, start_row = on_policy_examples(run, prev, examples, t)
+            pairs = tokenize(cfg, examples, run.tokenizer, f"sDPO step {t} (on-policy pairs)")
+        resuming_inside = bool(run.resume_state and run.resume_state["stage"] == ["dpo", t])
         if cfg.loss.needs_reference:
             # The reference is M_{t-1} (or reference.path): scored once over D_t, then dropped from
             # memory (reference.mode = "live": kept, scoring each micro-batch; pairs: those its tokenizer kept too).
-            pairs, ref = references.for_step(prev, pairs, split[t - 1][: cfg.data.max_examples],
-                                             f"sDPO step {t}/{len(steps)}")
+            pairs, ref = references.for_step(prev, pairs, examples, f"sDPO step {t}/{len(steps)}")
             gamma_ref = ref.gamma_mean  # the paper's Figure 2 statistic, of this step's reference (None: live)
-            if gamma_ref is not None and not (run.resume_state and run.resume_state["stage"] == ["dpo", t]):
-                write_metrics(run, {"step": run.global_step, "sdpo_step": t, "gamma_ref/mean": gamma_ref,
-                                    "reference": references.model_dir(prev), "pairs": len(pairs)})
+            if gamma_ref is not None:
+                start_row |= {"gamma_ref/mean": gamma_ref, "reference": references.model_dir(prev), "pairs": len(pairs)}
             log(run, f"sDPO step {t}/{len(steps)}: {len(pairs)} pairs, reference {references.model_dir(prev)}"
                      + (f", gamma_ref/mean {gamma_ref:.3f}" if gamma_ref is not None else ""))
         else:  # SimPO, CPO, ORPO: no reference model is loaded at all
             ref = (torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+        if start_row and not resuming_inside:  # a resumed step's row is in metrics.jsonl already
+            write_metrics(run, {"step": run.global_step, "sdpo_step": t, **start_row})
         evaluate = heldout(run, references, prev, tests, t, len(steps))  # eval.every: held-out loss, same reference
         # The policy starts from M_{t-1} too (train.init = "base": from S).
         start = prev if cfg.train.init == "previous" else base
@@ -167,6 +177,8 @@ def check_setup(cfg: Config, world_size: int) -> None:
         except ValueError as e:
             problems.append(str(e))
     problems += tracking.missing_packages(cfg.train.report_to)
+    if cfg.online.enabled:
+        problems += check_judge(cfg.online.judge)
     if problems:
         raise ConfigError("cannot start:\n  " + "\n  ".join(problems))
 
