@@ -16,7 +16,7 @@ import pytest
 import sdpo.data.chat_templates as chat_templates
 from sdpo.data.check import main as check_main
 from sdpo.data.pairs import bos_handling, tokenize_pairs
-from sdpo.data.read import PreferenceExample
+from sdpo.data.read import DataError, PreferenceExample
 from sdpo.data.tokenizer import TokenizerError, load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "templates"
@@ -168,3 +168,17 @@ def test_enable_thinking_config_key_reaches_the_template():
     assert off.apply_chat_template(msgs, add_generation_prompt=True).endswith("assistant\n<think>\n\n</think>\n\n")
     with pytest.raises(TokenizerError, match="template_kwargs must map variable names"):
         load_tokenizer(FIXTURES / "qwen3", template_kwargs={"not a name": 1})
+
+
+def test_a_rejected_prompt_names_its_record(tmp_path, capsys):
+    # Gemma 2's published template has no system role (transformers raises too): the error says which record.
+    tok = load_tokenizer(FIXTURES / "gemma2")
+    ex = PreferenceExample(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}),
+                           "a", "b", "s", "orca.jsonl:7")
+    with pytest.raises(DataError, match=r"orca.jsonl:7: the prompt's \['system', 'user'\] messages: chat template "
+                                        r"rejected the conversation: System role not supported"):
+        tokenize_pairs([ex], tok)
+    f = tmp_path / "orca.jsonl"
+    f.write_text(json.dumps({"system": "Be brief.", "question": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    assert check_main(["check", str(f), "--tokenizer", str(FIXTURES / "gemma2")]) == 1
+    assert "orca.jsonl:1: the prompt's ['system', 'user'] messages: chat template rejected" in capsys.readouterr().err

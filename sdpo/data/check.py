@@ -55,9 +55,13 @@ def main(argv: Iterable[str] | None = None) -> int:
         print("chat template: " + ("none" if origin is None else f"from {origin}" if os.path.isfile(origin) else origin))
         if tok.template_kwargs:
             print("template keywords: " + ", ".join(f"{k}={v!r}" for k, v in tok.template_kwargs.items()))
+        try:
+            pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
+                                          max_prompt_length=args.max_prompt_length or args.max_length // 2)
+        except DataError as e:  # a prompt the chat template rejects
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         print(f"BOS: {bos_handling(examples[0].prompt, tok)}")
-        pairs, stats = tokenize_pairs(examples, tok, max_length=args.max_length,
-                                      max_prompt_length=args.max_prompt_length or args.max_length // 2)
         lens = np.array([len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] or [0])
         print("tokens: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k != "dropped_indices"))
         print(f"pair length (prompt + longer response): mean {lens.mean():.1f}, max {lens.max()}")

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sdpo.data.read import DataError
+from sdpo.data.tokenizer import TokenizerError
 
 @dataclass
 class TokenizedPair:
@@ -133,7 +134,10 @@ def tokenize_pairs(examples, tokenizer, *, max_length: int = 1024, max_prompt_le
         stats["pairs_in"] += 1
         key = tuple((m["role"], m["content"]) for m in ex.prompt)
         if key not in prompt_cache:
-            prompt_cache[key] = (render_prompt(ex.prompt, tokenizer), encode_prompt(ex.prompt, tokenizer))
+            try:
+                prompt_cache[key] = (render_prompt(ex.prompt, tokenizer), encode_prompt(ex.prompt, tokenizer))
+            except TokenizerError as e:  # e.g. Gemma 2's template rejects a system message, as in transformers
+                raise DataError(f"{ex.origin}: the prompt's {[m['role'] for m in ex.prompt]} messages: {e}") from None
         text, p = prompt_cache[key]
         c, c_alone = encode_response(ex.chosen, tokenizer, text)
         r, r_alone = encode_response(ex.rejected, tokenizer, text)
