@@ -6,6 +6,7 @@
     python eval.py report RESULT.json...
     python eval.py plot RUN_DIR [--out PNG]
     python eval.py generate --model M --prompts FILE [--max-new-tokens N] [--temperature T --top-p P --seed S]
+                            [--format jsonl | alpaca_eval | arena_hard] [--name NAME]
 
 Each writes its results to --out (JSON; markdown for report; jsonl for generate) and prints a table.
 """
@@ -22,7 +23,7 @@ from sdpo import metrics as M
 from sdpo.data.pairs import encode_prompt, tokenize_pairs
 from sdpo.data.read import DataError, read_preferences
 from sdpo.data.tokenizer import TokenizerError, check_vocab, load_tokenizer
-from sdpo.eval import h4
+from sdpo.eval import h4, outputs
 from sdpo.eval.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
 from sdpo.eval.plots import PlotError, plot_run
 from sdpo.eval.report import Progress, format_table, plot_gamma_histogram, write_histogram_csv
@@ -213,9 +214,11 @@ def _stop_ids(tok, model_config) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    prompts = read_prompts(args.prompts)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    if args.format != "jsonl":
+        return _generate_for_judges(args)
+    prompts = read_prompts(args.prompts)
     model = _load_model(args.model, args)
     V = model.config.vocab_size
     needs_text = any(p.input_ids is None for p in prompts)
@@ -235,41 +238,100 @@ def cmd_generate(args) -> int:
             ids.append(encode_prompt(p.messages or [{"role": "user", "content": p.text}], tok))
             if not ids[-1]:
                 raise UsageError(f"{args.prompts}:{p.line}: the prompt encodes to no tokens")
+    g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same seed draws the same on any device
+    completions = _decode(model, tok, ids, args, g, Progress("generate", len(ids)))
+    out_path = _out_path(args, f"generate-{_name(args.model)}.jsonl")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p, prompt_ids, out in zip(prompts, ids, completions):
+        rows.append({"line": p.line, "prompt": p.text if p.text is not None else p.messages if p.messages else None,
+                     "prompt_tokens": len(prompt_ids), "completion": tok.decode(out) if tok is not None else None,
+                     "completion_ids": out, "tokens": len(out),
+                     "stopped": "eos" if len(out) < args.max_new_tokens else "length"})
+    _write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _generate_summary(args, [r["tokens"] for r in rows], out_path)
+    return 0
+
+
+def _decode(model, tok, ids: list[list[int]], args, g: torch.Generator, bar) -> list[list[int]]:
+    """Generated ids per prompt, in batches of --batch-size, longest prompts together (little padding);
+    results in the prompts' order."""
     stops = _stop_ids(tok, model.config)
     pad = tok.pad_id if tok is not None else (model.config.pad_token_id or 0)
-    g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same seed draws the same on any device
-    # longest first, so each batch pads little; results go back in file order
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    outputs: list[list[int]] = [[] for _ in ids]
-    bar = Progress("generate", len(ids))
+    completions: list[list[int]] = [[] for _ in ids]
     for start in range(0, len(order), args.batch_size):
         chunk = order[start:start + args.batch_size]
         for i, out in zip(chunk, generate(model, [ids[i] for i in chunk], max_new_tokens=args.max_new_tokens,
                                           eos_id=stops, pad_id=pad, temperature=args.temperature,
                                           top_p=args.top_p, generator=g)):
-            outputs[i] = out
+            completions[i] = out
         bar.update(len(chunk))
     bar.close()
-    out_path = _out_path(args, f"generate-{_name(args.model)}.jsonl")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for p, prompt_ids, out in zip(prompts, ids, outputs):
-        rows.append({"line": p.line, "prompt": p.text if p.text is not None else p.messages if p.messages else None,
-                     "prompt_tokens": len(prompt_ids), "completion": tok.decode(out) if tok is not None else None,
-                     "completion_ids": out, "tokens": len(out),
-                     "stopped": "eos" if len(out) < args.max_new_tokens else "length"})
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out_path)
-    n_eos = sum(r["stopped"] == "eos" for r in rows)
-    mean = sum(r["tokens"] for r in rows) / len(rows)
+    return completions
+
+
+def _generate_for_judges(args) -> int:
+    """--format alpaca_eval | arena_hard: a benchmark's questions (or any prompts) answered in the layout
+    its judge reads (sdpo/eval/outputs.py). A question of several turns is answered turn by turn, each
+    round a batched decode of the conversations so far."""
+    questions = outputs.read_questions(args.prompts)
+    several = next((q for q in questions if len(q.turns) > 1), None)
+    if args.format == "alpaca_eval" and several is not None:
+        raise UsageError(f"{args.prompts}:{several.line}: {len(several.turns)} turns; AlpacaEval scores single-turn "
+                         f"instructions (--format arena_hard answers several turns)")
+    model = _load_model(args.model, args)
+    tok = _load_tokenizer(args.tokenizer or args.model, args, model.config)
+    name = args.name or _name(args.model)
+    answers: list[list[outputs.Answer]] = [[] for _ in questions]
+    conversations: list[list[dict]] = [[] for _ in questions]
+    g = torch.Generator().manual_seed(args.seed)  # one generator for every round: a seed repeats the whole file
+    rounds = max(len(q.turns) for q in questions)
+    for r in range(rounds):
+        todo = [i for i, q in enumerate(questions) if r < len(q.turns)]
+        ids = []
+        for i in todo:
+            conversations[i].append({"role": "user", "content": questions[i].turns[r]})
+            ids.append(encode_prompt(conversations[i], tok))
+            if not ids[-1]:
+                raise UsageError(f"{args.prompts}:{questions[i].line}: the prompt encodes to no tokens")
+        label = "generate" if rounds == 1 else f"generate, turn {r + 1}/{rounds}"
+        for i, out in zip(todo, _decode(model, tok, ids, args, g, Progress(label, len(ids)))):
+            text = tok.decode(out)
+            answers[i].append(outputs.Answer(text, len(out), "eos" if len(out) < args.max_new_tokens else "length"))
+            conversations[i].append({"role": "assistant", "content": text})
+    sampling = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
+                "chat_template": args.chat_template or "the tokenizer's", "dtype": args.dtype}
+    if args.format == "alpaca_eval":
+        out_path = _out_path(args, f"alpaca_eval-{name}.json")
+        records = outputs.alpaca_eval_outputs(questions, answers, generator=name, dataset=Path(args.prompts).stem,
+                                              sampling=sampling)
+        _write_text(out_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    else:
+        # arena-hard-auto names a model by its answer file: data/<bench>/model_answer/<name>.jsonl
+        out_path = _out_path(args, f"model_answer/{name}.jsonl")
+        records = outputs.arena_hard_answers(questions, answers, model=name, sampling=sampling)
+        _write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _generate_summary(args, [t.tokens for a in answers for t in a], out_path)
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _generate_summary(args, tokens: list[int], out_path: Path) -> None:
+    n_eos = sum(t < args.max_new_tokens for t in tokens)
     mode = ("greedy" if args.temperature == 0
             else f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
-    print(f"generate: {_name(args.model)}, {len(rows)} prompts, {mode}")
-    print(format_table(["prompts", "mean tokens", "stopped at EOS", "hit max_new_tokens"],
-                       [[len(rows), f"{mean:.1f}", n_eos, len(rows) - n_eos]]))
+    print(f"generate: {args.name or _name(args.model)}, {len(tokens)} completions, {mode}, format {args.format}")
+    print(format_table(["completions", "mean tokens", "stopped at EOS", "hit max_new_tokens"],
+                       [[len(tokens), f"{sum(tokens) / len(tokens):.1f}", n_eos, len(tokens) - n_eos]]))
     print(f"wrote {out_path}")
-    return 0
 
 
 REPORT_COLUMNS = [("arc", "ARC"), ("hellaswag", "HellaSwag"), ("mmlu", "MMLU"), ("truthfulqa", "TruthfulQA")]
@@ -383,16 +445,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "line. Prompts go through the chat template with the generation prompt (use "
                     "--chat-template none for raw text). Output: one jsonl line per prompt: line, prompt, "
                     "prompt_tokens, completion (text; null without a tokenizer), completion_ids, tokens, stopped "
-                    "(eos | length). Decoding stops at the tokenizer's EOS or any eos_token_id of config.json.")
+                    "(eos | length). Decoding stops at the tokenizer's EOS or any eos_token_id of config.json. "
+                    "--format alpaca_eval writes the JSON list of {instruction, output, generator, dataset} that "
+                    "`alpaca_eval --model_outputs` reads; --format arena_hard writes Arena-Hard-Auto's answer "
+                    "jsonl (data/<bench>/model_answer/<name>.jsonl); for both, FILE may be the benchmark's own "
+                    "question file (alpaca_eval.json with \"instruction\"; question.jsonl with \"uid\" and "
+                    "\"prompt\", or \"question_id\" and \"turns\"), and every record holds the sampling "
+                    "settings (\"sampling\").")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True, metavar="FILE")
+    sp.add_argument("--format", default="jsonl", choices=list(outputs.FORMATS),
+                    help="jsonl (default): one line per prompt with token ids; alpaca_eval; arena_hard")
+    sp.add_argument("--name", help="the model's name in alpaca_eval / arena_hard outputs (generator, model; "
+                                   "default: the model directory's name)")
     sp.add_argument("--max-new-tokens", type=int, default=256)
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed and --batch-size repeat a run")
     sp.add_argument("--chat-template", help="a built-in template name (none = raw text) or jinja text "
                                             "(default: the tokenizer's)")
-    common(sp, "jsonl completions (default: results/generate-<model>.jsonl)")
+    common(sp, "output file (default: results/generate-<model>.jsonl, results/alpaca_eval-<name>.json or "
+               "results/model_answer/<name>.jsonl)")
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("report", help="a Table-2-style markdown table from h4 result files")

@@ -325,3 +325,106 @@ def test_generate_bad_prompts_name_file_and_line(models, tmp_path, capsys, conte
     for w in words:
         assert w in stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ---------------------------------------------------------------- generate for the LLM judges
+
+def _greedy_text(model, tok, messages, n):
+    from sdpo.data.pairs import encode_prompt
+    from sdpo.models.generate import generate
+
+    ids = generate(model, [encode_prompt(messages, tok)], max_new_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+    return tok.decode(ids), len(ids)
+
+
+def test_generate_alpaca_eval_from_its_own_question_file(models, tmp_path, capsys):
+    from sdpo.models.checkpoint import load_model
+
+    questions = tmp_path / "alpaca_eval.json"  # the eval set's layout: reference outputs of another generator
+    questions.write_text(json.dumps([
+        {"dataset": "helpful_base", "instruction": "Is the answer good?", "output": "Yes.", "generator": "gpt4_turbo"},
+        {"dataset": "koala", "instruction": "Pick a model.", "output": "This one.", "generator": "gpt4_turbo"}]))
+    out = tmp_path / "outputs.json"
+    rc, stdout, stderr = run(["generate", "--model", models["M1"], "--prompts", questions, "--format", "alpaca_eval",
+                              "--name", "sdpo-M1", "--max-new-tokens", "6", "--batch-size", "2", "--out", out], capsys)
+    assert rc == 0, stderr
+    got = json.loads(out.read_text())
+    model, tok = load_model(models["M1"]).eval(), load_tokenizer(models["M1"])
+    want = [_greedy_text(model, tok, [{"role": "user", "content": q}], 6)[0]
+            for q in ("Is the answer good?", "Pick a model.")]
+    assert [{k: r[k] for k in ("instruction", "output", "generator", "dataset")} for r in got] == [
+        {"instruction": "Is the answer good?", "output": want[0], "generator": "sdpo-M1", "dataset": "helpful_base"},
+        {"instruction": "Pick a model.", "output": want[1], "generator": "sdpo-M1", "dataset": "koala"}]
+    assert got[0]["sampling"] == {"model": str(models["M1"]), "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0,
+                                  "seed": 0, "batch_size": 2, "chat_template": "the tokenizer's", "dtype": "auto"}
+    assert "format alpaca_eval" in stdout and "wrote" in stdout
+
+    # a plain prompts file: "dataset" is the file's name; sampling settings recorded as given
+    plain = tmp_path / "mine.txt"
+    plain.write_text("Say no.\n")
+    rc, _, stderr = run(["generate", "--model", models["M1"], "--prompts", plain, "--format", "alpaca_eval",
+                         "--max-new-tokens", "4", "--temperature", "1.5", "--top-p", "0.9", "--seed", "3",
+                         "--out", tmp_path / "plain.json"], capsys)
+    assert rc == 0, stderr
+    (row,) = json.loads((tmp_path / "plain.json").read_text())
+    assert row["dataset"] == "mine" and row["generator"] == models["M1"].name and row["instruction"] == "Say no."
+    assert (row["sampling"]["temperature"], row["sampling"]["top_p"], row["sampling"]["seed"]) == (1.5, 0.9, 3)
+
+
+def test_generate_arena_hard_answers_in_each_release_layout(models, tmp_path, capsys, monkeypatch):
+    from sdpo.models.checkpoint import load_model
+
+    monkeypatch.chdir(tmp_path)
+    v2 = tmp_path / "v2" / "question.jsonl"  # arena-hard-v2.0/question.jsonl
+    v2.parent.mkdir()
+    v2.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"uid": "2edbb5f36f5b42be", "category": "hard_prompt", "subcategory": "coding", "prompt": "Say no."},
+        {"uid": "0122ab60646b4961", "category": "hard_prompt", "subcategory": "math", "prompt": "Pick a model."}]))
+    rc, stdout, stderr = run(["generate", "--model", models["S"], "--prompts", v2, "--format", "arena_hard",
+                              "--name", "sdpo-S", "--max-new-tokens", "5"], capsys)
+    assert rc == 0, stderr
+    answers = [json.loads(line) for line in (tmp_path / "results" / "model_answer" / "sdpo-S.jsonl").open()]
+    model, tok = load_model(models["S"]).eval(), load_tokenizer(models["S"])
+    for a, (uid, prompt) in zip(answers, [("2edbb5f36f5b42be", "Say no."), ("0122ab60646b4961", "Pick a model.")]):
+        assert (a["uid"], a["model"]) == (uid, "sdpo-S") and isinstance(a["ans_id"], str) and a["tstamp"] > 0
+        text = _greedy_text(model, tok, [{"role": "user", "content": prompt}], 5)[0]
+        # what arena-hard-auto's gen_judgment.py reads: messages[-1]["content"]["answer"]
+        assert a["messages"] == [{"role": "user", "content": prompt}, {"role": "assistant", "content": {"answer": text}}]
+        assert a["sampling"]["max_new_tokens"] == 5 and a["sampling"]["temperature"] == 0.0
+
+    # the first release's question.jsonl (question_id, turns); two turns: the second sees the first answer
+    v01 = tmp_path / "question.jsonl"
+    v01.write_text(json.dumps({"question_id": "q1", "category": "arena-hard-v0.1", "cluster": "c",
+                               "turns": [{"content": "Say no."}, {"content": "Pick a model."}]}) + "\n")
+    out = tmp_path / "v01.jsonl"
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", v01, "--format", "arena_hard",
+                         "--name", "sdpo-S", "--max-new-tokens", "5", "--out", out], capsys)
+    assert rc == 0, stderr
+    (a,) = [json.loads(line) for line in out.open()]
+    first, n1 = _greedy_text(model, tok, [{"role": "user", "content": "Say no."}], 5)
+    second, n2 = _greedy_text(model, tok, [{"role": "user", "content": "Say no."}, {"role": "assistant", "content": first},
+                                           {"role": "user", "content": "Pick a model."}], 5)
+    assert (a["question_id"], a["model_id"]) == ("q1", "sdpo-S") and isinstance(a["answer_id"], str)
+    assert a["choices"] == [{"index": 0, "turns": [{"content": first, "token_len": n1},
+                                                   {"content": second, "token_len": n2}]}]
+
+    # AlpacaEval is single-turn: refused before any model work
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", v01, "--format", "alpaca_eval"], capsys)
+    assert rc == 2 and "question.jsonl:1: 2 turns" in stderr
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"uid": "a", "prompt": "ok"}\n{"uid": "b", "messages": []}\n',
+     ["q.jsonl:2", '"instruction" (AlpacaEval), "prompt" (Arena-Hard-Auto) or "turns"', "got keys ['messages', 'uid']"]),
+    ('{"question_id": 1, "turns": [{"content": ""}]}\n', ["q.jsonl:1", "non-empty text"]),
+    ('{"instruction": "ok"}\n[1]\n', ["q.jsonl:2", "expected a JSON object, got list"]),
+])
+def test_generate_for_judges_bad_questions_name_file_and_line(models, tmp_path, capsys, content, words):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(content)
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", questions, "--format", "arena_hard",
+                         "--out", tmp_path / "o.jsonl"], capsys)
+    assert rc == 2 and "Traceback" not in stderr
+    for w in words:
+        assert w in stderr
+    assert not (tmp_path / "o.jsonl").exists()
