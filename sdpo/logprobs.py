@@ -25,6 +25,7 @@ and the targets; everything after the gather is the same as above.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 import kernels
 from sdpo.data.packing import IGNORE_INDEX
-from sdpo.models.attention import FLEX_BLOCK, flex_available, packed_mask
+from sdpo.models.attention import FLEX_BLOCK, flex_available, flex_row_length, packed_mask
 
 
 @dataclass
@@ -80,9 +81,20 @@ def _token_logps(model, h: Tensor, targets: Tensor, ignore_index: int = IGNORE_I
     if fused is None:
         fused = getattr(model, "fused_logprobs", True)
     if fused and getattr(model.lm_head, "bias", None) is None:
+        # Gemma 2's final soft-cap lives in lm_head (sdpo.models.layers.SoftcappedHead); the fused kernel
+        # applies it per chunk, forward and backward.
+        softcap = getattr(model.lm_head, "softcap", None)
+        cap = {}
+        if softcap is not None:
+            if "softcap" not in inspect.signature(kernels.linear_token_logprobs).parameters:
+                family = getattr(getattr(model, "config", None), "model_type", "this model")
+                raise NotImplementedError(
+                    f"sdpo/logprobs.py: {family} soft-caps its logits (final_logit_softcapping={softcap}), which "
+                    "this kernels.linear_token_logprobs cannot apply; set model.fused_logprobs = false")
+            cap = {"softcap": softcap}
         return kernels.linear_token_logprobs(h, model.lm_head.weight, targets, ignore_index,
-                                             check_targets=not checked)  # [R]
-    logits = model.lm_head(h)  # [R, V], the only logits ever built
+                                             check_targets=not checked, **cap)  # [R]
+    logits = model.lm_head(h)  # [R, V], the only logits ever built (soft-capped by lm_head where the family caps)
     # The logits are a temporary: lm_head's backward needs h and its weight, not its
     # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).
     return kernels.token_logprobs(logits, targets, ignore_index, inplace_backward=True,
@@ -210,10 +222,14 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     missing = [k for k in PACKED_KEYS if k not in batch]
     if missing:
         raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.data.packing.pack)")
+    if backend == "flex" or (backend == "auto" and flex_available(batch["input_ids"].device)):
+        batch = _pad_to_bucket(batch)
     ids, pos = batch["input_ids"], batch["position_ids"]
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    mask = packed_mask(batch["doc_ids"], batch["segments"], pos, window, backend=backend)
-    hidden = model.hidden_states(ids, None, pos, attn_mask=mask)  # [n, T, H]
+    # One mask per distinct window over the layers (Gemma 2/3, OLMo 3: sliding and global layers).
+    config = getattr(model, "config", None)
+    windows = config.attention_windows() if hasattr(config, "attention_windows") else [None]
+    masks = {w: packed_mask(batch["doc_ids"], batch["segments"], pos, w, backend=backend) for w in windows}
+    hidden = model.hidden_states(ids, None, pos, attn_mask=masks)  # [n, T, H]
     # [R, H]. Its backward adds into [n*T, H] at gather_index; a position occurs at most twice (the
     # last prompt token), and 0 + a + b == 0 + b + a exactly, so the atomics' order cannot show.
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])
@@ -221,6 +237,22 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     slot = batch["token_slot"]  # [S, L], R = the appended 0
     logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
     return SequenceLogps(logps=logps, counts=batch["counts"])
+
+
+def _pad_to_bucket(batch: dict) -> dict:
+    """Packed rows [n, T] right-padded to T' = flex_row_length(T): FlexAttention compiles once per row
+    length, so a few dozen buckets instead of every multiple of 128. On the device, no sync; the pads
+    are doc 0 (each sees only itself, never scored) and gather_index, flat in n*T, moves to n*T'."""
+    T = batch["input_ids"].shape[1]
+    Tb = flex_row_length(T)
+    if Tb == T:
+        return batch
+    out = dict(batch)
+    for key in ("input_ids", "position_ids", "doc_ids", "segments"):
+        out[key] = torch.nn.functional.pad(batch[key], (0, Tb - T))
+    g = batch["gather_index"]
+    out["gather_index"] = g + torch.div(g, T, rounding_mode="floor") * (Tb - T)
+    return out
 
 
 def packed_forward(model, batch: dict, *, backend: str = "auto") -> tuple[SequenceLogps, SequenceLogps]:

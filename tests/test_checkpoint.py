@@ -281,7 +281,8 @@ def test_error_unknown_model_type(saved):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+    (dict(rope_scaling={"rope_type": "mrope", "factor": 4.0}), "mrope"),  # yarn is supported now
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0]}), r"short_factor must be a list of 2 numbers"),  # head_dim 4
     (dict(hidden_size="16"), "field 'hidden_size' should be int"),
     # values checked before any tensor is allocated (vocab_size -5 reached torch.empty)
     (dict(vocab_size=-5), r"vocab_size must be a positive integer, got -5"),

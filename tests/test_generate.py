@@ -6,7 +6,8 @@ import torch
 
 from sdpo.models.checkpoint import load_model
 from sdpo.models.generate import generate, sample_next
-from sdpo.models.model import KVCache, ModelConfig, Transformer
+from sdpo.models.kv_cache import KVCache
+from sdpo.models.model import ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_reference"
 FIXTURE_NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic"]

@@ -8,15 +8,25 @@ from sdpo.models.model import (
     Attention,
     ModelConfig,
     RMSNorm,
+    Rope,
     Transformer,
-    apply_rope,
     build_attention_mask,
     checkpoint_every,
     is_right_padded,
     default_position_ids,
-    rope_cos_sin,
-    rope_inv_freq,
 )
+from sdpo.models import rope as rope_mod
+from sdpo.models.rope import apply_rope
+
+
+def rope_inv_freq(cfg, seq_len=None):
+    return rope_mod.inv_freq_and_scale(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim, cfg.max_position_embeddings,
+                                       seq_len)[0]
+
+
+def rope_cos_sin(cfg, position_ids, dtype):
+    return rope_mod.rope_cos_sin(cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim, cfg.max_position_embeddings,
+                                 position_ids, dtype)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -206,7 +216,7 @@ def test_gqa_equals_repeated_kv():
     B, T, d = 2, 5, cfg.head_dim
     x = torch.randn(B, T, cfg.hidden_size)
     cos, sin = torch.ones(B, T, d), torch.zeros(B, T, d)  # position 0 everywhere: RoPE is the identity
-    out = attn(x, cos, sin, None)
+    out = attn(x, Rope(cos, sin), None)
 
     q = (x @ attn.q_proj.weight.T).view(B, T, 6, d)
     k = (x @ attn.k_proj.weight.T).view(B, T, 2, d)
@@ -386,7 +396,9 @@ def test_init_weights_deterministic():
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
         tiny(num_attention_heads=4, num_key_value_heads=3)
-    with pytest.raises(ValueError, match="yarn"):
-        tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="'ntk' is not supported"):  # yarn and longrope are supported now
+        tiny(rope_scaling={"rope_type": "ntk", "factor": 2.0})
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3, gemma2"):
+        tiny(model_type="gpt2")
     with pytest.raises(ValueError, match="attention_mask shape"):
         make_model()(ids(2, 5), torch.ones(2, 4, dtype=torch.long))

@@ -5,7 +5,7 @@ at the pads, so each row's positions count from its own first token and no row s
 another's pads; a padded row therefore decodes the same tokens as the prompt alone (except
 with "dynamic" RoPE scaling past max_position_embeddings, whose base follows the batch's
 longest position, in transformers too).
-One forward over the prompts fills a KVCache (sdpo/models/model.py); each later step feeds one
+One forward over the prompts fills a KVCache (sdpo/models/kv_cache.py); each later step feeds one
 token per row and attends to the cache, so a step costs O(T) rather than O(T^2).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdpo.models.model import KVCache
+from sdpo.models.kv_cache import KVCache
 
 
 def _check(prompts, max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -1,37 +1,44 @@
-"""The Llama-family decoder: Llama-2, Llama-3/3.1, Mistral, SOLAR and Qwen2 in one file.
+"""The decoder: one transformer, many families, each a choice of small pieces made once.
 
-All five share one block: pre-norm RMSNorm, rotary position embeddings (RoPE),
-grouped-query attention, a SwiGLU MLP. They differ only in small switches in the
-config: q/k/v biases (Qwen2), a sliding attention window (Mistral), the RoPE
-frequency schedule (Llama-3.1's "llama3" scaling) and tied embeddings.
+Llama is the base: pre-norm RMSNorm blocks, rotary position embeddings (RoPE), grouped-query
+attention, a SwiGLU MLP. A family is what it changes, stated in one row of FAMILIES at the bottom
+of this file: Gemma 2 = a (1 + w) norm, sandwich blocks, embeddings × √H and a GeGLU MLP, plus
+what its config.json sets (soft-caps, the query scale, the sliding/global layer pattern); OLMo 2 =
+post-norm blocks and a norm over the whole q and k projections; Phi-3 = fused qkv and gate/up
+projections. Per-layer differences (a sliding window, the RoPE of the layer's type, no RoPE at
+all) are read from the config once per layer when the model is built: no forward tests a family.
+The pieces are in sdpo/models/layers.py (norms, MLPs, embedding, head) and sdpo/models/rope.py.
 
 Parameter names are Hugging Face's without the leading "model." (sdpo/models/checkpoint.py
-maps them), and every op is done in the same order and dtype as transformers'
-implementation, so the same weights give the same logits (see tests/test_checkpoint.py).
+maps them), and every op is done in the same order and dtype as transformers' implementation, so the
+same weights give the same logits (tests/test_checkpoint.py, tests/test_families.py).
 
 Masking convention (one rule for unpadded, padded and packed batches):
 attention_mask [B, T] holds 0 at padding and a positive segment id elsewhere; a token
-attends to earlier-or-equal positions of its own segment. position_ids default to
-0, 1, 2, ... counted from each segment's first token, so left padding and packing
-need nothing special. With a KVCache (incremental decoding, sdpo/models/generate.py) the mask
-covers the cached tokens and the new ones, [B, past + T], as in transformers.
+attends to earlier-or-equal positions of its own segment (and, on a sliding layer, to the
+window - 1 before it). position_ids default to 0, 1, 2, ... counted from each segment's first
+token, so left padding and packing need nothing special. With a KVCache (incremental decoding,
+sdpo/models/generate.py) the mask covers the cached tokens and the new ones, [B, past + T].
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdpo.models.attention import attend
+from sdpo.models.kv_cache import KVCache
+from sdpo.models.layers import (FusedGatedMLP, GatedMLP, OffsetRMSNorm, RMSNorm, ScaledEmbedding,
+                                ScaleThenCastRMSNorm, SoftcappedHead)
+from sdpo.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_type
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types
 
 
 @dataclass
@@ -45,83 +52,90 @@ class ModelConfig:
     head_dim: int | None = None  # None -> hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "dynamic", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": one of rope.ROPE_TYPES, "factor": ..., ...}; full-attention layers
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias (Qwen2); Llama's flag also adds an o_proj bias
-    sliding_window: int | None = None  # Mistral: a query sees itself and the sliding_window - 1 keys before it
-    model_type: str = "llama"  # llama | mistral | qwen2
+    attention_bias: bool = False  # q/k/v bias; o_proj too where the family says so (FAMILIES)
+    sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
+    model_type: str = "llama"  # a key of FAMILIES
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None  # Llama-3.1 lists several
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    hidden_act: str = "silu"  # the MLP's gate activation; "gelu_pytorch_tanh" for Gemma
+    # Per layer: "full_attention" | "sliding_attention". None: every layer sliding when sliding_window
+    # is set (Mistral, Phi-3), else every layer full.
+    layer_types: list[str] | None = None
+    sliding_rope_theta: float | None = None  # sliding layers' RoPE (Gemma 3, OLMo 3); None: as full layers
+    sliding_rope_scaling: dict | None = None
+    no_rope_layers: list[int] | None = None  # SmolLM3: 0 marks a layer without RoPE (NoPE)
+    partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE on the first head_dim · factor channels only
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this^-1/2 (None: head_dim^-1/2)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> c·tanh(scores / c)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> c·tanh(logits / c)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; supported: {', '.join(FAMILIES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.rope_scaling is not None and rope_type(self) not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {rope_type(self)!r} is not supported; expected one of {ROPE_TYPES}")
+        if self.head_dim % 2 or self.rotary_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (rotary part {self.rotary_dim}) must be even for rotary embeddings")
+        for rope in (self.rope_scaling, self.sliding_rope_scaling):
+            if rope is not None and rope_type(rope) not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {rope_type(rope)!r} is not supported; expected one of {ROPE_TYPES}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
+        for name in ("layer_types", "no_rope_layers"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_hidden_layers:
+                raise ValueError(f"{name} has {len(value)} entries for {self.num_hidden_layers} layers")
+        if self.layer_types is not None and set(self.layer_types) - {FULL, SLIDING}:
+            raise ValueError(f"layer_types: {sorted(set(self.layer_types) - {FULL, SLIDING})} are not supported; "
+                             f"expected {FULL!r} or {SLIDING!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_type(self, i: int) -> str:
+        if self.layer_types is None:
+            return SLIDING if self.sliding_window is not None else FULL
+        return self.layer_types[i]
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window, None for global attention."""
+        return self.sliding_window if self.layer_type(i) == SLIDING else None
+
+    def layer_rope(self, i: int) -> str | None:
+        """The key of layer i's RoPE table: its layer type, or None for a NoPE layer (SmolLM3)."""
+        if self.no_rope_layers is not None and not self.no_rope_layers[i]:
+            return None
+        return self.layer_type(i) if self.layer_type(i) == SLIDING and self.sliding_rope_theta is not None else FULL
+
+    def rope(self, key: str) -> tuple[float, dict | None]:
+        """(theta, scaling) of a RoPE table key from layer_rope."""
+        if key == SLIDING:
+            return self.sliding_rope_theta, self.sliding_rope_scaling
+        return self.rope_theta, self.rope_scaling
+
+    def attention_windows(self) -> list[int | None]:
+        """The distinct windows over the layers (None = global): one mask is built for each."""
+        return sorted({self.layer_window(i) for i in range(self.num_hidden_layers)}, key=lambda w: w or 0)
 
 
-def rope_type(config: ModelConfig) -> str:
-    rs = config.rope_scaling or {}
-    return rs.get("rope_type", rs.get("type", "default"))  # older configs spell it "type"
-
-
-def rope_inv_freq(config: ModelConfig, seq_len: int | None = None, device=None) -> Tensor:
-    """Inverse frequencies θ_i = theta^(-2i/d), i < d/2 (RoFormer, Su et al. 2021, eq. 15), float32 [d/2].
-
-    seq_len is the longest position + 1 in the batch; only "dynamic" scaling uses it.
-    """
-    d, base = config.head_dim, config.rope_theta
-    rs, kind = config.rope_scaling or {}, rope_type(config)
-    if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
-        # Dynamic NTK: stretch the base once the batch outgrows the trained context. Stateless,
-        # unlike transformers, which keeps the largest base it has seen until seq_len drops back.
-        factor = rs["factor"]
-        base = base * (factor * seq_len / config.max_position_embeddings - (factor - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    if kind == "linear":
-        inv_freq = inv_freq / rs["factor"]  # position interpolation: positions divided by factor
-    elif kind == "llama3":
-        # Llama-3.1: keep short wavelengths (< old_ctx / high_freq_factor), divide long ones
-        # (> old_ctx / low_freq_factor) by factor, interpolate smoothly in between.
-        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_ctx = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_cos_sin(config: ModelConfig, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin [B, T, head_dim], computed in float32 then cast to the activation dtype (as transformers does)."""
-    seq_len = int(position_ids.max()) + 1 if rope_type(config) == "dynamic" else None
-    inv_freq = rope_inv_freq(config, seq_len, position_ids.device)
-    freqs = position_ids[..., None].float() * inv_freq  # [B, T, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, d]: the two halves rotate together (rotate_half layout)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, n_heads, T, d]. Pairs (x_i, x_{i+d/2}) rotate by angle pos·θ_i (HF's half-split layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+class Rope(NamedTuple):
+    """One RoPE table for a forward: cos, sin [B, T, rotary_dim]; q_scale [B, 1, T, 1] or None."""
+    cos: Tensor
+    sin: Tensor
+    q_scale: Tensor | None = None
 
 
 def default_position_ids(attention_mask: Tensor) -> Tensor:
@@ -173,30 +187,6 @@ def build_attention_mask(
     return allowed[:, None]
 
 
-class KVCache:
-    """Rotated keys and values of every token seen so far, for incremental decoding: each layer's
-    slice is [B, n_kv_heads, max_len, head_dim] (stored before the GQA repeat), filled up to .length.
-    hidden_states(..., kv_cache=c) appends the new tokens' keys and values and advances c.length.
-
-    With "dynamic" RoPE the cached keys keep the base they were rotated with (transformers does the
-    same); a full recompute past max_position_embeddings would re-rotate them."""
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v [B, n_kv, T, d] of the new tokens -> all keys and values so far, [B, n_kv, length + T, d]."""
-        end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KVCache: {end} tokens exceed its max_len={self.k.shape[3]}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 def checkpoint_every(value) -> int:
     """model.activation_checkpointing -> k: 0 none, 1 every block ("full"), k every k-th block
     (blocks 0, k, 2k, ...: "every:k" or the int k). Old configs' true / false mean full / none.
@@ -220,91 +210,186 @@ def checkpoint_every(value) -> int:
     return k
 
 
-class RMSNorm(nn.Module):
-    """y = w · x / sqrt(mean(x²) + eps) (Zhang & Sennrich 2019). Normalise in float32, cast back, then
-    scale by w — the exact order transformers uses, so bf16 results match bit for bit."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+# ---------------------------------------------------------------------------------------------
+# attention variants
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+    """Grouped-query attention: q, k, v projections, the family's q/k norm, RoPE (unless a NoPE
+    layer), softmax(q kᵀ · scale) v with the layer's window and the config's score soft-cap."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0, family: "Family | None" = None):
         super().__init__()
+        family = family or FAMILIES[config.model_type]
         self.config, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        # Qwen2 has q/k/v biases only; Llama's attention_bias flag covers o_proj as well.
-        o_bias = bias and config.model_type != "qwen2"
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.make_projections(config, family)
+        # "head": one norm over each head's d channels (Qwen3, Gemma 3); "projection": over the whole
+        # q and k projections, before they are split into heads (OLMo 2/3).
+        self.qk_norm = family.qk_norm
+        if family.qk_norm is not None:
+            per_head = family.qk_norm == "head"
+            self.q_norm = family.norm(self.head_dim if per_head else self.n_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = family.norm(self.head_dim if per_head else self.n_kv_heads * self.head_dim, config.rms_norm_eps)
+        self.window = config.layer_window(layer_idx)
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # None: d^-1/2
+        self.softcap = config.attn_logit_softcapping
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
+    def make_projections(self, config: ModelConfig, family: "Family") -> None:
+        H, d, bias = config.hidden_size, self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(H, self.n_heads * d, bias=bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * d, H, bias=bias and family.o_proj_bias)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x)  # (B, T, n_heads·d), (B, T, n_kv·d) twice
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, n_heads, T, d), (B, n_kv, T, d)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+            if rope.q_scale is not None:
+                q = q * rope.q_scale.to(q.dtype)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, d)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, kept + T, d)
+            if isinstance(mask, Tensor):
+                mask = mask[..., mask.shape[-1] - k.shape[2]:]  # a sliding layer's cache keeps the window only
         # GQA (Ainslie et al. 2023): query head h reads kv head h // (n_heads / n_kv_heads). SDPA
         # does that itself since torch 2.5 (enable_gqa): no [B, n_heads, T, d] copies of K and V.
         rep = self.n_heads // self.n_kv_heads
         if rep > 1 and not SDPA_GQA:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        # softmax(q kᵀ / sqrt(d)) v, with the default scale 1/sqrt(head_dim)
-        y = attend(q, k, v, mask)  # SDPA; FlexAttention for packed rows on CUDA (sdpo/models/attention.py)
+        y = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # sdpo/models/attention.py
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+class FusedQKVAttention(Attention):
+    """Phi-3's: q, k and v in one [(n_heads + 2·n_kv)·d, H] matrix, in that order (HF's qkv_proj)."""
 
-    def __init__(self, config: ModelConfig):
+    def make_projections(self, config: ModelConfig, family: "Family") -> None:
+        d = self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, config.hidden_size, bias=False)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks: where the norms sit around attention and the MLP
+
+
+class PreNormBlock(nn.Module):
+    """Llama: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, family: "Family"):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.input_layernorm = family.norm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = family.attention(config, layer_idx, family)
+        self.post_attention_layernorm = family.norm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = family.mlp(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int = 0):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SandwichBlock(nn.Module):
+    """Gemma 2/3: a norm before and after both attention and the MLP, x + norm(attn(norm(x)))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, family: "Family"):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = family.norm(H, eps)
+        self.self_attn = family.attention(config, layer_idx, family)
+        self.post_attention_layernorm = family.norm(H, eps)
+        self.pre_feedforward_layernorm = family.norm(H, eps)
+        self.mlp = family.mlp(H, config.intermediate_size, config.hidden_act)
+        self.post_feedforward_layernorm = family.norm(H, eps)
+
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class PostNormBlock(nn.Module):
+    """OLMo 2/3: the norms after attention and after the MLP, before the residual add: x + norm(attn(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, family: "Family"):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = family.attention(config, layer_idx, family)
+        self.post_attention_layernorm = family.norm(H, eps)
+        self.mlp = family.mlp(H, config.intermediate_size, config.hidden_act)
+        self.post_feedforward_layernorm = family.norm(H, eps)
+
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(x, rope, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the families
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family changes relative to Llama (the defaults). Options that vary between checkpoints
+    of one family (windows, layer types, soft-caps, RoPE) are ModelConfig fields read from config.json."""
+    architecture: str  # the transformers class config.json names
+    norm: type = RMSNorm
+    block: type = PreNormBlock
+    attention: type = Attention
+    mlp: type = GatedMLP
+    embedding: type = nn.Embedding
+    qk_norm: str | None = None  # "head" | "projection" | None (Attention)
+    o_proj_bias: bool = True  # attention_bias also gives o_proj a bias (Llama yes, Qwen2 no)
+    rope_in_float32: bool = False  # cos/sin stay float32 (OLMo 2/3) instead of the activation dtype
+    query_position_scale: bool = False  # Ministral 3: q × (1 + β·ln(1 + ⌊pos / original_max⌋)) after RoPE
+
+
+_OLMO2 = dict(norm=ScaleThenCastRMSNorm, block=PostNormBlock, qk_norm="projection", rope_in_float32=True)
+_GEMMA = dict(norm=OffsetRMSNorm, block=SandwichBlock, embedding=ScaledEmbedding)
+FAMILIES = {
+    "llama": Family("LlamaForCausalLM"),  # also SOLAR
+    "mistral": Family("MistralForCausalLM"),
+    "qwen2": Family("Qwen2ForCausalLM", o_proj_bias=False),
+    "qwen3": Family("Qwen3ForCausalLM", qk_norm="head"),
+    "gemma2": Family("Gemma2ForCausalLM", **_GEMMA),
+    "gemma3_text": Family("Gemma3ForCausalLM", **_GEMMA, qk_norm="head"),
+    "olmo2": Family("Olmo2ForCausalLM", **_OLMO2),
+    "olmo3": Family("Olmo3ForCausalLM", **_OLMO2),
+    "phi3": Family("Phi3ForCausalLM", attention=FusedQKVAttention, mlp=FusedGatedMLP),  # also Phi-4-mini
+    "smollm3": Family("SmolLM3ForCausalLM"),  # its NoPE layers: ModelConfig.no_rope_layers
+    "ministral3": Family("Ministral3ForCausalLM", query_position_scale=True),
+}
 
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.family = family = FAMILIES[config.model_type]
+        self.embed_tokens = family.embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(family.block(config, i, family) for i in range(config.num_hidden_layers))
+        self.norm = family.norm(config.hidden_size, config.rms_norm_eps)
+        if config.final_logit_softcapping:
+            self.lm_head = SoftcappedHead(config.hidden_size, config.vocab_size, config.final_logit_softcapping)
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # or "full", "every:K", K (checkpoint_every)
         self.tie_weights()
 
@@ -313,6 +398,21 @@ class Transformer(nn.Module):
         Call again after anything that replaces parameters (load_state_dict(assign=True), to_empty)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def rope_tables(self, position_ids: Tensor, dtype: torch.dtype) -> dict[str, Rope]:
+        """One Rope per RoPE key the layers use (layer types with their own RoPE), [B, T, rotary_dim]."""
+        c = self.config
+        dtype = torch.float32 if self.family.rope_in_float32 else dtype
+        tables = {}
+        for key in {c.layer_rope(i) for i in range(c.num_hidden_layers)} - {None}:
+            theta, scaling = c.rope(key)
+            cos, sin = rope_cos_sin(theta, scaling, c.rotary_dim, c.max_position_embeddings, position_ids, dtype)
+            q_scale = None
+            if self.family.query_position_scale:  # Llama-4-style attention temperature by position
+                beta, orig = scaling["llama_4_scaling_beta"], scaling["original_max_position_embeddings"]
+                q_scale = (1 + beta * torch.log(1 + torch.floor(position_ids / orig)))[:, None, :, None]
+            tables[key] = Rope(cos, sin, q_scale)
+        return tables
 
     def hidden_states(
         self,
@@ -324,7 +424,10 @@ class Transformer(nn.Module):
         attn_mask=None,
     ) -> Tensor:
         """input_ids [B, T] -> final-norm hidden states [B, T, H] in the model's dtype.
-        With kv_cache, input_ids are the tokens after the cached ones and attention_mask spans both."""
+        With kv_cache, input_ids are the tokens after the cached ones and attention_mask spans both.
+        attn_mask: precomputed masks (sdpo.models.attention.packed_mask: shared-prompt rows, which
+        segment ids cannot express), {window: mask} over config.attention_windows(), or one mask
+        when the model has one window; they replace the ones built from attention_mask."""
         B, T = input_ids.shape
         past = 0 if kv_cache is None else kv_cache.length
         if attention_mask is not None:
@@ -339,23 +442,35 @@ class Transformer(nn.Module):
             else:
                 position_ids = default_position_ids(attention_mask)[:, past:]
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)  # (B, T, head_dim) each
-        # attn_mask: a precomputed mask (sdpo.models.attention.packed_mask: shared-prompt rows, which
-        # segment ids cannot express) replaces the one built from attention_mask.
-        mask = attn_mask if attn_mask is not None else build_attention_mask(
-            attention_mask, T, self.config.sliding_window, input_ids.device, past)
+        ropes = self.rope_tables(position_ids, x.dtype)  # {rope key: (B, T, rotary_dim) tables}
+        masks = self._masks(attn_mask, attention_mask, T, input_ids.device, past)  # {window: mask}
         every = checkpoint_every(self.gradient_checkpointing)  # 0 none, 1 all blocks, k: 0, k, 2k, ...
         for i, layer in enumerate(self.layers):
+            rope, mask = ropes.get(self.config.layer_rope(i)), masks[self.config.layer_window(i)]
             if kv_cache is not None:
-                x = layer(x, cos, sin, mask, kv_cache)
+                x = layer(x, rope, mask, kv_cache)
             elif every and i % every == 0 and torch.is_grad_enabled():
                 # Keep only the block inputs; recompute the block's activations in backward.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, rope, mask)
         if kv_cache is not None:
             kv_cache.length = past + T
         return self.norm(x)
+
+    def _masks(self, attn_mask, attention_mask, T: int, device, past: int) -> dict:
+        windows = self.config.attention_windows()
+        if attn_mask is None:
+            return {w: build_attention_mask(attention_mask, T, w, device, past) for w in windows}
+        if isinstance(attn_mask, dict):
+            missing = [w for w in windows if w not in attn_mask]
+            if missing:
+                raise ValueError(f"attn_mask has no mask for the windows {missing} ({self.config.model_type})")
+            return attn_mask
+        if len(windows) > 1:
+            raise ValueError(f"{self.config.model_type}: layers with windows {windows} need one attn_mask per "
+                             "window ({window: mask}), not one mask for all")
+        return {windows[0]: attn_mask}
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
@@ -367,13 +482,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random init, reproducible across devices: weights ~ N(0, std²) drawn on the CPU in parameter
-        order, biases 0, norm weights 1."""
+        order, biases 0, norm weights at their identity (1, or 0 for a (1 + w) norm)."""
         g = torch.Generator().manual_seed(seed)
+        norms = {id(m.weight): m.identity for m in self.modules() if isinstance(m, RMSNorm)}
         for name, p in self.named_parameters():  # a tied lm_head appears once, as embed_tokens.weight
             if p.is_meta:
                 raise RuntimeError(f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first")
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                p.fill_(1.0)
+            if id(p) in norms:
+                p.fill_(norms[id(p)])
             elif name.endswith(".bias"):
                 p.zero_()
             else:
