@@ -77,6 +77,23 @@ def test_qwen3_thinking_switch_and_history():
     assert "<think>\nThe capital is Paris.\n</think>\n\nParis." in renders[("think_in_last_turn", False, None)]
 
 
+# Where the prompt (with its generation prompt) + the response is NOT how the template renders the whole
+# conversation: Qwen3 with thinking on renders the answered turn with an empty think block the generation
+# prompt lacks (set model.enable_thinking = false for responses without reasoning); OLMo 3 Think's generation
+# prompt opens "<think>", which a rendered turn does not (its responses are expected to hold the reasoning).
+PROMPT_IS_NOT_A_PREFIX = {("qwen3", None), ("qwen3", True), ("olmo3", None)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prompt_plus_response_is_the_rendered_conversation(family):
+    renders = {(c["name"], c["kwargs"].get("enable_thinking")): c["text"]
+               for c in FAMILIES[family]["renders"] if "text" in c and c["name"] in ("user", "full_conversation")
+               and c["add_generation_prompt"] == (c["name"] == "user")}
+    for thinking in {k[1] for k in renders}:
+        prompt, full = renders[("user", thinking)], renders[("full_conversation", thinking)]
+        assert full.startswith(prompt + "Paris.") == ((family, thinking) not in PROMPT_IS_NOT_A_PREFIX)
+
+
 def test_sandbox_constructs_like_transformers():
     c = EXPECTED["constructs"]
     tok = load_tokenizer(FIXTURES / "qwen3", chat_template=c["template"])
