@@ -33,7 +33,7 @@ from torch import Tensor
 
 import kernels
 from sdpo.data.packing import IGNORE_INDEX
-from sdpo.models.attention import FLEX_BLOCK, flex_available, packed_mask
+from sdpo.models.attention import FLEX_BLOCK, flex_available, flex_row_length, packed_mask
 
 
 @dataclass
@@ -222,6 +222,8 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     missing = [k for k in PACKED_KEYS if k not in batch]
     if missing:
         raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.data.packing.pack)")
+    if backend == "flex" or (backend == "auto" and flex_available(batch["input_ids"].device)):
+        batch = _pad_to_bucket(batch)
     ids, pos = batch["input_ids"], batch["position_ids"]
     # One mask per distinct window over the layers (Gemma 2/3, OLMo 3: sliding and global layers).
     config = getattr(model, "config", None)
@@ -235,6 +237,22 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     slot = batch["token_slot"]  # [S, L], R = the appended 0
     logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
     return SequenceLogps(logps=logps, counts=batch["counts"])
+
+
+def _pad_to_bucket(batch: dict) -> dict:
+    """Packed rows [n, T] right-padded to T' = flex_row_length(T): FlexAttention compiles once per row
+    length, so a few dozen buckets instead of every multiple of 128. On the device, no sync; the pads
+    are doc 0 (each sees only itself, never scored) and gather_index, flat in n*T, moves to n*T'."""
+    T = batch["input_ids"].shape[1]
+    Tb = flex_row_length(T)
+    if Tb == T:
+        return batch
+    out = dict(batch)
+    for key in ("input_ids", "position_ids", "doc_ids", "segments"):
+        out[key] = torch.nn.functional.pad(batch[key], (0, Tb - T))
+    g = batch["gather_index"]
+    out["gather_index"] = g + torch.div(g, T, rounding_mode="floor") * (Tb - T)
+    return out
 
 
 def packed_forward(model, batch: dict, *, backend: str = "auto") -> tuple[SequenceLogps, SequenceLogps]:

@@ -41,6 +41,7 @@ FLEX_BLOCK = 128  # FlexAttention's tile; CUDA rows are padded to a multiple of 
 def dense_packed_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None) -> Tensor:
     """(A) as a boolean [B, 1, T, T] mask (True = may attend) for SDPA; doc, seg, pos [B, T]."""
     T = doc.shape[1]
+    sliding_window = window_that_bites(sliding_window, T)
     i = torch.arange(T, device=doc.device)
     allowed = (i[None, :] <= i[:, None])[None]  # [1, T_q, T_k]
     allowed = allowed & (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] > 0)  # [B, T_q, T_k]
@@ -77,13 +78,106 @@ def packed_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | Non
     use_flex = backend == "flex" or (backend == "auto" and flex_available(doc.device))
     if not use_flex:
         return dense_packed_mask(doc, seg, pos, sliding_window)
-    from torch.nn.attention.flex_attention import create_block_mask
+    return flex_block_mask(doc, seg, pos, sliding_window)
+
+
+def window_that_bites(sliding_window: int | None, T: int) -> int | None:
+    """None when no two tokens of a T-long row can be sliding_window apart (T <= w: a document's
+    positions span at most T - 1), so no mask term is built for a window that hides nothing."""
+    return sliding_window if sliding_window is not None and sliding_window < T else None
+
+
+def _block_stats(x: Tensor, valid: Tensor, nb: int, fill_min, fill_max) -> tuple[Tensor, Tensor]:
+    """Per FLEX_BLOCK tile of a [B, T] tensor: (min, max) over the valid tokens -> [B, nb] each."""
+    B, T = x.shape
+    pad = nb * FLEX_BLOCK - T
+    lo = F.pad(torch.where(valid, x, fill_min), (0, pad), value=fill_min).view(B, nb, FLEX_BLOCK)
+    hi = F.pad(torch.where(valid, x, fill_max), (0, pad), value=fill_max).view(B, nb, FLEX_BLOCK)
+    return lo.amin(-1), hi.amax(-1)
+
+
+def flex_block_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None):
+    """(A) as a FlexAttention BlockMask built from per-tile spans, never from [T, T].
+
+    create_block_mask evaluates mask_mod on every (q, k) pair (eagerly, [B, T, T] intermediates);
+    here the tile pairs come from [B, T / 128] statistics of the tiles (document, segment and
+    position ranges), O(B (T/128)²) work on the device, no host sync. A tile pair (q tile i, k tile j)
+    is kept when j == i (causal, and a pad sees itself) or j < i and their document ranges overlap
+    (and, with a window, min pos_q - max pos_k < w); it is full (mask_mod skipped) when both tiles
+    hold one and the same document and no pad, every k may be seen by every q (all k in the prompt,
+    all q and k in one segment, or all q chosen and k prompt then chosen) and max pos_q - min pos_k < w. Kept-but-not-full tiles are
+    partial: FlexAttention applies mask_mod to them, so a kept tile that is in fact empty costs
+    time, never correctness; a full tile is full by construction."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     B, T = doc.shape
-    return create_block_mask(_mask_mod(doc, seg, pos, sliding_window), B, None, T, T, device=doc.device)
+    sliding_window = window_that_bites(sliding_window, T)
+    nb = -(-T // FLEX_BLOCK)
+    big = 1 << 40                                                    # above any id or position, no overflow
+    real = doc > 0
+    dmin, dmax = _block_stats(doc, real, nb, big, -1)               # [B, nb]; an all-pad tile: (big, -1)
+    smin, smax = _block_stats(seg, real, nb, big, -1)
+    pmin, pmax = _block_stats(pos, real, nb, big, -big)
+    no_pad = F.pad(real, (0, nb * FLEX_BLOCK - T), value=False).view(B, nb, FLEX_BLOCK).all(-1)   # [B, nb]
+    qi = torch.arange(nb, device=doc.device)
+    below = (qi[None, :] < qi[:, None])[None]                        # [1, nb_q, nb_k]: j < i
+    q_, k_ = (slice(None), slice(None), None), (slice(None), None, slice(None))
+    kept = below & (torch.maximum(dmin[q_], dmin[k_]) <= torch.minimum(dmax[q_], dmax[k_]))
+    one_doc = no_pad & (dmin == dmax)
+    full = below & one_doc[q_] & one_doc[k_] & (dmin[q_] == dmin[k_])
+    one_seg_q = smin[q_] == smax[q_]
+    same_seg = one_seg_q & (smin[k_] == smax[k_]) & (smin[k_] == smin[q_])                  # k and q: one segment
+    prompt_then_chosen = one_seg_q & (smin[q_] == CHOSEN) & (smin[k_] == PROMPT) & (smax[k_] == CHOSEN)
+    full = full & ((smax[k_] == PROMPT) | same_seg | prompt_then_chosen)
+    if sliding_window is not None:
+        kept = kept & (pmin[q_] - pmax[k_] < sliding_window)
+        full = full & (pmax[q_] - pmin[k_] < sliding_window)
+    kept = kept | torch.eye(nb, dtype=torch.bool, device=doc.device)[None]
+    partial = kept & ~full
+
+    def as_indices(m: Tensor) -> tuple[Tensor, Tensor]:
+        # [B, nb, nb] bool -> (count [B, 1, nb], indices [B, 1, nb, nb]: the kept tiles first) int32
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True)
+        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    kv_num, kv_idx = as_indices(partial)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=_mask_mod(doc, seg, pos, sliding_window), seq_lengths=(T, T))
 
 
 _compiled_flex = None
+FLEX_COMPILED_DEVICES = {"cuda"}  # device types attend runs compiled FlexAttention on (tests add "cpu")
+
+
+def flex_row_length(T: int) -> int:
+    """The bucket a FlexAttention row of T tokens is padded to: multiples of FLEX_BLOCK up to 1024,
+    then 8 lengths per octave (step 2^floor(log2 T) / 8). Each length is one compile (dynamic=False),
+    so a run meets a few dozen at most (56 up to 65536), and a row gains < 12.5% pad tokens (a pad
+    query attends to itself only: its cost is the projections and MLPs, not attention)."""
+    if T <= 1024:
+        return max(FLEX_BLOCK, -(-T // FLEX_BLOCK) * FLEX_BLOCK)
+    step = (1 << (T - 1).bit_length() - 1) // 8
+    return -(-T // step) * step
+
+
+# Row lengths a run may meet on the FlexAttention path (flex_row_length up to 65536), and the
+# compiled variants per length (grad / no-grad, x dtypes, window / soft-cap variants a model mixes):
+# the recompile limit covers their product, so no call falls back to eager FlexAttention ([B, H, T, T]
+# scores) mid-run.
+FLEX_BUCKETS, FLEX_VARIANTS = 56, 8
+
+
+def raise_recompile_limit(buckets: int = FLEX_BUCKETS, variants: int = FLEX_VARIANTS) -> int:
+    """Dynamo's per-function recompile limit (8 by default) raised to buckets x variants; -> the limit."""
+    import torch._dynamo.config as dynamo
+
+    need = buckets * variants
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"   # torch < 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), need))
+    if hasattr(dynamo, "accumulated_recompile_limit"):
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 2 * need)
+    return getattr(dynamo, name)
 
 
 def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None,
@@ -120,6 +214,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
     (plain causal: SDPA's fused causal kernels), a boolean [B or 1, 1, T_q, T_k] tensor (SDPA),
     or a FlexAttention BlockMask (packed rows on CUDA). softcap: Gemma 2's score soft-cap."""
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if gqa and isinstance(mask, Tensor) and q.is_cuda:
+        # A dense mask rules out flash and GQA the memory-efficient kernel: SDPA would take its
+        # math backend ([B, H, T, T] in float32). Repeated K/V cost n_heads/n_kv x their size only.
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}
     if mask is None or isinstance(mask, Tensor):
         if softcap is not None:
             return softcapped_attention(q, k, v, mask, scale, softcap)
@@ -128,7 +227,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
     from torch.nn.attention.flex_attention import flex_attention
 
     extra = {"score_mod": _softcap_score_mod(softcap)} if softcap is not None else {}
-    if q.device.type != "cuda":  # eager FlexAttention (tests): materialises [T, T], but exact
+    if q.device.type not in FLEX_COMPILED_DEVICES:  # eager FlexAttention (tests): materialises [T, T], but exact
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             return flex_attention(q, k, v, block_mask=mask, scale=scale, **extra, **gqa)
@@ -136,4 +235,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
         # Compiled once; dynamic=False specialises per shape, and rows padded to FLEX_BLOCK
         # multiples (sdpo.data.packing) keep the number of shapes, hence of compiles, small.
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        raise_recompile_limit()
     return _compiled_flex(q, k, v, block_mask=mask, scale=scale, **extra, **gqa)
