@@ -187,6 +187,8 @@ def test_enable_thinking_config_key_reaches_the_template():
     assert off.apply_chat_template(msgs, add_generation_prompt=True).endswith("assistant\n<think>\n\n</think>\n\n")
     with pytest.raises(TokenizerError, match="template_kwargs must map variable names"):
         load_tokenizer(FIXTURES / "qwen3", template_kwargs={"not a name": 1})
+    with pytest.raises(TokenizerError, match=r"may not set \['messages'\]"):
+        load_tokenizer(FIXTURES / "qwen3", template_kwargs={"messages": []})
 
 
 def test_a_rejected_prompt_names_its_record(tmp_path, capsys):

@@ -354,6 +354,9 @@ def load_tokenizer(path, chat_template: str | None = None, template_kwargs: dict
     if template_kwargs is not None and not (
             isinstance(template_kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in template_kwargs)):
         raise TokenizerError(f"template_kwargs must map variable names to values, got {template_kwargs!r}")
+    taken = sorted(set(template_kwargs or ()) & {"messages", "add_generation_prompt", "tools", "documents"})
+    if taken:
+        raise TokenizerError(f"template_kwargs may not set {taken}: the renderer passes those itself")
     template_kwargs = {k: v for k, v in (template_kwargs or {}).items() if v is not None}
     if not os.path.isdir(path):
         raise TokenizerError(f"{path}: not a directory (expected a model directory with tokenizer.json or tokenizer.model)")
