@@ -187,9 +187,18 @@ def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> flo
 
 
 def peak_mem_gb(device) -> float:
+    """Peak memory since the last reset_peak_mem (CUDA: allocated by torch); CPU: the process's peak
+    RSS, which no call can reset (a lifetime maximum)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+def reset_peak_mem(device) -> None:
+    """Start a new peak_mem_gb window (each logged row's peak is its own window's, not the reference
+    pass's or an earlier stage's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def fmt_time(s: float) -> str:
@@ -241,6 +250,7 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
     run.resume_state = None
 
     model.train()
+    reset_peak_mem(info.device)
     epoch_cache = {}
     t_start, t_prev = time.perf_counter(), time.perf_counter()
     # Logged values are means over the optimizer steps since the last log line (as other DPO
@@ -264,7 +274,7 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             count = G
         scale = W / count
         stats = None
-        for chunk in plan:
+        for n_mb, chunk in enumerate(plan):
             batch = make_batch(chunk)
             # Positions in `pairs`, as the reference log-probs are laid out. TokenizedPair.index is
             # the example's position before tokenization dropped any pair, so it can differ.
@@ -280,6 +290,8 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             with autocast(run):
                 loss, st = stage.micro_loss(model, batch)
                 loss = loss * scale
+            # HSDP: the gradient all-reduce across replicas runs once per step, on the last micro-batch.
+            D.defer_gradient_reduction(model, n_mb < len(plan) - 1)
             loss.backward()
             stats = st if stats is None else stats + st
         # The step's one sync: the loss check below needs it. Each rank's preemption flag rides along, so
@@ -316,6 +328,7 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             row["tokens_per_s"] = all_tokens / max(now - t_prev, 1e-9)
             row["step_time_s"] = (now - t_prev) / window_steps
             row["peak_mem_gb"] = peak_mem_gb(info.device)
+            reset_peak_mem(info.device)
             row["time"], row["elapsed_s"] = time.time(), time.time() - run.started
             write_metrics(run, row)
             eta = (now - t_start) / (done - start) * (total - done)

@@ -374,3 +374,77 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(packed):
         torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
     assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in compiled.layers)  # really compiled
     assert not hasattr(eager.layers[0].forward, "_torchdynamo_orig_callable")
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient reduction deferred to the last micro-batch of a step (issue 29, finding 5)
+
+DEFER_WORKER = textwrap.dedent(
+    r"""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from sdpo.models.model import ModelConfig, Transformer
+    from sdpo.runtime.distributed import (apply_fsdp, build_mesh, defer_gradient_reduction, destroy,
+                                          init_distributed, _is_hsdp)
+
+    info = init_distributed("cpu")
+    assert info.world_size == 4 and dist.get_backend() == "gloo"
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    ref = Transformer(cfg)
+    ref.init_weights(seed=5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (16, 6), generator=g)           # the global batch: 4 ranks x 2 micro-batches x 2
+    targets = torch.randint(0, 40, (16, 6), generator=g)
+
+    def loss_of(m, ids, targets):
+        logp = torch.log_softmax(m(ids).float(), -1)
+        return -logp.gather(-1, targets[..., None]).sum() / (16 * 6)
+
+    loss_of(ref, ids, targets).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+
+    def grads(mesh_shape, defer, reduce_scatter):
+        model = Transformer(cfg)
+        model.load_state_dict(ref.state_dict())
+        mesh = build_mesh(info, *mesh_shape)
+        apply_fsdp(model, mesh)
+        assert _is_hsdp(model) == (mesh.ndim == 2)
+        mine = ids[4 * info.rank: 4 * info.rank + 4], targets[4 * info.rank: 4 * info.rank + 4]
+        for step in range(2):                                    # twice: the flags must be reset per step
+            model.zero_grad()
+            for k in range(2):                                   # two micro-batches per step
+                if defer:
+                    defer_gradient_reduction(model, k < 1, reduce_scatter=reduce_scatter)
+                # x 4: FSDP averages over the 4 ranks
+                (4 * loss_of(model, mine[0][2 * k: 2 * k + 2], mine[1][2 * k: 2 * k + 2])).backward()
+        return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+
+    for mesh_shape, reduce_scatter in (((2, 2), False), ((2, 2), True), ((4, 1), True)):
+        base = grads(mesh_shape, False, False)
+        deferred = grads(mesh_shape, True, reduce_scatter)
+        for n, w in want.items():
+            torch.testing.assert_close(base[n], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(deferred[n], base[n], rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    if info.rank == 0:
+        print("OK")
+    destroy()
+    """
+)
+
+
+@pytest.mark.slow   # ~60 s on 2 cores (4 ranks, three meshes)
+def test_deferred_gradient_reduction_gives_the_same_gradients(tmp_path):
+    """HSDP 2 x 2 skipping the replica all-reduce, and FSDP (1-D and 2-D) also skipping the
+    reduce-scatter, on all but the last of two micro-batches: the gradients of two steps equal the
+    every-micro-batch reduction and the one-process gradient (gloo, 4 ranks)."""
+    script = tmp_path / "worker.py"
+    script.write_text(DEFER_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE="4")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "OK" in proc.stdout
