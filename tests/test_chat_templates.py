@@ -8,6 +8,7 @@ family's special tokens and BOS convention.
 """
 
 import datetime as dt
+import functools
 import gzip
 import json
 import shutil
@@ -49,10 +50,15 @@ def test_every_family_folder_has_fixtures():
     assert all(f"`{family}/`" in sources for family in folders)
 
 
+@functools.lru_cache(maxsize=None)
+def family_tokenizer(family, kwargs=()):
+    return load_tokenizer(FIXTURES / family, template_kwargs=dict(kwargs))
+
+
 @pytest.mark.parametrize("family,case", RENDERS, ids=[f"{f}-{c['name']}-{c['add_generation_prompt']}-"
                                                        f"{c['kwargs'].get('enable_thinking', '')}" for f, c in RENDERS])
 def test_renders_like_transformers(family, case):
-    tok = load_tokenizer(FIXTURES / family)
+    tok = family_tokenizer(family)
     assert tok.template_origin.endswith("chat_template.jinja")
     messages, gen, kwargs = case["messages"], case["add_generation_prompt"], case["kwargs"]
     if "error" in case:
@@ -62,7 +68,7 @@ def test_renders_like_transformers(family, case):
         return
     assert tok.apply_chat_template(messages, add_generation_prompt=gen, **kwargs) == case["text"]
     # the same keywords given once to load_tokenizer (how the data path passes them)
-    tok = load_tokenizer(FIXTURES / family, template_kwargs=kwargs)
+    tok = family_tokenizer(family, tuple(sorted(kwargs.items())))
     assert tok.apply_chat_template(messages, add_generation_prompt=gen) == case["text"]
 
 
