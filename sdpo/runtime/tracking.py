@@ -97,7 +97,7 @@ def _start(out: Path, report_to: list[str]) -> dict[str, object]:
     train = config.get("train", {})
     name = train.get("run_name") or out.resolve().name
     project = train.get("project")
-    run_id, resumed = _identity(out)
+    run_id, resumed = _identity(out) if {"wandb", "trackio"} & set(report_to) else (None, False)
     trackers: dict[str, object] = {}
     if "tensorboard" in report_to:
         from torch.utils.tensorboard import SummaryWriter
