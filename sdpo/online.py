@@ -207,6 +207,7 @@ def _missing(final: Path, parts: Path, batches) -> list[int]:
     """The batches still to sample (none once the step file is complete). A part that does not read
     back as its batch's lines is sampled again: a rename is atomic, but the file may be hand-edited."""
     if final.is_file():
+        shutil.rmtree(parts, ignore_errors=True)  # a kill between writing the step file and this cleanup
         return []
     todo = []
     for b, idx in enumerate(batches):
