@@ -76,6 +76,14 @@ def close(out: Path) -> None:
     """Flush and finish the trackers of a run directory (the end of train.py's run)."""
     for name, tracker in _open.pop(str(out), {}).items():
         tracker.close() if name == "tensorboard" else tracker.finish()
+        if name == "trackio":  # else trackio's exit hook finishes it again, printing after everything else
+            try:
+                from trackio import context_vars
+
+                if context_vars.current_run.get() is tracker:
+                    context_vars.current_run.set(None)
+            except (ImportError, AttributeError):
+                pass
 
 
 def tracker_fields(row: dict) -> dict[str, float]:
