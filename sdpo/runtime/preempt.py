@@ -60,8 +60,9 @@ def requested() -> bool:
 
 
 def flag(device) -> torch.Tensor:
-    """[1.] once this process got a signal, else [0.]: summed over ranks, > 0 means stop."""
-    return torch.tensor([1.0 if _first is not None else 0.0], device=device)
+    """[1.] once this process got a signal, else [0.]: summed over ranks, > 0 means stop.
+    Filled on the device (torch.tensor([x], device=cuda) would copy from the host and sync)."""
+    return torch.ones(1, device=device) if _first is not None else torch.zeros(1, device=device)
 
 
 def signal_name() -> str:

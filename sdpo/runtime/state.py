@@ -292,7 +292,8 @@ def _lock(run: Run) -> None:
         except OSError as e:
             problem = ConfigError(f"train.output_dir: cannot prepare {run.out}: {e}")
     if D.all_reduce(torch.tensor([float(problem is not None)])).item() > 0:
-        raise problem or ConfigError(f"train.output_dir: rank 0 could not lock {run.out / lock.LOCK} (its error says why)")
+        raise problem or ConfigError(f"train.output_dir: rank 0 could not lock {run.out / lock.LOCK} "
+                                     "(its error says why)")
 
 
 def _resume(run: Run) -> dict:
