@@ -9,6 +9,12 @@ Then, from that same S (model.path = its sft/, SFT off), three variants:
              sDPO run's total optimizer steps (the paper's Table 2 baseline)
   init_base  sDPO with train.init = "base": the step-2 policy starts from S, not M1 (Figure 3)
   random     sDPO on a random split with D1/D2's sizes (fractions 600/2100, 1500/2100)
+With --online (issue 24), from the same S per seed, instead:
+  online           on-policy sDPO (configs/tiny-online.toml: M_{t-1} samples D_t's prompts, exact-match
+                   judge, best vs worst pairs; reference M_{t-1})
+  online_fixed_ref the same with one fixed reference, S, at every step (reference.path = S), as
+                   online DPO trainers with a frozen reference do
+and per step the pairs kept and the sampling + judging time next to the other metrics.
 Each run is a subprocess of train.py (OMP_NUM_THREADS=1 each, --jobs at a time) whose output
 directory is kept: a rerun skips the runs that already have a summary.json.
 
@@ -36,18 +42,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TINY = REPO / "configs" / "tiny.toml"
+TINY_ONLINE = REPO / "configs" / "tiny-online.toml"
 VARIANTS = ("sdpo", "dpo", "init_base", "random")
+ONLINE_VARIANTS = ("sdpo", "online", "online_fixed_ref")
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (no scipy dependency)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
 
 
-def run_train(out: Path, overrides: list[str], extra: list[str]) -> float:
+def run_train(out: Path, overrides: list[str], extra: list[str], config: Path = TINY) -> float:
     """One train.py subprocess (skipped when out/summary.json exists); returns its wall seconds."""
     if (out / "summary.json").is_file():
         return 0.0
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), f"--train.output_dir={out}",
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config), f"--train.output_dir={out}",
            "--train.log_every=1", "--eval.summary=true", *overrides, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +87,50 @@ def seed_runs(seed: int, root: Path, jobs: int, extra: list[str]) -> dict[str, d
     res = {v: measure(d / v) for v in VARIANTS}
     res["init_base"]["step-2 loss₀"] = initial_dpo_loss(d / "sdpo" / "sft", d / "init_base" / "M1", extra)
     return res
+
+
+def online_seed_runs(seed: int, root: Path, jobs: int, extra: list[str]) -> dict[str, dict]:
+    """--online: the default run (S and offline sDPO), then on-policy sDPO from that S with the
+    reference M_{t-1} (sDPO's) or S at every step."""
+    d = root / f"seed{seed}"
+    run_train(d / "sdpo", [f"--train.seed={seed}"], extra)
+    s_dir = d / "sdpo" / "sft"
+    from_s = [f"--train.seed={seed}", f"--model.path={s_dir}", "--sft.enabled=false"]
+    variants = {"online": from_s, "online_fixed_ref": from_s + [f"--reference.path={s_dir}"]}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda kv: run_train(d / kv[0], kv[1], extra, TINY_ONLINE), variants.items()))
+    res = {v: measure(d / v) for v in ONLINE_VARIANTS}
+    for v in ONLINE_VARIANTS:
+        rows = [json.loads(line) for line in (d / v / "metrics.jsonl").read_text().splitlines()]
+        starts = {r["sdpo_step"]: r for r in rows if "sdpo_step" in r and "gamma_ref/mean" in r}
+        for t in (1, 2):
+            res[v][f"pairs {t}"] = starts[t].get("pairs")
+            res[v][f"sample s {t}"] = starts[t].get("online/sample_time_s")
+    return res
+
+
+ONLINE_METRICS = ["EM D1", "EM D2", "γ D2", "rew acc D2", "pairs 1", "pairs 2", "sample s 1", "sample s 2"]
+
+
+def online_tables(results: dict[int, dict[str, dict]]) -> str:
+    from sdpo.eval.report import format_table
+
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    per_seed = [[seed, v, fmt(r[v]["S EM D1"]), fmt(r[v]["S EM D2"]), *(fmt(r[v][k]) for k in ONLINE_METRICS)]
+                for seed, r in results.items() for v in ONLINE_VARIANTS]
+    out = ["Per seed (M2 vs S on the held-out prompts; pairs t = D_t's pairs; sample s t = sampling + judging "
+           "seconds of step t, one thread, on a shared machine):",
+           format_table(["seed", "variant", "S EM D1", "S EM D2", *ONLINE_METRICS], per_seed), ""]
+    seeds = list(results)
+    paired = []
+    for a, b in (("online", "sdpo"), ("online_fixed_ref", "online")):
+        cells = [interval([results[s][a][k] - results[s][b][k] for s in seeds]) for k in ONLINE_METRICS[:4]]
+        paired.append([f"{a} − {b}", *cells])
+    means = [[f"{v} (mean)", *(fmt(statistics.fmean(results[s][v][k] for s in seeds)) for k in ONLINE_METRICS[:4])]
+             for v in ONLINE_VARIANTS]
+    out += [f"Paired differences over {len(seeds)} seeds: mean ± 95% t-interval half-width:",
+            format_table(["", *ONLINE_METRICS[:4]], means + paired)]
+    return "\n".join(out)
 
 
 def initial_dpo_loss(policy_dir: Path, ref_dir: Path, extra: list[str]) -> float:
@@ -164,14 +216,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="train.seed = 1 .. N")
     ap.add_argument("--jobs", type=int, default=2, help="train.py processes at a time (each 1 thread)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "paper_effects")
+    ap.add_argument("--online", action="store_true", help="offline sDPO vs on-policy sDPO vs on-policy with reference S")
     ap.add_argument("overrides", nargs="*", help="extra --section.key=value for every run")
     args = ap.parse_args()
+    if args.online and args.out == ap.get_default("out"):
+        args.out = REPO / "runs" / "online_effects"  # its own runs; the default run per seed is made again there
     t0 = time.perf_counter()
     seeds = list(range(1, args.seeds + 1))
     # Seeds' S runs are independent: run up to --jobs seeds side by side; each then runs its variants.
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        res = list(pool.map(lambda s: seed_runs(s, args.out, 1, args.overrides), seeds))
-    print(tables(dict(zip(seeds, res))))
+        res = list(pool.map(lambda s: (online_seed_runs if args.online else seed_runs)(s, args.out, 1, args.overrides),
+                            seeds))
+    print((online_tables if args.online else tables)(dict(zip(seeds, res))))
     print(f"\n{len(seeds)} seeds, {time.perf_counter() - t0:.0f} s wall; runs in {args.out}")
 
 
