@@ -2,47 +2,81 @@
 # Every GPU-only test and benchmark in one run (~8 minutes on one H100/H200), tables on stdout.
 # A task lent a GPU has ~15 minutes of it in all: run this once, read the tables, put them in
 # bench/RESULTS.md with the card's name. Each part has its own time limit and the script goes on
-# after a failure, so one broken part costs its limit, not the rest; the exit code counts failures.
+# after a failure, so one broken part costs its limit, not the rest; it ends with a summary table
+# and the exit code counts failures.
 #
 #   bash bench/gpu.sh                 # from the repo root, on the GPU machine
+#   bash bench/gpu.sh --dry-run       # any machine, CPU only (~5-8 min on 2 cores): every part on
+#                                     # CPU stand-ins (tiny shapes, the same entry points, Triton
+#                                     # under TRITON_INTERPRET=1, FlexAttention compiled on CPU,
+#                                     # gloo instead of NCCL), so the GPU run can fail only for GPU reasons
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD" OMP_NUM_THREADS=8
-unset TRITON_INTERPRET                # real Triton kernels, not the CPU interpreter
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+export PYTHONPATH="$PWD"
 OUT="${OUT:-$(mktemp -d)}"
 failures=0
+SUMMARY=()
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     echo; echo "=== $name (limit ${limit}s)"
     local t0=$SECONDS
     timeout "$limit" "$@"; local rc=$?
-    echo "--- $name: exit $rc in $((SECONDS - t0))s"
-    [ "$rc" -eq 0 ] || failures=$((failures + 1))
+    local took=$((SECONDS - t0)) verdict=ok
+    [ "$rc" -eq 0 ] || { failures=$((failures + 1)); verdict="FAILED (exit $rc)"; }
+    [ "$rc" -eq 124 ] && verdict="TIMED OUT (${limit}s)"
+    echo "--- $name: exit $rc in ${took}s"
+    SUMMARY+=("| $name | $verdict | ${took}s | ${limit}s |")
 }
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu.sh: no CUDA device (torch.cuda.is_available() is False); nothing to run"; exit 0
+if [ "$DRY" -eq 1 ]; then
+    echo "gpu.sh --dry-run: CPU stand-ins for every part (no GPU used)"
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=2
+    DEVICE=cpu
+    # The Triton, FlexAttention and fused-path tests the GPU run exists for, under the interpreter.
+    TEST_ARGS=(-k "triton or softcap or flex or block_mask or bucket or window or fused")
+    BENCH_ARGS=(--device cpu --n 256 --v 1000 --repeats 1)
+    NPROC=2                                              # two gloo ranks: FSDP2 as with 2 GPUs
+    TRAIN_ARGS=(--train.device=cpu --data.max_examples=24 --data.max_test_examples=8 --sft.max_steps=2
+                --train.max_steps=2 --sft.global_batch_size=4 --train.global_batch_size=4 --eval.summary=false)
+    LIMITS=(200 60 240 240)
+else
+    unset TRITON_INTERPRET                               # real Triton kernels, not the CPU interpreter
+    export OMP_NUM_THREADS=8
+    if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu.sh: no CUDA device (torch.cuda.is_available() is False); nothing to run" \
+             "(bash bench/gpu.sh --dry-run runs every part on CPU stand-ins)"; exit 0
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    DEVICE=cuda
+    TEST_ARGS=()
+    BENCH_ARGS=(--device cuda --n 4096,16384 --v 32000,128256 --repeats 5)
+    # World size 1 joins no process group, so NCCL is exercised only with 2+ GPUs: then FSDP2 over NCCL.
+    NPROC=$(python -c "import torch; print(min(2, torch.cuda.device_count()))")
+    TRAIN_ARGS=(--train.device=cuda --sft.max_steps=20 --train.max_steps=10)
+    LIMITS=(150 120 150 150)
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-# 1. Kernel and model tests on the GPU, without the interpreter (CUDA tensors where the tests have them).
-part "kernel tests (compiled Triton)" 150 python -m pytest -q -x tests/test_kernels.py tests/test_fused_linear.py \
-    tests/test_attention.py tests/test_logprobs.py -p no:cacheprovider
+# 1. Kernel, attention and log-prob tests (CUDA tensors where the tests have them; the interpreter in --dry-run).
+part "kernel and attention tests ($DEVICE)" "${LIMITS[0]}" python -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels.py tests/test_fused_linear.py tests/test_attention.py tests/test_logprobs.py \
+    tests/test_gpu_readiness.py "${TEST_ARGS[@]}"
 # 2. Per-token log-softmax gather: speed against the HBM floor, memory (bench/logprobs.py prints both).
-part "token_logprobs vs the bandwidth floor" 120 python bench/logprobs.py --device cuda --n 4096,16384 \
-    --v 32000,128256 --repeats 5
-# 3. FlexAttention packed rows vs padded SDPA, and the fused lm_head + log-prob on CUDA.
-part "FlexAttention masks and fused log-probs" 150 python bench/gpu_checks.py --rows 8192
-# 4. A training run on one GPU under torchrun (bf16 autocast, fused path, packing on): the tiny demo's
-#    SFT and both sDPO steps, capped, with the summary. World size 1 joins no process group, so NCCL is
-#    exercised only with 2+ GPUs: then the same command with --nproc_per_node 2 runs FSDP2 over NCCL.
-nproc=$(python -c "import torch; print(min(2, torch.cuda.device_count()))")
-part "training under torchrun on $nproc GPU(s)" 150 python -m torch.distributed.run --standalone \
-    --nproc_per_node "$nproc" train.py --train.device=cuda --sft.max_steps=20 --train.max_steps=10 \
-    --train.output_dir="$OUT/gpu_run"
+part "token_logprobs vs the bandwidth floor ($DEVICE)" "${LIMITS[1]}" python bench/logprobs.py "${BENCH_ARGS[@]}"
+# 3. FlexAttention packed rows vs padded SDPA, a float32 model under bf16 autocast on packed rows, and
+#    the fused lm_head + log-prob (bench/gpu_checks.py).
+part "FlexAttention, autocast dtypes, fused log-probs ($DEVICE)" "${LIMITS[2]}" python bench/gpu_checks.py \
+    --device "$DEVICE"
+# 4. A training run under torchrun (bf16 autocast on GPU, fused path, packing on): the tiny demo's SFT and
+#    both sDPO steps, capped, with the summary; 2 ranks run FSDP2 (NCCL on GPUs, gloo in --dry-run).
+part "training under torchrun, $NPROC rank(s) ($DEVICE)" "${LIMITS[3]}" python -m torch.distributed.run \
+    --standalone --nproc_per_node "$NPROC" train.py "${TRAIN_ARGS[@]}" --train.output_dir="$OUT/gpu_run"
 [ -f "$OUT/gpu_run/metrics.jsonl" ] && tail -n 3 "$OUT/gpu_run/metrics.jsonl"
 
-echo; echo "gpu.sh: $failures part(s) failed; outputs under $OUT"
+echo; echo "| part | result | took | limit |"; echo "| --- | --- | --- | --- |"
+printf '%s\n' "${SUMMARY[@]}"
+echo; echo "gpu.sh$([ "$DRY" -eq 1 ] && echo ' --dry-run'): $failures part(s) failed; outputs under $OUT"
 exit "$failures"

@@ -226,6 +226,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.is_autocast_enabled(q.device.type):
+        # FlexAttention is no autocast op: it rejects mixed dtypes (a float32 model's RoPE'd q, k next to
+        # a bf16 v) and runs float32 kernels on float32 inputs. Give it what SDPA's autocast entry would.
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     extra = {"score_mod": _softcap_score_mod(softcap)} if softcap is not None else {}
     if q.device.type not in FLEX_COMPILED_DEVICES:  # eager FlexAttention (tests): materialises [T, T], but exact
         with warnings.catch_warnings():
