@@ -4,6 +4,9 @@ Needs transformers, which sdpo itself never imports. Keep it out of the main env
     python -m venv --system-site-packages /tmp/hfenv && /tmp/hfenv/bin/pip install transformers
     /tmp/hfenv/bin/python tools/make_hf_fixtures.py                   # writes tests/fixtures/hf_reference/
     /tmp/hfenv/bin/python tools/make_hf_fixtures.py --check-roundtrip # sdpo-saved dirs load in transformers
+                                                       # (writes tests/fixtures/hf_reference/roundtrip.json)
+    /tmp/hfenv/bin/python tools/make_hf_fixtures.py --only qwen3 gemma2     # just these fixtures
+(here transformers 5.24 lives in /opt/hf/bin/python).
 
 For each tiny config: a random HF model (fixed seed, weights re-drawn at scales that give O(1)
 logits so a 1e-4 tolerance means something), saved with save_pretrained into <name>/, plus
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +53,42 @@ CONFIGS = {
     "llama_dynamic": dict(model_type="llama", **{**COMMON, "vocab_size": 64, "intermediate_size": 32,
                                                   "max_position_embeddings": 8},
                           rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    # --- issue 22's families. Every family option is set so that it bites at SEQ = 10: windows of 4,
+    # soft-caps of a few units (O(1) scores and logits would make a cap of 50 a no-op), RoPE scalings
+    # whose trained context (8) is shorter than the inputs, head_dim != hidden / heads.
+    "qwen3": dict(model_type="qwen3", **COMMON, head_dim=16, use_sliding_window=True, sliding_window=4,
+                  max_window_layers=1),  # layer 1 slides
+    "gemma2": dict(model_type="gemma2", **COMMON, head_dim=16, query_pre_attn_scalar=12, sliding_window=4,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh"),
+    # 4.x spelling: rope_theta / rope_scaling (global layers) and rope_local_base_freq (sliding ones)
+    "gemma3_text": dict(model_type="gemma3_text", **COMMON, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                        rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=2.0),
+                        final_logit_softcapping=5.0),
+    "olmo2": dict(model_type="olmo2", **COMMON),
+    # 5.x spelling: rope_parameters per layer type, YaRN on the global layer
+    "olmo3": dict(model_type="olmo3", **{k: v for k, v in COMMON.items() if k != "rope_theta"}, sliding_window=4,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"full_attention": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                          original_max_position_embeddings=8),
+                                   "sliding_attention": dict(rope_type="default", rope_theta=500000.0)}),
+    # LongRoPE past its trained context (8 < SEQ), half the head rotated, a window of 5
+    "phi3": dict(model_type="phi3", **{k: v for k, v in COMMON.items() if k != "rope_theta"},
+                 partial_rotary_factor=0.5, sliding_window=5, original_max_position_embeddings=8,
+                 rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                      short_factor=[1.0, 1.5], long_factor=[3.0, 7.0])),
+    # layer 1 without RoPE (NoPE), and sliding (SmolLM3 slides only NoPE layers)
+    "smollm3": dict(model_type="smollm3", **COMMON, no_rope_layers=[1, 0], use_sliding_window=True,
+                    sliding_window=4),
+    # YaRN (its attention factor from factor alone) and the Llama-4 query scale by position
+    "ministral3": dict(model_type="ministral3", **{k: v for k, v in COMMON.items() if k != "rope_theta"},
+                       head_dim=16, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                         original_max_position_embeddings=8, beta_fast=8.0,
+                                                         beta_slow=1.0, llama_4_scaling_beta=0.5)),
 }
+FAMILY_FIXTURES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3", "ministral3"]
+for _name in FAMILY_FIXTURES:
+    CONFIGS[_name]["pad_token_id"] = 0  # some classes default it past the tiny vocabulary (Phi-3: 32000)
 SEQ = 10
 
 
@@ -70,7 +109,12 @@ def inputs(vocab: int) -> dict[str, torch.Tensor]:
     # positions count from each row's first real token (sdpo's default); transformers would count
     # from the row start, so they are passed to it explicitly.
     pos = (mask.cumsum(-1) - 1).clamp(min=0) * mask
-    return dict(input_ids=ids, padded_input_ids=padded, padded_attention_mask=mask, padded_position_ids=pos)
+    # One packed row: documents of 4, 6 and 3 tokens side by side, then 2 pads ([1, 15]); its reference
+    # logits are each document run alone through transformers (what packing must reproduce).
+    packed = torch.cat([ids[0, :4], ids[1, :6], ids[0, 5:8], torch.full((2,), pad)])[None]
+    segments = torch.tensor([[1] * 4 + [2] * 6 + [3] * 3 + [0] * 2])
+    return dict(input_ids=ids, padded_input_ids=padded, padded_attention_mask=mask, padded_position_ids=pos,
+                packed_input_ids=packed, packed_segments=segments)
 
 
 def randomize(model, seed: int) -> None:
@@ -94,7 +138,16 @@ def hf_logits(model, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         unpadded = model(input_ids=t["input_ids"]).logits
         padded = model(input_ids=t["padded_input_ids"], attention_mask=t["padded_attention_mask"],
                        position_ids=t["padded_position_ids"]).logits
-    return dict(logits=unpadded.float().contiguous(), padded_logits=padded.float().contiguous())
+        out = dict(logits=unpadded.float().contiguous(), padded_logits=padded.float().contiguous())
+        if "packed_input_ids" in t:
+            row, seg = t["packed_input_ids"][0], t["packed_segments"][0]
+            packed = torch.zeros(1, row.shape[0], unpadded.shape[-1])
+            for doc in seg.unique().tolist():
+                if doc > 0:
+                    where = (seg == doc).nonzero().squeeze(1)
+                    packed[0, where] = model(input_ids=row[where][None]).logits[0].float()
+            out["packed_logits"] = packed.contiguous()
+    return out
 
 
 def save_hf(model, path: Path) -> None:
@@ -102,17 +155,21 @@ def save_hf(model, path: Path) -> None:
     model.save_pretrained(path, **kwargs)  # transformers >= 5 always writes safetensors
 
 
-def make_fixtures() -> None:
+def make_fixtures(only: list[str] | None = None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     OUT.mkdir(parents=True, exist_ok=True)
     for i, (name, cfg) in enumerate(CONFIGS.items()):
+        if only and name not in only:
+            continue
         cfg = dict(cfg)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
         randomize(model, seed=100 + i)
         t = inputs(config.vocab_size)
+        if name not in FAMILY_FIXTURES:  # the first six fixtures predate the packed row
+            t = {k: v for k, v in t.items() if not k.startswith("packed")}
         ref = hf_logits(model, t)
         eager = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager").eval()
         eager.load_state_dict(model.state_dict())
@@ -132,6 +189,8 @@ def make_fixtures() -> None:
 
 
 def _valid(key: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    if key == "packed_logits":
+        return t["packed_segments"].bool()
     return t["padded_attention_mask"].bool() if key == "padded_logits" else torch.ones_like(t["input_ids"], dtype=torch.bool)
 
 
@@ -143,7 +202,9 @@ def check_roundtrip() -> int:
     from sdpo.models.checkpoint import save_model
     from sdpo.models.hf_config import config_from_dict
 
-    worst = 0.0
+    import transformers
+
+    worst, record = 0.0, {"transformers": transformers.__version__, "tolerance": 1e-4, "models": {}}
     for i, (name, cfg) in enumerate(CONFIGS.items()):
         ours_cfg = config_from_dict(dict(cfg), f"CONFIGS[{name!r}]")
         from sdpo.models.model import Transformer
@@ -157,6 +218,7 @@ def check_roundtrip() -> int:
                 ours = dict(
                     logits=m(t["input_ids"]).float(),
                     padded_logits=m(t["padded_input_ids"], t["padded_attention_mask"]).float(),
+                    packed_logits=m(t["packed_input_ids"], t["packed_segments"]).float(),
                 )
             tok_dir = ROOT / "data" / "tokenizer" if i == 0 and dtype == torch.float32 else None
             with tempfile.TemporaryDirectory() as tmp:
@@ -175,18 +237,24 @@ def check_roundtrip() -> int:
             diffs = {k: (ours[k] - ref[k])[_valid(k, t)].abs().max().item() for k in ours}
             if dtype == torch.float32:
                 worst = max(worst, *diffs.values())
+                record["models"][name] = {"class": type(hf).__name__, "max_abs_dlogit": diffs}
             print(f"{name:8s} {str(dtype):15s} {type(hf).__name__:18s} files={files}")
-            print(f"{'':8s} max|dlogit| unpadded {diffs['logits']:.3e}  padded (real tokens) {diffs['padded_logits']:.3e}")
+            print(f"{'':8s} max|dlogit| unpadded {diffs['logits']:.3e}  padded (real tokens) {diffs['padded_logits']:.3e}"
+                  f"  packed (real tokens) {diffs['packed_logits']:.3e}")
         model.float()
     ok = worst <= 1e-4
     print(f"float32 worst max|dlogit| = {worst:.3e} -> {'OK' if ok else 'FAIL'} (tolerance 1e-4)")
+    record["worst"] = worst
+    (OUT / "roundtrip.json").write_text(json.dumps(record, indent=1) + "\n")  # read by tests/test_families.py
+    print(f"wrote {OUT / 'roundtrip.json'}")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-roundtrip", action="store_true", help="save with sdpo, load with transformers, compare logits")
+    ap.add_argument("--only", nargs="*", help="fixture names to (re)write (default: all)")
     args = ap.parse_args()
     if args.check_roundtrip:
         sys.exit(check_roundtrip())
-    make_fixtures()
+    make_fixtures(args.only)

@@ -18,7 +18,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf_reference"
-NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic"]
+NAMES = ["llama", "llama3", "mistral", "qwen2", "llama_linear", "llama_dynamic",
+         "qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3", "ministral3"]
 MAX_NEW = 12
 
 
@@ -27,12 +28,16 @@ def prompts_for(vocab: int) -> list[list[int]]:
     return [[1] + torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 2, 4)]
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    path = FIXTURES / "greedy.json"
     out = {"transformers": transformers.__version__, "max_new_tokens": MAX_NEW, "models": {}}
-    for name in NAMES:
+    if only and path.is_file():  # keep the other models' entries as they are
+        out = json.loads(path.read_text())
+        out.setdefault("versions", {})
+    for name in only or NAMES:
         model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None  # run every row to MAX_NEW
         model.generation_config.pad_token_id = 0
@@ -46,11 +51,14 @@ def main() -> None:
             mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
             batched = model.generate(ids, attention_mask=mask, **kw)[:, T:].tolist()
         out["models"][name] = {"prompts": prompts, "alone": alone, "batched": batched}
+        if "versions" in out:
+            out["versions"][name] = transformers.__version__
         print(f"{name}: alone == batched: {alone == batched}")
-    path = FIXTURES / "greedy.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:] or None)  # model names: regenerate only these entries

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sdpo.models.kv_cache import KVCache
+from sdpo.models.rope import rope_type
 
 
 def _check(prompts, max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -30,6 +31,12 @@ def _check(prompts, max_new_tokens: int, temperature: float, top_p: float) -> No
         raise ValueError(f"generate: temperature={temperature} must be >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
+
+
+def _longrope_context(config) -> int | None:
+    """original_max_position_embeddings where the model uses LongRoPE (Phi-3), else None."""
+    rope = config.rope_scaling or {}
+    return rope.get("original_max_position_embeddings") if rope_type(rope) == "longrope" else None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -87,8 +94,15 @@ def generate(
     mask[:, :T] = prompt_mask
     out = torch.empty((B, max_new_tokens), dtype=torch.long, device=param.device)
     done = torch.zeros(B, dtype=torch.bool, device=param.device)
+    refresh_at = _longrope_context(model.config)
     n = 0
     while n < max_new_tokens:
+        if n and cache.length == refresh_at:
+            # LongRoPE switches to its long factors once a sequence outgrows the trained context: the
+            # cached keys were rotated with the short ones, so recompute them all once (transformers'
+            # Phi-3 drops its cache at the same step).
+            ids = torch.cat([left_pad(prompts, pad_id, param.device)[0], out[:, :n]], dim=1)
+            cache.reset()
         hidden = model.hidden_states(ids, mask[:, : cache.length + ids.shape[1]], kv_cache=cache)  # [B, t, H]
         logits = model.lm_head(hidden[:, -1])  # [B, V]: only the last position is needed
         nxt = sample_next(logits, temperature, top_p, generator)

@@ -325,7 +325,8 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
     if c.layer_types is not None:
         out["layer_types"] = list(c.layer_types)
     if mt in ("gemma2", "gemma3_text"):
-        out.update(hidden_activation=c.hidden_act, query_pre_attn_scalar=c.query_pre_attn_scalar,
+        scalar = c.query_pre_attn_scalar  # transformers 5's config class insists on an int
+        out.update(hidden_activation=c.hidden_act, query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
                    final_logit_softcapping=c.final_logit_softcapping, attention_bias=c.attention_bias)
         if mt == "gemma2":
             out["attn_logit_softcapping"] = c.attn_logit_softcapping

@@ -16,12 +16,20 @@ class KVCache:
     (transformers does the same)."""
 
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        """dtype: the buffers' dtype, unless the first keys come in another one (bf16 under autocast
+        on a float32 model): the buffers then take the keys' dtype, so attention sees q, k and v alike."""
         self.max_len, self.length = max_len, 0
         self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         empty = (batch_size, config.num_key_value_heads, 0, config.head_dim)
         self.k = [torch.zeros(shape if w is None else empty, device=device, dtype=dtype) for w in self.windows]
         self.v = [torch.zeros(shape if w is None else empty, device=device, dtype=dtype) for w in self.windows]
+
+    def reset(self) -> None:
+        """Forget every token (the buffers are reused)."""
+        self.length = 0
+        self.k = [k if w is None else k[:, :, :0] for k, w in zip(self.k, self.windows)]
+        self.v = [v if w is None else v[:, :, :0] for v, w in zip(self.v, self.windows)]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v [B, n_kv, T, d] of the new tokens -> the keys and values the new queries may need:
@@ -30,11 +38,13 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KVCache: {end} tokens exceed its max_len={self.max_len}")
         w = self.windows[layer]
+        if self.length == 0 and self.k[layer].dtype != k.dtype:
+            self.k[layer], self.v[layer] = self.k[layer].to(k.dtype), self.v[layer].to(v.dtype)
         if w is None:
             self.k[layer][:, :, self.length:end] = k
             self.v[layer][:, :, self.length:end] = v
             return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         k_all, v_all = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        keep = max(w - 1, 0)
-        self.k[layer], self.v[layer] = k_all[:, :, k_all.shape[2] - keep:], v_all[:, :, v_all.shape[2] - keep:]
+        start = max(k_all.shape[2] - (w - 1), 0)  # keep the last window - 1 (fewer while the sequence is shorter)
+        self.k[layer], self.v[layer] = k_all[:, :, start:], v_all[:, :, start:]
         return k_all, v_all

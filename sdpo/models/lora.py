@@ -33,8 +33,11 @@ from torch import Tensor, nn
 
 from sdpo.models.checkpoint import to_hf_name
 
-# sdpo.models.model's projection names (HF's): attention, then the SwiGLU MLP.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# sdpo.models.model's projection names (HF's): attention, then the gated MLP; Phi-3 fuses q/k/v into
+# qkv_proj and gate/up into gate_up_proj (peft targets those names for it). The default, all of them,
+# means every projection the family has.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -78,9 +81,15 @@ def apply_lora(model: nn.Module, cfg, *, base_dtype: torch.dtype | None = None, 
         raise ValueError(f"lora.targets: {unknown or 'empty'}; expected names from {list(LORA_TARGETS)}")
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("apply_lora: the model already has LoRA adapters")
+    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear}
+    absent = [t for t in cfg.targets if t not in present]
+    if absent and set(cfg.targets) != set(LORA_TARGETS):
+        family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"lora.targets: {family} has no {absent} projections; its projections are "
+                         f"{[t for t in LORA_TARGETS if t in present]}")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = set(cfg.targets)
+    targets = set(cfg.targets) & present
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
