@@ -4,8 +4,9 @@
     python tests/fault_launcher.py PLAN.json RESULTS.json
 
 PLAN is {"cwd": the directory the runs start in, "jobs": [...]}, a job being
-{"argv": [...], "out": DIR, "kills": [specs, one entry per attempt], "record": bool, "nproc": N or [N per attempt]}.
-Attempt 1 runs argv, later attempts argv + --resume, until one exits 0 (at most len(kills) + 2);
+{"argv": [...], "out": DIR, "kills": [specs, one entry per attempt], "record": bool, "nproc": N or [N per attempt],
+"max_attempts": n, "resume": bool}. Attempt 1 runs argv (+ --resume if "resume"), later attempts argv + --resume,
+until one exits 0 (at most max_attempts, default len(kills) + 2);
 an attempt that ends otherwise than killed (137) or preempted (75) is reported, not retried.
 An attempt with nproc 1 (the default) is a fork of this process, which imported torch and sdpo once
 and never computes, so it costs its training only; with nproc N > 1 it is
@@ -18,6 +19,7 @@ sdpo.loop.to_device for micro-batches) act on the attempt's specs (a spec, a lis
     {"call": "to_device", "nth": k}                          the k-th micro-batch moved to the device: mid-step
     + "signal": "SIGTERM" | "SIGUSR1"    send it to this process and go on (default: os._exit(137), as SIGKILL)
     + "rank": r                          the rank it applies to (default 0)
+    + "to": "torchrun"                   send the signal to the rank's parent, torchrun, which forwards it
 
 "after" performs the operation itself first (the rename, the rmtree, the open that truncates),
 so the kill lands between it and the next line of the trainer. An event's description is
@@ -113,7 +115,7 @@ def child(argv: list[str], out: str, specs: list[dict], rank: int, files: dict) 
         print(f"fault_launcher: rank {rank}: {what} at {text}", file=sys.stderr, flush=True)
         if what == "kill":
             os._exit(KILLED)
-        os.kill(os.getpid(), getattr(signal, what))
+        os.kill(os.getppid() if sp.get("to") == "torchrun" else os.getpid(), getattr(signal, what))
 
     def hook(event, args):
         if busy[0] or not (files["record"] or any("call" not in sp for sp in specs)):
@@ -159,20 +161,25 @@ def child(argv: list[str], out: str, specs: list[dict], rank: int, files: dict) 
 
         sdpo.loop.to_device = to_device
 
-    rc = 1
+    # torchrun SIGTERMs the other ranks once one fails; train.main's own handler (sdpo.runtime.preempt)
+    # hands this one back when it returns, so a rank that ended on its own still reports how.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    rc, ended = 1, None
     try:
         rc = train.main(argv)
     except BaseException as e:  # a raw traceback reaching the user: the test reports it
+        ended = time.time()
         import traceback
 
         traceback.print_exc()
         rc = 99 if not isinstance(e, SystemExit) else (e.code or 0)
     finally:
+        ended = ended or time.time()
         if files["record"]:
             with open(files["events"], "w") as f:
                 json.dump(events, f)
         with open(f"{files['exit']}.{rank}", "w") as f:
-            json.dump({"rc": rc, "t": time.time()}, f)
+            json.dump({"rc": rc, "t": ended}, f)
         sys.stderr.flush()
         os._exit(rc)
 
@@ -190,8 +197,8 @@ def run_job(job: dict, n: int, work: Path, cwd: str) -> dict:
     kills = job.get("kills", [])
     nproc = job.get("nproc", 1)
     result = {"attempts": [], "ranks": [], "fired": [], "exited": [], "after": []}
-    for attempt in range(len(kills) + 2):
-        argv = job["argv"] + (["--resume"] if attempt else [])
+    for attempt in range(job.get("max_attempts", len(kills) + 2)):
+        argv = job["argv"] + (["--resume"] if attempt or job.get("resume") else [])
         spec = kills[attempt] if attempt < len(kills) else None
         specs = [] if spec is None else spec if isinstance(spec, list) else [spec]
         n_ranks = nproc[min(attempt, len(nproc) - 1)] if isinstance(nproc, list) else nproc
@@ -236,7 +243,7 @@ def run_job(job: dict, n: int, work: Path, cwd: str) -> dict:
         if result["attempts"][-1] not in (KILLED, PREEMPTED):
             break  # done (0), or an error: report it
     log_file = work / f"job{n}.log"
-    result["log"] = log_file.read_text()[-6000:] if log_file.exists() else ""
+    result["log"] = log_file.read_text()[-12000:] if log_file.exists() else ""
     if job.get("record"):
         result["events"] = json.loads(Path(work / f"job{n}.events").read_text())
     return result

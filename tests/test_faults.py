@@ -80,7 +80,8 @@ PREEMPTIONS = {
                                        signal_at("SIGUSR1", 1, r"^open-w \.state\.tmp/__0_0\.distcp$", "after")],
                                       ({"stage": ["sft", 0], "step": 1, "global_step": 1}, 1)),
     # in a stage's last step: its state is saved at step == total, the export is left to --resume
-    "SIGTERM_in_the_last_step_of_SFT": ([signal_at("SIGTERM", 6)], ({"stage": ["sft", 0], "step": 3, "global_step": 3}, 3)),
+    "SIGTERM_in_the_last_step_of_SFT": ([signal_at("SIGTERM", 6)],
+                                        ({"stage": ["sft", 0], "step": 3, "global_step": 3}, 3)),
     # during M1's export: the run stops once progress.json records M1, with no state/ to save
     "SIGTERM_during_an_export": ([signal_at("SIGTERM", 1, r"^mkdir \.M1\.tmp-\*$", "after")], (None, 5)),
 }
