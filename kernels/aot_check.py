@@ -20,9 +20,9 @@ import tempfile
 _PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
 # Vocabularies whose launch config is compiled: a small one (single block),
 # the real ones (BLOCK capped at 4096), and the fused lm_head path's backward, which
-# launches the backward kernel on [c, VOCAB_BLOCK] slices of W's rows (kernels/fused_linear.py;
+# launches the backward kernel on [c, Vb] slices of W's rows, Vb = CUDA_VOCAB_BLOCK (kernels/fused_linear.py;
 # its forward launches on full [c, V] rows, as above).
-VOCABS = (123, 32000, 128256, 4096)
+VOCABS = (123, 32000, 128256, 16384)
 
 
 def _signature(kernel_name: str, dtype: str) -> dict[str, str]:

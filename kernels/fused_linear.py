@@ -29,22 +29,37 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk: enough that one [c, V] chunk holds about 2^22 elements (16 MiB in float32),
+# Rows per chunk. CPU: enough that one [c, V] chunk holds about 2^22 elements (16 MiB in float32),
 # and at least MIN_ROWS: the recompute GEMM [c, H] x [H, V] and the weight-gradient GEMM
-# [V, c] x [c, H] lose throughput with few rows (measured on CPU at V = 128256: 5.1 ms/row
-# at c = 32, 2.8 at 128, 2.0 at 512). R = 4096: V = 32000 and 128256 -> c = 192, 4.7% of the
-# [R, V] bytes.
+# [V, c] x [c, H] lose throughput with few rows (measured on CPU at V = 128256: 5.1 ms/row at
+# c = 32, 2.8 at 128, 2.0 at 512). R = 4096: V = 32000 and 128256 -> c = 192, 4.7% of the [R, V]
+# bytes; the CUDA sizes below do not pay on CPU (bench/fused_chunks.py, bench/RESULTS.md).
 CHUNK_ELEMENTS = 1 << 22
 MIN_ROWS = 192
 # Rows of W per backward block for 16-bit weights: a [4096, H] float32 gradient accumulator
 # (64 MiB at H = 4096) instead of [V, H].
 VOCAB_BLOCK = 4096
+# CUDA: a GEMM with c rows does ~c flops per byte of W it reads, and an H100 needs ~300 (bf16) to
+# be compute-bound, so c = 192 re-reading all of W per chunk is memory-bound at V = 128k. 2^27
+# logits per chunk (c = 1046 at V = 128256, 4194 at 32000: 256 MiB in bf16), >= 1024 rows, and
+# 16384-row vocab blocks in backward (a 256 MiB float32 accumulator at H = 4096; c = 8192).
+CUDA_CHUNK_ELEMENTS = 1 << 27
+CUDA_MIN_ROWS = 1024
+CUDA_VOCAB_BLOCK = 16384
 
 
-def rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+def chunk_sizes(device) -> tuple[int, int, int]:
+    """(logits per chunk, min rows per chunk, vocab block) for a device."""
+    if torch.device(device).type == "cuda":
+        return CUDA_CHUNK_ELEMENTS, CUDA_MIN_ROWS, CUDA_VOCAB_BLOCK
+    return CHUNK_ELEMENTS, MIN_ROWS, VOCAB_BLOCK
+
+
+def rows_per_chunk(n_rows: int, vocab: int, chunk_size: int | None, device="cpu") -> int:
     if chunk_size is not None:
         return max(1, min(n_rows, chunk_size))
-    return max(1, min(n_rows, max(MIN_ROWS, CHUNK_ELEMENTS // max(vocab, 1))))
+    elements, min_rows, _ = chunk_sizes(device)
+    return max(1, min(n_rows, max(min_rows, elements // max(vocab, 1))))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,20 +115,32 @@ def _chunk_backward_triton(z, targets_raw, m, logsum, g, ignore_index, softcap=N
 def _add_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, with acc float32 for 16-bit a, b: one rounding at the end, as the unfused
     path's single GEMM over all R rows has, not one per chunk."""
-    global _MM_OUT_DTYPE
+    global _ADDMM_OUT_DTYPE, _MM_OUT_DTYPE
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
+    if acc.is_cuda and _ADDMM_OUT_DTYPE:
+        try:   # 16-bit GEMM accumulating into the float32 acc in place (aten::addmm.dtype_out, CUDA only)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
     if acc.is_cuda and _MM_OUT_DTYPE:
-        try:   # a 16-bit GEMM that accumulates and returns float32 (aten::mm.dtype, CUDA only)
+        try:   # a float32 product, then added: one [rows, cols] float32 temporary per call
             acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
             return
         except (RuntimeError, TypeError, NotImplementedError):  # older torch: round to 16 bits first
             _MM_OUT_DTYPE = False
-    acc.add_(a @ b)
+    if not acc.is_cuda:
+        # CPU has no float32-output 16-bit GEMM: float32 copies of the chunk-sized operands, accumulated in
+        # place. Measured (bench/fused_chunks.py, AVX2): 25x faster than a bf16 product then added, and exact
+        # to float32 instead of bf16 (2e-5 vs 0.25 max error at [4096, 192] x [192, 512]).
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        return
+    acc.add_(a @ b)   # CUDA on a torch without out_dtype GEMMs: rounded to 16 bits first
 
 
-_MM_OUT_DTYPE = True
+_ADDMM_OUT_DTYPE = _MM_OUT_DTYPE = True
 
 
 class FusedLinearLogprobs(torch.autograd.Function):
@@ -127,7 +154,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         out, row_max, logsum = (torch.empty(R, dtype=acc, device=hidden.device) for _ in range(3))
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets))
-        c = rows_per_chunk(R, V, chunk_size)
+        c = rows_per_chunk(R, V, chunk_size, hidden.device)
         buf = torch.empty(c, V, dtype=hidden.dtype, device=hidden.device)   # reused by every chunk
         for s in range(0, R, c):
             e = min(s + c, R)
@@ -154,8 +181,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
         # rows of W at a time ([Vb, H] float32, not [V, H]: that would be 2x the weight gradient
         # itself); (3) only needs the saved row statistics, so a block's logits are exact alone.
         # float32 weights: one block, accumulated straight into the gradients.
-        Vb = V if weight.dtype == acc else min(V, VOCAB_BLOCK)
-        c = rows_per_chunk(R, Vb, ctx.chunk_size)
+        Vb = V if weight.dtype == acc else min(V, chunk_sizes(dev)[2])
+        c = rows_per_chunk(R, Vb, ctx.chunk_size, dev)
         grad_w = torch.empty_like(weight) if want_w else None
         w_acc = torch.empty(Vb, H, dtype=acc, device=dev) if want_w and weight.dtype != acc else None
         grad_h = None

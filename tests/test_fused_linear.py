@@ -89,6 +89,7 @@ def test_bf16_backward_in_many_vocab_blocks(impl, monkeypatch):
     blocks of 96 rows, the last one partial, targets in every block."""
     from kernels import fused_linear
     monkeypatch.setattr(fused_linear, "VOCAB_BLOCK", 96)
+    monkeypatch.setattr(fused_linear, "CUDA_VOCAB_BLOCK", 96)
     h, w, t, g = make_case(47, 16, 1000, torch.bfloat16, seed=7)
     out, gh, gw = fused(h, w, t, g, chunk_size=10, impl=impl)
     o64, gh64, gw64 = truth(h, w, t, g)
@@ -250,6 +251,7 @@ def test_softcap_matches_float64_truth(impl, dtype, shape):
 def test_softcap_bf16_many_vocab_blocks(impl, monkeypatch):
     from kernels import fused_linear
     monkeypatch.setattr(fused_linear, "VOCAB_BLOCK", 96)
+    monkeypatch.setattr(fused_linear, "CUDA_VOCAB_BLOCK", 96)
     h, w, t, g = make_case(47, 16, 1000, torch.bfloat16, seed=7)
     out, gh, gw = fused(h, w, t, g, chunk_size=10, impl=impl, softcap=3.0)
     o64, gh64, gw64 = truth_softcap(h, w, t, g, 3.0)
