@@ -167,3 +167,20 @@ def test_plan_constants_follow_the_kernel():
 
     assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK, memory.MIN_ROWS) == \
         (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK, fused_linear.MIN_ROWS)
+
+
+# Published sizes (the model cards' parameter counts; safetensors totals) of the families' public
+# checkpoints whose config.json dimensions bench/shapes/ holds.
+PUBLISHED = {"qwen3-8b": 8.19e9, "gemma-2-9b": 9.24e9, "gemma-3-1b": 1.00e9, "olmo-2-7b": 7.30e9,
+             "phi-3-mini": 3.82e9, "phi-4-mini": 3.84e9, "smollm3-3b": 3.08e9, "mistral-7b": 7.24e9,
+             "solar-10.7b": 10.73e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count_matches_the_published_size(name):
+    from sdpo.models.hf_config import load_model_config
+    from sdpo.runtime.memory import param_counts
+
+    n = param_counts(load_model_config(REPO / "bench" / "shapes" / name))
+    assert abs(n["total"] / PUBLISHED[name] - 1) < 0.003, (name, n["total"])
+    assert n["total"] == n["root"] + load_model_config(REPO / "bench" / "shapes" / name).num_hidden_layers * n["block"]

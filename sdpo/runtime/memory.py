@@ -40,7 +40,9 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from sdpo.models.model import ModelConfig, checkpoint_every
+import torch
+
+from sdpo.models.model import ModelConfig, Transformer, checkpoint_every
 
 GIB = 1 << 30
 CONTEXT_BYTES = 1 * GIB        # CUDA context, cuBLAS workspaces, NCCL buffers
@@ -66,15 +68,13 @@ class Setup:
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
-    """Parameter counts: one block, the root (embeddings, final norm, lm_head), total."""
-    H, I, Q, K = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
-        c.num_key_value_heads * c.head_dim
-    attn = H * Q + 2 * H * K + Q * H
-    if c.attention_bias:
-        attn += Q + 2 * K + (H if c.model_type != "qwen2" else 0)
-    block = attn + 3 * H * I + 2 * H
-    root = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + H
-    return {"block": block, "root": root, "total": root + c.num_hidden_layers * block}
+    """Parameter counts: one block, the root (embeddings, final norm, lm_head), total — counted on a
+    meta-device model, so every family's pieces (q/k norms, sandwich norms, fused projections) count."""
+    with torch.device("meta"):
+        model = Transformer(c)
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is counted once
+    return {"block": block, "root": total - c.num_hidden_layers * block, "total": total}
 
 
 def activation_bytes_per_token(c: ModelConfig, b: int, r: int) -> int:
