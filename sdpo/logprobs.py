@@ -25,7 +25,6 @@ and the targets; everything after the gather is the same as above.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -84,16 +83,8 @@ def _token_logps(model, h: Tensor, targets: Tensor, ignore_index: int = IGNORE_I
         # Gemma 2's final soft-cap lives in lm_head (sdpo.models.layers.SoftcappedHead); the fused kernel
         # applies it per chunk, forward and backward.
         softcap = getattr(model.lm_head, "softcap", None)
-        cap = {}
-        if softcap is not None:
-            if "softcap" not in inspect.signature(kernels.linear_token_logprobs).parameters:
-                family = getattr(getattr(model, "config", None), "model_type", "this model")
-                raise NotImplementedError(
-                    f"sdpo/logprobs.py: {family} soft-caps its logits (final_logit_softcapping={softcap}), which "
-                    "this kernels.linear_token_logprobs cannot apply; set model.fused_logprobs = false")
-            cap = {"softcap": softcap}
         return kernels.linear_token_logprobs(h, model.lm_head.weight, targets, ignore_index,
-                                             check_targets=not checked, **cap)  # [R]
+                                             check_targets=not checked, softcap=softcap)  # [R]
     logits = model.lm_head(h)  # [R, V], the only logits ever built (soft-capped by lm_head where the family caps)
     # The logits are a temporary: lm_head's backward needs h and its weight, not its
     # output, so the kernel may overwrite this buffer with its gradient (no 2nd [R, V]).

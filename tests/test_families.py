@@ -195,21 +195,26 @@ def test_packed_shared_prompt_equals_padded(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fused_logprobs_equal_unfused(name):
-    """The fused lm_head + log-prob (soft-capped per chunk for Gemma 2) against lm_head's own logits;
-    where the kernel cannot soft-cap yet, a clear error instead of a wrong number."""
+    """The fused lm_head + log-prob (soft-capped per chunk for Gemma 2 and this Gemma 3), values and
+    gradients, against lm_head's own (soft-capped) logits."""
     model, ref = fixture(name)
     ids = ref["input_ids"]
     labels = ids.clone()
     labels[:, :3] = -100
-    unfused = sequence_logps(model, ids, labels, fused=False).logps
-    try:
-        fused = sequence_logps(model, ids, labels, fused=True).logps
-    except NotImplementedError as e:
-        assert model.config.final_logit_softcapping and "fused_logprobs = false" in str(e) and name in str(e)
-        return
+    model.train()
+    grads = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps = sequence_logps(model, ids, labels, fused=fused).logps
+        (logps * torch.tensor([1.0, -0.5])).sum().backward()
+        grads.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (unfused, g0), (fused, g1) = grads
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-4)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
     # and both are the log-softmax of the full forward's (soft-capped) logits
-    logits = model(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        logits = model(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
     torch.testing.assert_close(unfused, logits[:, 2:].sum(1), rtol=1e-5, atol=1e-4)
 
 
@@ -312,8 +317,7 @@ def test_train_two_steps_with_model_path(tmp_path, name, capsys):
     rc = train.main([f"--model.path={tmp_path / 'base'}", f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]',
                      f"--train.output_dir={out}", "--model.chat_template=none", "--data.max_examples=4",
                      "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.max_steps=2",
-                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3",
-                     "--model.fused_logprobs=false"])
+                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3"])
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("stage") == "dpo"]
