@@ -324,3 +324,51 @@ def test_train_two_steps_with_model_path(tmp_path, name, capsys):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     m1 = load_model(out / "M1")
     assert m1.config.model_type == name
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (two gloo ranks on CPU): the families' pieces shard like Llama's blocks
+
+FSDP_WORKER = r"""
+import sys
+import torch
+from sdpo.logprobs import packed_forward
+from sdpo.data.packing import pack
+from sdpo.data.pairs import TokenizedPair
+from sdpo.models.checkpoint import load_model
+from sdpo.runtime.distributed import apply_fsdp, build_mesh, destroy, init_distributed
+
+info = init_distributed("cpu")
+for name in sys.argv[1:]:
+    ref = load_model(f"tests/fixtures/hf_reference/{name}")
+    model = load_model(f"tests/fixtures/hf_reference/{name}")
+    apply_fsdp(model, build_mesh(info), activation_checkpointing="full")
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda k: torch.randint(3, 96, (k,), generator=g).tolist()
+    pairs = [TokenizedPair(rnd(4), rnd(3) + [2], rnd(5) + [2], index=i) for i in range(4)]
+    mine = pairs[2 * info.rank: 2 * info.rank + 2]
+    c, r = packed_forward(model, pack(mine, pad_id=0))
+    ((c.logps - r.logps).sum() / 2).backward()  # FSDP averages the ranks: the mean of the halves
+    c0, r0 = packed_forward(ref, pack(pairs, pad_id=0))
+    ((c0.logps - r0.logps).sum() / 4).backward()
+    torch.testing.assert_close(c.logps, c0.logps[2 * info.rank: 2 * info.rank + 2], rtol=1e-5, atol=1e-4)
+    for (n, p), (_, p0) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), p0.grad, rtol=1e-4, atol=1e-5, msg=name + " " + n)
+print("OK")
+destroy()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_matches_unsharded(tmp_path):
+    import os
+    import subprocess
+
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script), "gemma2", "phi3", "olmo3", "smollm3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "OK" in proc.stdout
