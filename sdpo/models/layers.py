@@ -7,8 +7,6 @@ tests/test_families.py). sdpo.models.model.FAMILIES says which family uses which
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,7 +87,8 @@ class ScaledEmbedding(nn.Embedding):
     """Gemma's: embeddings × √hidden, the factor rounded to the weight's dtype first (as transformers)."""
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        scale = torch.tensor(math.sqrt(self.embedding_dim), dtype=self.weight.dtype, device=self.weight.device)
+        # √H rounded to the weight's dtype on the host (bf16: √3584 -> 60.0), a Python float: no device tensor
+        scale = float(torch.tensor(self.embedding_dim ** 0.5).to(self.weight.dtype))
         return super().forward(input_ids) * scale
 
 
