@@ -28,6 +28,16 @@ FIXTURES = REPO / "tests" / "fixtures" / "hf_reference"
 NAMES = ["qwen3", "gemma2", "gemma3_text", "olmo2", "olmo3", "phi3", "smollm3", "ministral3"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread. Two threads on two busy cores made each 48x32 @ 32x96 matmul
+    take 31 ms instead of 0.1 ms (OpenMP waiting for a core), and this file 2 minutes instead of ~20 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fixture(name):
     return load_model(FIXTURES / name).eval(), load_file(str(FIXTURES / name / "reference.safetensors"))
 
