@@ -288,6 +288,21 @@ def test_lora_default_targets_are_the_family_projections(name):
             apply_lora(fixture(name)[0], SimpleNamespace(rank=2, alpha=4.0, dropout=0.0, targets=["q_proj"]))
 
 
+def test_phi3_lora_names_equal_peft():
+    """peft 0.21.2 on transformers' Phi-3 with all-linear targets (tools/make_peft_family_fixture.py):
+    the same adapter tensor names and shapes as sdpo's default targets write."""
+    from types import SimpleNamespace
+
+    from sdpo.models.lora import LORA_TARGETS
+
+    ref = json.loads(next((REPO / "tests" / "fixtures" / "peft").glob("peft_*_phi3_all_linear.json")).read_text())
+    model, _ = fixture("phi3")
+    apply_lora(model, SimpleNamespace(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS)))
+    ours = {k: list(v.shape) for k, v in peft_state_dict(model.state_dict()).items()}
+    assert ours == ref["tensors"]
+    assert sorted({m.rsplit(".", 1)[-1] for m in ref["target_modules"]}) == sorted(model.lora_config["targets"])
+
+
 def test_attention_sees_one_dtype_under_autocast(monkeypatch):
     """Issue 29, finding 1: a float32 model under bf16 autocast (CPU here) hands q, k and v to attend in
     one dtype on the packed, the padded and the generation paths (OLMo 2 keeps float32 cos/sin)."""
