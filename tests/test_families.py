@@ -413,3 +413,12 @@ def test_fsdp_matches_unsharded(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "OK" in proc.stdout
+
+
+def test_ministral3_without_its_query_scale_is_refused():
+    from sdpo.models.hf_config import CheckpointError
+
+    raw = json.loads((FIXTURES / "ministral3" / "config.json").read_text())
+    raw["rope_parameters"] = {k: v for k, v in raw["rope_parameters"].items() if k != "llama_4_scaling_beta"}
+    with pytest.raises(CheckpointError, match="ministral3 needs rope_parameters.llama_4_scaling_beta"):
+        config_from_dict(raw)

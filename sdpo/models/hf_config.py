@@ -176,6 +176,10 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         raise CheckpointError(f"{where}: qwen2 with use_sliding_window=true is not supported")
 
     theta, rope_scaling, sliding_theta, sliding_scaling, partial = _read_rope(raw, model_type, where)
+    beta = (rope_scaling or {}).get("llama_4_scaling_beta")
+    if model_type == "ministral3" and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0):
+        raise CheckpointError(f"{where}: ministral3 needs rope_parameters.llama_4_scaling_beta (its query scale by "
+                              f"position), a number >= 0; got {rope_scaling}")
     sliding_window = None
     if model_type == "mistral":
         # transformers' MistralConfig defaults to 4096 when the key is absent; an explicit null
