@@ -324,8 +324,10 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
     if mt == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_hidden_layers)
     if mt in ("qwen3", "smollm3"):
+        sliding = [i for i in range(c.num_hidden_layers) if c.layer_window(i) is not None]
+        # layer_types (below) decides in transformers >= 4.53; older Qwen3 slides layers >= max_window_layers
         out.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,
-                   max_window_layers=0)
+                   max_window_layers=sliding[0] if sliding else c.num_hidden_layers)
     if c.layer_types is not None:
         out["layer_types"] = list(c.layer_types)
     if mt in ("gemma2", "gemma3_text"):
