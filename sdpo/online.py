@@ -103,7 +103,7 @@ def pick_pair(scores: list[float], completions: list[str], min_margin: float) ->
 
 def mix_share(examples, mix: float, seed: int) -> list[PreferenceExample]:
     """online.mix: round(mix * N) of the file's own pairs, a seeded choice, in file order."""
-    n = int(math.floor(mix * len(examples) + 0.5))
+    n = math.floor(mix * len(examples) + 0.5)
     chosen = sorted(np.random.default_rng(seed).permutation(len(examples))[:n].tolist())
     return [examples[i] for i in chosen]
 

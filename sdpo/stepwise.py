@@ -29,7 +29,8 @@ from sdpo.eval.report import summarize
 from sdpo.loop import dpo_stage, heldout_evaluator, optimize, sft_stage
 from sdpo.metrics import gamma
 from sdpo.models.hf_config import load_model_config
-from sdpo.online import clear as clear_online, check_judge, on_policy_examples
+from sdpo.online import check_judge, on_policy_examples
+from sdpo.online import clear as clear_online
 from sdpo.reference import References, reference_logps
 from sdpo.runtime import distributed as D
 from sdpo.runtime import tracking

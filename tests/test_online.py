@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo import online
-from sdpo.loop import MACHINE_DEPENDENT
 from sdpo.data.read import PreferenceExample
+from sdpo.loop import MACHINE_DEPENDENT
 from sdpo.models.hf_config import CheckpointError
 from sdpo.online import CommandJudge, ExactMatch, JudgeError, mix_share, pick_pair
 from sdpo.runtime.config import ConfigError, load_config
@@ -70,7 +70,7 @@ def test_exact_match_reads_another_answer_field_and_names_a_missing_one(tmp_path
                  + json.dumps({"prompt": "add: 1+1", "chosen": "2", "rejected": "3"}) + "\n")
     a, b = example("add: 7+5", "12", "2", f"{f}:1"), example("add: 1+1", "2", "3", f"{f}:2")
     assert ExactMatch("answer").score([a, a], ["12", "2"]) == [1.0, 0.0]
-    with pytest.raises(JudgeError, match=rf"d.jsonl:2: online.answer_field 'answer'.*has \['chosen', 'prompt', 'rejected'\]"):
+    with pytest.raises(JudgeError, match=r"d.jsonl:2: online.answer_field 'answer'.*has \['chosen', 'prompt', 'rejected'\]"):
         ExactMatch("answer").score([b], ["2"])
 
 
