@@ -1,8 +1,8 @@
 """Reward models: the decoder plus a `score` head, as transformers writes `...ForSequenceClassification`.
 
 An HF sequence-classification checkpoint of a supported family (LlamaForSequenceClassification,
-MistralForSequenceClassification, Qwen2ForSequenceClassification) holds the decoder's tensors
-under "model." and a bias-free `score.weight` [num_labels, H], and no lm_head. Its reward is the
+MistralForSequenceClassification, ...; the config.json is read as for the causal LM) holds the
+decoder's tensors under "model." and a bias-free `score.weight` [num_labels, H], and no lm_head. Its reward is the
 head applied to the final hidden state (after the last norm) of the last non-pad token:
 
     r(x, y) = score.weight @ h_T        T = the last token of prompt + response, [num_labels]
