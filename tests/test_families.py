@@ -422,3 +422,20 @@ def test_ministral3_without_its_query_scale_is_refused():
     raw["rope_parameters"] = {k: v for k, v in raw["rope_parameters"].items() if k != "llama_4_scaling_beta"}
     with pytest.raises(CheckpointError, match="ministral3 needs rope_parameters.llama_4_scaling_beta"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "smollm3"])
+def test_h4_scorer_uses_the_families_logits(name):
+    """The H4 harness's scorer (lm_head on the scored positions: Gemma 2's soft-cap included) equals
+    the log-softmax of the model's own forward logits, which the tests above tie to transformers."""
+    from sdpo.eval.loglikelihood import model_score_fn
+
+    model, ref = fixture(name)
+    ids, mask = ref["padded_input_ids"][1:], ref["padded_attention_mask"][1:]  # right-padded rows
+    targets = torch.full_like(ids, -100)
+    targets[:, 3:5] = ids[:, 4:6]  # score tokens 4 and 5 from positions 3 and 4
+    got = model_score_fn(model)(ids, targets, mask)
+    with torch.no_grad():
+        logp = model(ids, mask).log_softmax(-1)
+    want = logp[:, 3].gather(-1, ids[:, 4:5])[:, 0] + logp[:, 4].gather(-1, ids[:, 5:6])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
