@@ -137,9 +137,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     hidden [R, H], weight [V, H] (the lm_head weight; a tied embedding is the same Parameter),
     targets [R] integer ids -> float32 [R] (float64 for float64 inputs), 0 where
     targets == ignore_index. Gradients flow to hidden and weight. chunk_size: rows per chunk
-    (None: about 2^22 logits per chunk). Under autocast both inputs are cast to its dtype, as
-    F.linear would be; impl, check_targets and softcap (logits -> c·tanh(logits/c)) as in
-    token_logprobs.
+    (None: per device, kernels.fused_linear.chunk_sizes: about 2^22 logits on CPU, 2^27 on
+    CUDA). Under autocast both inputs are cast to its dtype, as F.linear would be; impl,
+    check_targets and softcap (logits -> c·tanh(logits/c)) as in token_logprobs.
     """
     where = "kernels.linear_token_logprobs"
     _check_softcap(softcap, where)

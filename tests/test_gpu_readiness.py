@@ -48,7 +48,9 @@ def tiles_of(bm):
 @pytest.mark.parametrize("window", [None, 200, 64])
 @pytest.mark.parametrize("rows", [dict(rows="one"), dict(row_tokens=900)])
 def test_block_mask_from_tile_spans_covers_the_mask_and_claims_no_false_full_tile(window, rows):
-    pairs = random_pairs(9, seed=3) + [TokenizedPair([], [6] * 5, [7] * 3, 99)]   # an empty prompt too
+    # Small enough (T ~ 2k) that the dense [B, T, T] ground truth stays ~100 MB: a test that raises this
+    # process's peak RSS would show in tests/test_memory.py's measurement (a fork inherits it).
+    pairs = random_pairs(4, seed=3, lo=100, hi=250) + [TokenizedPair([], [6] * 5, [7] * 3, 99)]   # an empty prompt too
     doc, seg, pos = packed(pairs, **rows)
     bm = A.flex_block_mask(doc, seg, pos, window)
     kept, full = tiles_of(bm)
@@ -61,8 +63,9 @@ def test_block_mask_from_tile_spans_covers_the_mask_and_claims_no_false_full_til
     assert kept.sum() <= want_kept.sum() * 1.25 + doc.shape[1] // A.FLEX_BLOCK
     # And the mask it carries is (A) itself.
     B, T = doc.shape
-    bb, qq, kk = torch.meshgrid(torch.arange(B), torch.arange(T), torch.arange(T), indexing="ij")
-    assert torch.equal(bm.mask_mod(bb, None, qq, kk), A.dense_packed_mask(doc, seg, pos, window)[:, 0])
+    g = torch.Generator().manual_seed(0)
+    bb, qq, kk = (torch.randint(0, n, (200_000,), generator=g) for n in (B, T, T))
+    assert torch.equal(bm.mask_mod(bb, None, qq, kk), A.dense_packed_mask(doc, seg, pos, window)[bb, 0, qq, kk])
 
 
 class _Biggest(TorchDispatchMode):
@@ -85,8 +88,12 @@ def test_block_mask_builds_nothing_of_size_t_squared():
     with _Biggest() as rec:
         A.flex_block_mask(doc, seg, pos, 4096)
     assert rec.numel < T * T / 64, (rec.numel, T)
-    with _Biggest() as rec:                       # the control: create_block_mask, uncompiled
-        flex.create_block_mask(A._mask_mod(doc, seg, pos, 4096), 1, None, T, T, device="cpu")
+    # The control, create_block_mask uncompiled, on a shorter row: at T = 8192 its [T, T] temporaries
+    # would leave this process several GB larger (peak RSS tests later in the run would see them).
+    doc, seg, pos = packed(random_pairs(3, seed=1, hi=400))
+    T = doc.shape[1]
+    with _Biggest() as rec:
+        flex.create_block_mask(A._mask_mod(doc, seg, pos, 100), 1, None, T, T, device="cpu")
     assert rec.numel >= T * T
 
 
@@ -120,7 +127,7 @@ def test_bucket_padding_keeps_the_log_probs():
     from sdpo.models.model import ModelConfig, Transformer
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, sliding_window=300)
+                      num_attention_heads=2, num_key_value_heads=1, sliding_window=300)
     model = Transformer(cfg)
     model.init_weights(seed=0)
     g = torch.Generator().manual_seed(0)
