@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 WORKER = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from sdpo.logprobs import concatenated_forward
@@ -31,7 +31,9 @@ WORKER = textwrap.dedent("""
 
     a = json.loads(sys.argv[1])
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a worker started by a big
+    # parent (a pytest process that built GB-sized tensors) would report the parent's peak.
+    peak = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))) * 1024
     cfg = ModelConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["inter"],
                       num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
                       num_key_value_heads=a["kv_heads"])
