@@ -115,7 +115,7 @@ def test_single_process_helpers_are_identities():
 
 LOAD_WORKER = textwrap.dedent(
     r"""
-    import gc, json, resource, sys
+    import gc, json, sys
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -127,8 +127,10 @@ LOAD_WORKER = textwrap.dedent(
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
 
-    def maxrss():  # peak resident set so far, bytes (Linux reports KiB)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def maxrss():  # this process's peak resident set so far, bytes (VmHWM: unlike ru_maxrss, not the parent's)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
 
     small, big, result_dir = sys.argv[1:4]
     info = init_distributed("cpu")
