@@ -40,7 +40,20 @@ from sdpo.runtime.state import prepare_output, write_metrics, write_progress
 
 
 def train(cfg: Config) -> dict:
-    """Run the whole recipe; returns {"base": dir, "models": [M_1 dir, ...], "summary": {...} or None}."""
+    """Run the whole recipe; returns {"base": dir, "models": [M_1 dir, ...], "summary": {...} or None}.
+
+    The trackers (train.report_to) are flushed and finished however the run ends: done, failed or
+    preempted (a failed one is marked so in W&B)."""
+    try:
+        result = _train(cfg)
+    except BaseException:
+        tracking.close(Path(cfg.train.output_dir), failed=True)
+        raise
+    tracking.close(Path(cfg.train.output_dir))
+    return result
+
+
+def _train(cfg: Config) -> dict:
     info = D.init_distributed(cfg.train.device, cfg.train.timeout_s)
     check_setup(cfg, info.world_size)
     torch.manual_seed(cfg.train.seed)
@@ -128,7 +141,6 @@ def train(cfg: Config) -> dict:
     summary = None
     if cfg.eval.summary:
         summary = summarize(run, [("S", base)] + [(f"M{t}", d) for t, d in enumerate(models, start=1)], tests)
-    tracking.close(run.out)
     return {"base": base, "models": models, "summary": summary}
 
 

@@ -219,3 +219,17 @@ def test_report_to_names_are_checked():
         load_config(None, ["--data.datasets=[\"x\"]", "--model.path=m", "--train.report_to=[\"wandb\", \"mlflow\"]"])
     with pytest.raises(ConfigError, match="train.run_name must be a non-empty name"):
         load_config(None, ["--data.datasets=[\"x\"]", "--model.path=m", "--train.run_name= "])
+
+
+def test_a_stopped_run_closes_its_trackers_and_resume_may_change_them(user_model, tmp_path):
+    model_dir, data = user_model
+    out = tmp_path / "run"
+    args = ["--model.path", str(model_dir), "--data.datasets", f"[\"{data}\"]", "--data.max_length=64",
+            "--train.global_batch_size=4", "--train.micro_batch_size=2", "--train.max_steps=2",
+            "--train.save_every=1", f"--train.output_dir={out}"]
+    assert train_cli.main(args + ["--train.report_to=[\"tensorboard\"]", "--train.stop_after=1"]) == 3
+    assert str(out) not in tracking._open  # stopped after step 1: the writer was closed, not left to exit
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert train_cli.main(args + ["--resume"]) == 0  # without the tracker: trackers only watch a run
+    assert str(out) not in tracking._open

@@ -55,7 +55,7 @@ METRICS = "metrics.jsonl"
 # output_dir: a run directory moved (or copied) elsewhere resumes there.
 RESUME_MAY_CHANGE = {("train", "resume"), ("train", "stop_after"), ("train", "log_every"), ("train", "save_every"),
                      ("eval", "summary"), ("eval", "batch_size"), ("train", "ref_batch_size"), ("train", "output_dir"),
-                     ("train", "preempt_grace_s")}
+                     ("train", "preempt_grace_s"), ("train", "report_to")}  # trackers only watch
 # Written to a temporary name and renamed: a kill can leave these.
 SMALL_TEMPS = (f".{PROGRESS}.tmp", f".{METRICS}.tmp")
 

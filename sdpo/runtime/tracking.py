@@ -72,10 +72,16 @@ def log_row(out: Path, report_to: list[str], row: dict) -> None:
         trackers["trackio"].log(fields, step=step)
 
 
-def close(out: Path) -> None:
-    """Flush and finish the trackers of a run directory (the end of train.py's run)."""
+def close(out: Path, failed: bool = False) -> None:
+    """Flush and finish the trackers of a run directory (the end of train.py's run, however it ended;
+    failed: an error or a preemption stopped it, which W&B records as a non-zero exit code)."""
     for name, tracker in _open.pop(str(out), {}).items():
-        tracker.close() if name == "tensorboard" else tracker.finish()
+        if name == "tensorboard":
+            tracker.close()
+        elif name == "wandb":
+            tracker.finish(exit_code=1 if failed else 0)
+        else:
+            tracker.finish()
         if name == "trackio":  # else trackio's exit hook finishes it again, printing after everything else
             try:
                 from trackio import context_vars
