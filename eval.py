@@ -22,7 +22,7 @@ import torch
 from sdpo import metrics as M
 from sdpo.data.pairs import encode_prompt, tokenize_pairs
 from sdpo.data.read import DataError, read_preferences
-from sdpo.data.tokenizer import TokenizerError, check_vocab, load_tokenizer
+from sdpo.data.tokenizer import TokenizerError, check_vocab, load_tokenizer, parse_template_kwargs
 from sdpo.eval import h4, outputs
 from sdpo.eval.loglikelihood import LoglikelihoodRunner, model_next_token_fn, model_score_fn
 from sdpo.eval.plots import PlotError, plot_run
@@ -63,7 +63,8 @@ def _load_model(path: str, args):
 
 
 def _load_tokenizer(path: str, args, model_config=None):
-    tok = load_tokenizer(path, chat_template=getattr(args, "chat_template", None))
+    tok = load_tokenizer(path, chat_template=getattr(args, "chat_template", None),
+                         template_kwargs=parse_template_kwargs(args.template_kwarg))
     if model_config is not None:
         check_vocab(tok, model_config)
     return tok
@@ -302,7 +303,8 @@ def _generate_for_judges(args) -> int:
             conversations[i].append({"role": "assistant", "content": text})
     sampling = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
-                "chat_template": args.chat_template or "the tokenizer's", "dtype": args.dtype}
+                "chat_template": args.chat_template or "the tokenizer's", "dtype": args.dtype,
+                "template_kwargs": tok.template_kwargs}
     if args.format == "alpaca_eval":
         out_path = _out_path(args, f"alpaca_eval-{name}.json")
         records = outputs.alpaca_eval_outputs(questions, answers, generator=name, dataset=Path(args.prompts).stem,
@@ -390,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: the checkpoint's dtype on GPU, float32 on CPU")
         sp.add_argument("--batch-size", type=int, default=8)
         sp.add_argument("--tokenizer", help="tokenizer directory (default: the (first) model's)")
+        sp.add_argument("--template-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                        help="a chat-template variable, VALUE as JSON (enable_thinking=false: Qwen3's and "
+                             "SmolLM3's no-reasoning prompt, as model.enable_thinking in training); repeatable")
 
     def pairs_args(sp):
         sp.add_argument("--data", nargs="+", required=True, help="preference files or directories")

@@ -428,3 +428,25 @@ def test_generate_for_judges_bad_questions_name_file_and_line(models, tmp_path, 
     for w in words:
         assert w in stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_passes_template_kwargs_to_the_chat_template(models, tmp_path, capsys):
+    from sdpo.data.pairs import encode_prompt
+
+    template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                "{% if enable_thinking is defined and enable_thinking is false %} the a model{% endif %}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Pick a model."}) + "\n")
+    got = {}
+    for name, extra in (("plain", []), ("off", ["--template-kwarg", "enable_thinking=false"])):
+        rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", prompts, "--max-new-tokens", "2",
+                             "--chat-template", template, *extra, "--out", tmp_path / f"{name}.jsonl"], capsys)
+        assert rc == 0, stderr
+        got[name] = json.loads((tmp_path / f"{name}.jsonl").read_text())["prompt_tokens"]
+    messages = [{"role": "user", "content": "Pick a model."}]
+    off = load_tokenizer(models["S"], chat_template=template, template_kwargs={"enable_thinking": False})
+    assert got["off"] == len(encode_prompt(messages, off)) > got["plain"]
+
+    rc, _, stderr = run(["generate", "--model", models["S"], "--prompts", prompts, "--template-kwarg", "no value",
+                         "--out", tmp_path / "bad.jsonl"], capsys)
+    assert rc == 2 and "--template-kwarg 'no value': expected KEY=VALUE" in stderr

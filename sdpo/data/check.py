@@ -10,7 +10,6 @@ neither of those imports the other's command line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -20,7 +19,7 @@ import numpy as np
 
 from sdpo.data.pairs import bos_handling, tokenize_pairs
 from sdpo.data.read import SCHEMAS, DataError, read_preferences
-from sdpo.data.tokenizer import TokenizerError, load_tokenizer
+from sdpo.data.tokenizer import TokenizerError, load_tokenizer, parse_template_kwargs
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     print("sources: " + ", ".join(f"{s}={n}" for s, n in sorted(sources.items())))
     if args.tokenizer and examples:
         try:
-            tok = load_tokenizer(args.tokenizer, args.chat_template, _template_kwargs(args.template_kwarg))
+            tok = load_tokenizer(args.tokenizer, args.chat_template, parse_template_kwargs(args.template_kwarg))
         except (TokenizerError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -66,19 +65,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         print("tokens: " + ", ".join(f"{k}={v}" for k, v in stats.items() if k != "dropped_indices"))
         print(f"pair length (prompt + longer response): mean {lens.mean():.1f}, max {lens.max()}")
     return 0 if report.ok else 1
-
-
-def _template_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f"--template-kwarg {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value  # a bare word is a string
-    return out
 
 
 if __name__ == "__main__":

@@ -67,6 +67,21 @@ class TokenizerError(ValueError):
     pass
 
 
+def parse_template_kwargs(items: list[str]) -> dict:
+    """Command-line --template-kwarg KEY=VALUE items -> chat-template variables; VALUE is read as
+    JSON (enable_thinking=false -> False), a bare word as a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise TokenizerError(f"--template-kwarg {item!r}: expected KEY=VALUE (e.g. enable_thinking=false)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
