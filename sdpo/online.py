@@ -8,9 +8,11 @@ This is the Iterative RPO / Self-Rewarding loop (Pang et al. 2024, arXiv 2404.19
 
 Sampling. The prompts (D_t's records, in order, after data.max_examples) are cut into batches of
 online.batch_prompts; batch b decodes its prompts x online.samples rows at once
-(sdpo.models.generate) with a generator seeded by (train.seed, t, b). Batches are dealt to the
-ranks round-robin, and each rank decodes with a full, unsharded copy of M_{t-1}, so a prompt's
-samples do not depend on the world size (only on its batch, which online.batch_prompts fixes).
+(sdpo.models.generate). Prompt i has its own generator, seeded by (train.seed, t, i), from which its
+samples draw their tokens (sdpo.models.generate.per_row_draw), and the number of new tokens is fixed
+by the step's longest prompt: so a prompt's samples do not depend on the batch it lands in
+(online.batch_prompts) or on the world size. Batches are dealt to the ranks round-robin; each rank
+decodes with a full, unsharded copy of M_{t-1}.
 
 Judges (online.judge) score every completion of a batch at once, a number each, higher = better:
     exact_match         1 when strip(completion) == strip(answer), else 0 (online.casefold: both
@@ -140,19 +142,21 @@ def sample_batches(run: Run, model_dir: str, examples, t: int, batches: dict[int
     model = load_model(model_dir, dtype=run.autocast_dtype or torch.float32, device=device).eval()
     judge = make_judge(run)
     eos = tok.eos_id
+    prompts = [prompt_ids(ex, tok, cfg.data.prompt_length, cfg.data.truncation) for ex in examples]
+    # one length for the whole step, not per batch: a prompt's samples must not depend on its batch
+    n_new = min(on.max_new_tokens, model.config.max_position_embeddings - max(map(len, prompts)))
+    if n_new < 1:
+        raise TrainingError(f"sDPO step {t} (online): a prompt of {max(map(len, prompts))} tokens leaves "
+                            f"no room to sample within max_position_embeddings = "
+                            f"{model.config.max_position_embeddings}; lower data.max_prompt_length")
     for b, idx in batches.items():
-        prompts = [prompt_ids(examples[i], tok, cfg.data.prompt_length, cfg.data.truncation) for i in idx]
-        room = model.config.max_position_embeddings - max(len(p) for p in prompts)
-        n_new = min(on.max_new_tokens, room)
-        if n_new < 1:
-            raise TrainingError(f"sDPO step {t} (online): a prompt of {max(len(p) for p in prompts)} tokens leaves "
-                                f"no room to sample within max_position_embeddings = "
-                                f"{model.config.max_position_embeddings}; lower data.max_prompt_length")
-        gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.train.seed, t, b))
-        rows = [p for p in prompts for _ in range(on.samples)]  # prompt-major: rows of prompt j are j*k .. j*k+k-1
+        # prompt-major rows (prompt j's are j*k .. j*k+k-1), all k drawing from prompt j's generator
+        rows = [prompts[i] for i in idx for _ in range(on.samples)]
+        gens = [torch.Generator().manual_seed(prompt_seed(cfg.train.seed, t, i)) for i in idx]
         with autocast(run):
             ids = generate(model, rows, max_new_tokens=n_new, eos_id=eos, pad_id=tok.pad_id or 0,
-                           temperature=on.temperature, top_p=on.top_p, generator=gen)
+                           temperature=on.temperature, top_p=on.top_p,
+                           generator=[g for g in gens for _ in range(on.samples)])
         texts = [tok.decode(x) for x in ids]
         scores = judge.score([examples[i] for i in idx for _ in range(on.samples)], texts)
         lines = []
@@ -169,9 +173,9 @@ def sample_batches(run: Run, model_dir: str, examples, t: int, batches: dict[int
     free_memory()
 
 
-def batch_seed(seed: int, t: int, batch: int) -> int:
-    """The generator seed of sampling batch `batch` of step t: fixed by the run's seed, not by the ranks."""
-    return int.from_bytes(hashlib.sha256(f"sdpo-online/{seed}/{t}/{batch}".encode()).digest()[:8], "little") >> 1
+def prompt_seed(seed: int, t: int, index: int) -> int:
+    """The generator seed of prompt `index` of D_t: fixed by the run's seed, not by batches or ranks."""
+    return int.from_bytes(hashlib.sha256(f"sdpo-online/{seed}/{t}/{index}".encode()).digest()[:8], "little") >> 1
 
 
 def prompt_ids(ex: PreferenceExample, tokenizer, max_prompt_length: int, truncation: str) -> list[int]:

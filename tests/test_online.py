@@ -175,8 +175,8 @@ WORKER = textwrap.dedent(r"""
     from sdpo.runtime.config import load_config
     from sdpo.runtime.run import Run
 
-    model_dir, out = sys.argv[1], Path(sys.argv[2])
-    cfg = load_config("configs/tiny.toml", ["--online.enabled=true", "--online.batch_prompts=3",
+    model_dir, out, batch_prompts = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    cfg = load_config("configs/tiny.toml", ["--online.enabled=true", f"--online.batch_prompts={batch_prompts}",
                                             "--online.max_new_tokens=5", "--online.samples=3", "--train.seed=7"])
     info = D.init_distributed("cpu")
     run = Run(cfg=cfg, info=info, mesh=None, out=out, tokenizer=load_tokenizer("data/tokenizer"),
@@ -205,13 +205,15 @@ def random_model(tmp_path_factory):
 
 @pytest.mark.slow  # two torchrun launches: ~90 s on two loaded cores
 def test_samples_are_the_same_for_one_and_two_ranks(tmp_path, random_model):
+    """One rank with batches of 4 prompts, two ranks with batches of 3 (dealt round-robin): the
+    step file, which holds no batch or rank, is the same to the byte."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     files = {}
-    for n in (1, 2):
+    for n, batch_prompts in ((1, 4), (2, 3)):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(n), str(worker), str(random_model), str(tmp_path / f"w{n}")],
+                               str(n), str(worker), str(random_model), str(tmp_path / f"w{n}"), str(batch_prompts)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         files[n] = (tmp_path / f"w{n}" / "online" / "step2.jsonl").read_text()
@@ -221,6 +223,50 @@ def test_samples_are_the_same_for_one_and_two_ranks(tmp_path, random_model):
     assert [r["index"] for r in rows] == list(range(10)) and all(len(r["completions"]) == 3 for r in rows)
     assert len({c for r in rows for c in r["completions"]}) > 10  # sampled, not one greedy answer per prompt
 
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch(tmp_path, random_model):
+    """Prompts of different lengths (so different left pads) sampled 1 and 4 to a batch, and in
+    the reverse order of batches' sizes (4 then 1): every prompt gets the same completions."""
+    from sdpo.data.read import read_preferences
+    from sdpo.data.tokenizer import load_tokenizer
+    from sdpo.runtime import distributed as D
+    from sdpo.runtime.run import Run
+
+    examples = read_preferences([REPO / "data" / "demo" / "orca_pairs" / "test.jsonl"])[0][:6]
+    tok = load_tokenizer(REPO / "data" / "tokenizer")
+    assert len({len(online.prompt_ids(ex, tok, 48, "keep_end")) for ex in examples}) > 1
+    got = {}
+    for bp in (1, 4):
+        cfg = load_config(TINY, ["--online.enabled=true", f"--online.batch_prompts={bp}", "--online.samples=3",
+                                 "--online.max_new_tokens=5", "--train.seed=7"])
+        run = Run(cfg=cfg, info=D.init_distributed("cpu"), mesh=None, out=tmp_path / f"bp{bp}", tokenizer=tok,
+                  tokenizer_dir=str(REPO / "data" / "tokenizer"), autocast_dtype=None)
+        got[bp] = [r["completions"] for r in online.step_records(run, str(random_model), examples, 2)]
+    assert got[1] == got[4]
+    assert len({c for cs in got[1] for c in cs}) > 6  # sampled, not one greedy answer per prompt
+
+
+def test_per_row_draw_follows_each_rows_probabilities():
+    """Inverse transform sampling against hand-set probabilities (unnormalised rows, a zero, a row
+    that is all on one token); a shared generator draws for its rows in row order."""
+    from sdpo.models.generate import per_row_draw
+
+    probs = torch.tensor([[0.2, 0.0, 1.2, 0.6], [0.0, 0.0, 0.0, 3.0]])  # row 0: 0.1, 0, 0.6, 0.3
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    tokens = per_row_draw(probs.repeat(n, 1), [g] * (2 * n))
+    row0, row1 = tokens[0::2], tokens[1::2]
+    assert (row1 == 3).all() and not (row0 == 1).any()
+    freq = torch.bincount(row0, minlength=4).double() / n
+    for got, p in zip(freq.tolist(), [0.1, 0.0, 0.6, 0.3]):
+        assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-12  # 4 standard errors
+    # row i's token depends only on its generator: the same seed per row gives the same token in any batch
+    one = [per_row_draw(probs[:1], [torch.Generator().manual_seed(s)]).item() for s in range(50)]
+    both = per_row_draw(probs.repeat(50, 1), [torch.Generator().manual_seed(s // 2) for s in range(100)])
+    assert both[0::2].tolist() == one
+    with pytest.raises(ValueError, match="3 generators for 2 rows"):
+        per_row_draw(probs, [g] * 3)
 
 # ---------------------------------------------------------------- a run killed mid-sampling
 
@@ -245,7 +291,8 @@ def test_killed_during_sampling_resumes_to_the_same_pairs_and_models(tmp_path, m
     cfg = lambda out, *extra: load_config(TINY, [*SMALL, judge, f"--train.output_dir={tmp_path / out}", *extra])  # noqa: E731
     sampled = []
     real = online.generate
-    monkeypatch.setattr(online, "generate", lambda *a, **k: (sampled.append(k["generator"].initial_seed()), real(*a, **k))[1])
+    # a batch is known by its first prompt's generator seed
+    monkeypatch.setattr(online, "generate", lambda *a, **k: (sampled.append(k["generator"][0].initial_seed()), real(*a, **k))[1])
     train(cfg("full"))
     full_seeds, sampled[:] = list(sampled), []
 

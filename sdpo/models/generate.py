@@ -50,9 +50,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Ten
     return ids.to(device), mask.to(device)
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
     """logits [B, V] -> next token ids [B]. temperature 0 is argmax; otherwise nucleus sampling
-    (Holtzman et al. 2020): sample from the smallest set of top tokens whose probability reaches top_p."""
+    (Holtzman et al. 2020): sample from the smallest set of top tokens whose probability reaches top_p.
+    generator: None, one torch.Generator for the batch, or a list of B generators, one per row
+    (`per_row_draw`)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -62,9 +64,28 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
         drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    if isinstance(generator, (list, tuple)):
+        return per_row_draw(probs, generator)
     if generator is not None and generator.device != probs.device:
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def per_row_draw(probs: Tensor, generators) -> Tensor:
+    """probs [B, V] (rows need not sum to 1) -> token ids [B] by inverse transform sampling: row i
+    draws one uniform u from generators[i] (rows in order) and takes the first token whose
+    cumulative probability exceeds u * total. A row's token then depends only on its own
+    probabilities and its generator's state, not on the other rows of the batch; rows that share a
+    generator (one prompt's samples, consecutive) draw from it in row order."""
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"generate: {len(generators)} generators for {probs.shape[0]} rows (one per row)")
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64).cpu() for g in generators])
+    cdf = probs.double().cumsum(dim=-1)  # [B, V]
+    target = (u.to(probs.device) * cdf[:, -1])[:, None]  # [B, 1], in [0, total)
+    token = torch.searchsorted(cdf, target, right=True)[:, 0]  # right=True never lands on a zero-probability token
+    # u * total can round up to total: then the row's last token of nonzero probability
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(token, last)
 
 
 @torch.no_grad()
@@ -77,13 +98,15 @@ def generate(
     pad_id: int = 0,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> list[list[int]]:
     """Per prompt, the generated ids after it, stopped before the first eos_id (not included;
     a list stops at any of them, as Llama-3's several end tokens need); temperature 0 = greedy.
     All prompts decode as one batch; rows that have finished keep running (their extra tokens
-    are dropped) until every row is done or max_new_tokens is reached. Sampled tokens depend on
-    the generator's state, hence on the batch a prompt is in."""
+    are dropped) until every row is done or max_new_tokens is reached. With one generator the
+    sampled tokens depend on the batch a prompt is in; with a list of one generator per row
+    (`per_row_draw`: every row draws once per step, finished or not) a row's tokens depend only
+    on its prompt and its generator."""
     _check(prompts, max_new_tokens, temperature, top_p)
     stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else [int(e) for e in eos_id]
     param = next(model.parameters())
