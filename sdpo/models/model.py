@@ -34,6 +34,7 @@ from sdpo.models.attention import attend
 from sdpo.models.kv_cache import KVCache
 from sdpo.models.layers import (FusedGatedMLP, GatedMLP, OffsetRMSNorm, RMSNorm, ScaledEmbedding,
                                 ScaleThenCastRMSNorm, SoftcappedHead)
+from sdpo.models.moe import SparseMoE
 from sdpo.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_type
 
 # F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
@@ -73,6 +74,14 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this^-1/2 (None: head_dim^-1/2)
     attn_logit_softcapping: float | None = None  # Gemma 2: scores -> c·tanh(scores / c)
     final_logit_softcapping: float | None = None  # Gemma 2: logits -> c·tanh(logits / c)
+    # Mixture of experts (Mixtral, Qwen3-MoE; sdpo/models/moe.py). num_experts 0: every layer dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int | None = None  # each expert's I; None -> intermediate_size (Mixtral)
+    norm_topk_prob: bool = True  # renormalise the top-k weights to sum 1 (Mixtral always)
+    decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] | None = None  # ... and i is not listed here (those use the dense MLP)
+    router_aux_loss_coef: float = 0.001  # the checkpoint's load-balancing coefficient (loss.router_aux_coef)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -97,9 +106,17 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and len(value) != self.num_hidden_layers:
                 raise ValueError(f"{name} has {len(value)} entries for {self.num_hidden_layers} layers")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.decoder_sparse_step > 0):
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                             f"{self.num_experts}, and decoder_sparse_step={self.decoder_sparse_step} >= 1")
         if self.layer_types is not None and set(self.layer_types) - {FULL, SLIDING}:
             raise ValueError(f"layer_types: {sorted(set(self.layer_types) - {FULL, SLIDING})} are not supported; "
                              f"expected {FULL!r} or {SLIDING!r}")
+
+    def is_sparse(self, i: int) -> bool:
+        """Layer i's MLP is a mixture of experts (HF's Qwen2MoeDecoderLayer rule; Mixtral: every layer)."""
+        return (self.num_experts > 0 and i not in (self.mlp_only_layers or [])
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def rotary_dim(self) -> int:
@@ -341,6 +358,27 @@ class PostNormBlock(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(x))
 
 
+class MoEBlock(PreNormBlock):
+    """Mixtral, Qwen3-MoE: Llama's block with a mixture of experts for the MLP on sparse layers
+    (config.is_sparse). forward -> (x, the layer's RouterStats, or None on a dense layer): the stats
+    leave the block as an output, so activation checkpointing recomputes them without adding them twice."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, family: "Family"):
+        super().__init__(config, layer_idx, family)
+        self.sparse = config.is_sparse(layer_idx)
+        if self.sparse:
+            self.mlp = SparseMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
+                                 config.moe_intermediate_size or config.intermediate_size, config.hidden_act,
+                                 normalize=config.norm_topk_prob, weights_in_float32=family.router_weights_in_float32)
+
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        if not self.sparse:
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        y, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + y, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # the families
 
@@ -359,6 +397,7 @@ class Family:
     o_proj_bias: bool = True  # attention_bias also gives o_proj a bias (Llama yes, Qwen2 no)
     rope_in_float32: bool = False  # cos/sin stay float32 (OLMo 2/3) instead of the activation dtype
     query_position_scale: bool = False  # Ministral 3: q × (1 + β·ln(1 + ⌊pos / original_max⌋)) after RoPE
+    router_weights_in_float32: bool = True  # MoE: top-k weights stay float32 (Mixtral) or take the logits' dtype
 
 
 _OLMO2 = dict(norm=ScaleThenCastRMSNorm, block=PostNormBlock, qk_norm="projection", rope_in_float32=True)
@@ -375,6 +414,8 @@ FAMILIES = {
     "phi3": Family("Phi3ForCausalLM", attention=FusedQKVAttention, mlp=FusedGatedMLP),  # also Phi-4-mini
     "smollm3": Family("SmolLM3ForCausalLM"),  # its NoPE layers: ModelConfig.no_rope_layers
     "ministral3": Family("Ministral3ForCausalLM", query_position_scale=True),
+    "mixtral": Family("MixtralForCausalLM", block=MoEBlock),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", block=MoEBlock, qk_norm="head", router_weights_in_float32=False),
 }
 
 
@@ -391,6 +432,9 @@ class Transformer(nn.Module):
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # or "full", "every:K", K (checkpoint_every)
+        # MoE: the last forward's RouterStats summed over its sparse layers (None for a dense model). The
+        # step reads it right after the policy's forward (sdpo.models.moe.load_balancing_loss).
+        self.router_stats = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -445,6 +489,7 @@ class Transformer(nn.Module):
         ropes = self.rope_tables(position_ids, x.dtype)  # {rope key: (B, T, rotary_dim) tables}
         masks = self._masks(attn_mask, attention_mask, T, input_ids.device, past)  # {window: mask}
         every = checkpoint_every(self.gradient_checkpointing)  # 0 none, 1 all blocks, k: 0, k, 2k, ...
+        router = None
         for i, layer in enumerate(self.layers):
             rope, mask = ropes.get(self.config.layer_rope(i)), masks[self.config.layer_window(i)]
             if kv_cache is not None:
@@ -454,6 +499,10 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, rope, mask, use_reentrant=False)
             else:
                 x = layer(x, rope, mask)
+            if isinstance(x, tuple):  # MoEBlock: (x, this layer's RouterStats or None)
+                x, stats = x
+                router = router if stats is None else stats + router
+        self.router_stats = router
         if kv_cache is not None:
             kv_cache.length = past + T
         return self.norm(x)
