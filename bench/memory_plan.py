@@ -75,7 +75,8 @@ def planned(args: dict) -> int:
                       num_hidden_layers=args["layers"], num_attention_heads=args["heads"],
                       num_key_value_heads=args["kv_heads"])
     s = Setup(world_size=1, micro_batch_size=args["pairs"], max_length=args["seq"], max_prompt_length=args["seq"] // 2,
-              bf16=False, checkpoint=checkpoint_every(args["checkpoint"]), fused=args["fused"])
+              bf16=False, checkpoint=checkpoint_every(args["checkpoint"]), fused=args["fused"],
+              device="cpu")
     return plan(cfg, s)["total"]
 
 

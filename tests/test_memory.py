@@ -114,8 +114,12 @@ def test_plan_shards_by_world_size_and_checkpointing_lowers_activations():
     assert 10.6e9 < one["parameters"] / 4 < 10.8e9                     # SOLAR: 10.7B parameters
     acts = [plan(c, Setup(world_size=8, checkpoint=k))["activations"] for k in (0, 4, 2, 1)]
     assert acts == sorted(acts, reverse=True) and acts[-1] < acts[0] / 5
-    fused, unfused = (plan(c, Setup(world_size=8, micro_batch_size=4, fused=f))["logits"] for f in (True, False))
-    assert unfused == 2 * 4 * 512 * 32000 * 2 and fused < unfused / 1.5 and fused < 0.2e9
+    # GPU chunks are large (kernels.fused_linear.CUDA_*: ~256 MiB of logits, a 256 MiB float32 dW block at
+    # H = 4096), so the fused lm_head saves memory from ~12k scored rows on (32 pairs x 512 x 2 here).
+    fused, unfused = (plan(c, Setup(world_size=8, micro_batch_size=32, fused=f))["logits"] for f in (True, False))
+    assert unfused == 2 * 32 * 512 * 32000 * 2 and fused < unfused / 1.5 and fused < 1.2e9
+    cpu = [plan(c, Setup(world_size=8, micro_batch_size=4, fused=f, device="cpu"))["logits"] for f in (True, False)]
+    assert cpu[1] == 2 * 4 * 512 * 32000 * 2 and cpu[0] < cpu[1] / 1.5 and cpu[0] < 0.2e9
 
 
 def test_plan_cli_on_solar_8x80(capsys):
@@ -161,12 +165,21 @@ def test_plan_within_15_percent_with_checkpointing(ckpt):
     assert 0.85 < planned / measured < 1.15, (ckpt, planned, measured)
 
 
-def test_plan_constants_follow_the_kernel():
+def test_plan_logits_chunk_is_the_devices():
     from kernels import fused_linear
-    from sdpo.runtime import memory
+    from sdpo.models.model import ModelConfig
+    from sdpo.runtime.memory import Setup, plan
 
-    assert (memory.CHUNK_ELEMENTS, memory.VOCAB_BLOCK, memory.MIN_ROWS) == \
-        (fused_linear.CHUNK_ELEMENTS, fused_linear.VOCAB_BLOCK, fused_linear.MIN_ROWS)
+    c = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                    num_attention_heads=8)
+    rows = {}
+    for device, (elements, min_rows) in {"cpu": (fused_linear.CHUNK_ELEMENTS, fused_linear.MIN_ROWS),
+                                         "cuda": (fused_linear.CUDA_CHUNK_ELEMENTS, fused_linear.CUDA_MIN_ROWS)}.items():
+        # 16 pairs of 1024 tokens, 512 scored each: more response rows than either device's chunk
+        logits = plan(c, Setup(micro_batch_size=16, bf16=False, device=device))["logits"]
+        rows[device] = logits / (32000 * 4)
+        assert rows[device] == max(min_rows, elements // 32000), device
+    assert rows["cuda"] > 10 * rows["cpu"]  # a GPU plan counts the GPU's chunk, not the CPU's
 
 
 # Published sizes (the model cards' parameter counts; safetensors totals) of the families' public

@@ -15,8 +15,10 @@ ranks under FSDP2 (sdpo.runtime.distributed.apply_fsdp):
   activations      saved for backward, per token per block (below), x tokens x blocks; a
                    checkpointed block keeps only its input [T, H], plus one block recomputed;
                    plus one block's worth for backward's gradients of those intermediates
-  logits           fused: one [c, V] chunk (backward: a chunk, float32 [4096, H] and [R, H]
-                   accumulators); unfused: the [R, V] logits (overwritten by their gradient)
+  logits           fused: one [c, V] chunk of the device's size (kernels.fused_linear.chunk_sizes:
+                   ~2^27 logits on CUDA, 2^22 on CPU; 16-bit backward: a chunk, a float32 [Vb, H]
+                   block and the [R, H] accumulator); unfused: the [R, V] logits (overwritten by
+                   their gradient)
   reference pass   the no-grad M_{t-1} pass before the policy exists: its own peak, not added
 
 Per token, saved by one block (b = compute dtype bytes, r = residual-stream bytes, Q = heads x
@@ -42,14 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.fused_linear import chunk_sizes
 from sdpo.models.model import ModelConfig, Transformer, checkpoint_every
 
 GIB = 1 << 30
 CONTEXT_BYTES = 1 * GIB        # CUDA context, cuBLAS workspaces, NCCL buffers
 FRAGMENTATION = 0.10           # of the GPU memory left after the context
-CHUNK_ELEMENTS = 1 << 22       # kernels.fused_linear's CHUNK_ELEMENTS, VOCAB_BLOCK, MIN_ROWS (checked in tests/test_memory.py)
-VOCAB_BLOCK = 4096
-MIN_ROWS = 192
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Setup:
     checkpoint: int = 0                # checkpoint_every(): 0 none, 1 full, k every k-th block
     fused: bool = True
     reshard_after_forward: bool = True
+    device: str = "cuda"               # the fused lm_head's chunk sizes are the device's (kernels.fused_linear)
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
@@ -118,11 +119,13 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
     act += tokens * per_tok                                  # backward's working set: the gradients of one
                                                              # block's intermediates have their shapes
     out["activations"] = act
+    chunk_elements, min_rows, vocab_block = chunk_sizes(s.device)
+    chunk_rows = min(resp, max(min_rows, chunk_elements // V))
     if s.fused:
-        rows = max(1, min(resp, max(MIN_ROWS, CHUNK_ELEMENTS // V)))
+        rows = max(1, chunk_rows)
         # forward: one [c, V] chunk; 16-bit backward: a [c', Vb] chunk, the float32 [Vb, H] dW block
         # and the float32 [R, H] grad-of-hidden accumulator (kernels/fused_linear.py)
-        bwd = 0 if b == 4 else CHUNK_ELEMENTS * b + VOCAB_BLOCK * H * 4 + resp * H * 4
+        bwd = 0 if b == 4 else min(chunk_elements, resp * V) * b + vocab_block * H * 4 + resp * H * 4
         out["logits"] = max(rows * V * b, bwd)
     else:
         out["logits"] = resp * V * b
@@ -130,7 +133,7 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
     # The no-grad reference pass: fp32 shards, the gathered root and blocks, one block's working
     # set for the micro-batch's tokens, and the logits chunk (or [R, V]).
     ref = 4 * P // W + (b * n["root"] + 2 * b * n["block"] if sharded else (2 * P if s.bf16 else 0))
-    ref += tokens * (per_tok + 2 * r * H) + (min(resp, max(MIN_ROWS, CHUNK_ELEMENTS // V)) * V * b if s.fused else resp * V * b)
+    ref += tokens * (per_tok + 2 * r * H) + (chunk_rows * V * b if s.fused else resp * V * b)
     out["reference pass"] = ref
     return out
 
