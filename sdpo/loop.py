@@ -188,10 +188,18 @@ def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> flo
 
 def peak_mem_gb(device) -> float:
     """Peak memory since the last reset_peak_mem (CUDA: allocated by torch); CPU: the process's peak
-    RSS, which no call can reset (a lifetime maximum)."""
+    resident set (Linux's VmHWM, which reset_peak_mem lowers to the current RSS; elsewhere
+    ru_maxrss, a lifetime maximum)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB (macOS: bytes)
 
 
 def reset_peak_mem(device) -> None:
@@ -199,6 +207,12 @@ def reset_peak_mem(device) -> None:
     pass's or an earlier stage's)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset VmHWM to the current RSS (proc(5))
+    except OSError:
+        pass
 
 
 def fmt_time(s: float) -> str:

@@ -197,3 +197,19 @@ def test_parameter_count_matches_the_published_size(name):
     n = param_counts(load_model_config(REPO / "bench" / "shapes" / name))
     assert abs(n["total"] / PUBLISHED[name] - 1) < 0.003, (name, n["total"])
     assert n["total"] == n["root"] + load_model_config(REPO / "bench" / "shapes" / name).num_hidden_layers * n["block"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: VmHWM and clear_refs")
+def test_cpu_peak_mem_is_per_window():
+    import torch
+
+    from sdpo.loop import peak_mem_gb, reset_peak_mem
+
+    cpu = torch.device("cpu")
+    reset_peak_mem(cpu)
+    base = peak_mem_gb(cpu)
+    x = torch.ones(100_000_000)  # 0.4 GB, touched
+    assert peak_mem_gb(cpu) > base + 0.35
+    del x
+    reset_peak_mem(cpu)  # a new window: the freed 0.4 GB is not its peak (ru_maxrss would keep it)
+    assert peak_mem_gb(cpu) < base + 0.1
