@@ -46,6 +46,10 @@ TEMP_DIR = re.compile(r"\.(.+)\.(tmp|old)-[0-9a-zA-Z_]+")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Buffers some old conversions stored; we recompute them, so they are skipped on load.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Vision-language checkpoints (Qwen3.5): the language tower is model.language_model.*; the vision tower
+# and the multi-token-prediction head are not part of the decoder and are skipped with a notice.
+LANGUAGE_PREFIX = "model.language_model."
+SKIPPED_PREFIXES = ("model.visual.", "mtp.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +63,8 @@ def to_hf_name(name: str) -> str:
 def from_hf_name(name: str) -> str | None:
     if name == "lm_head.weight":
         return name
+    if name.startswith(LANGUAGE_PREFIX):
+        return name[len(LANGUAGE_PREFIX):]
     return name[len("model."):] if name.startswith("model.") else None
 
 
@@ -135,16 +141,21 @@ def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
     found = _shard_shapes(_weight_files(root))
     expected = expected_shapes(config)  # a tied lm_head is left out
     names = {}
-    unexpected = []
+    unexpected, skipped = [], []
     for key in found:
         ours = from_hf_name(key)
         if ours in expected:
             names[ours] = key
+        elif key.startswith(SKIPPED_PREFIXES):
+            skipped.append(key)
         elif key.endswith(IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
             continue  # tied checkpoints sometimes also store lm_head.weight (a copy of the embedding)
         else:
             unexpected.append(key)
-    missing = [to_hf_name(k) for k in expected if to_hf_name(k) not in found]
+    if skipped:
+        print(f"{root}: skipping {len(skipped)} tensors outside the language model "
+              f"({', '.join(sorted({k.split('.')[0] + '.' + k.split('.')[1] for k in skipped}))})")
+    missing = [to_hf_name(k) for k in expected if k not in names]
     if missing or unexpected:
         raise CheckpointError(
             f"{root}: tensors do not match config.json ({config.model_type}, {config.num_hidden_layers} layers, "

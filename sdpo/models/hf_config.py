@@ -57,7 +57,11 @@ DEFAULTS = {
     "phi3": dict(rms_norm_eps=1e-5, original_max_position_embeddings=4096),
     "smollm3": dict(tie_word_embeddings=True, rope_theta=2_000_000.0),
     "ministral3": dict(head_dim=128, rms_norm_eps=1e-5),
+    "qwen3_5_text": dict(head_dim=256, partial_rotary_factor=0.25, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32),
 }
+LINEAR_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel_dim")
 # Layer patterns transformers' configs build when config.json has no layer_types.
 DEFAULT_PATTERN = {
     "gemma2": lambda raw, i: (i + 1) % 2 != 0,
@@ -140,8 +144,23 @@ def _scaling(rope: dict, raw: dict, model_type: str) -> dict | None:
     return out
 
 
+def language_config(raw: dict, where: str) -> dict:
+    """A vision-language config (Qwen3.5's "qwen3_5": text_config + vision_config) -> its language
+    model's config; other configs as they are."""
+    if raw.get("model_type") != "qwen3_5":
+        return raw
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{where}: model_type 'qwen3_5' needs a text_config object (the language model)")
+    text = {**text, "model_type": "qwen3_5_text"}
+    if "tie_word_embeddings" in raw:  # the outer config owns the lm_head tie
+        text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    return text
+
+
 def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
     """Parse an HF config dict; `where` names the file in error messages."""
+    raw = language_config(raw, where)
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{where}: unknown model_type {model_type!r}; supported: {supported()}")
@@ -199,6 +218,18 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         pattern = DEFAULT_PATTERN[model_type]
         layer_types = ["sliding_attention" if pattern(raw, i) else "full_attention"
                        for i in range(sizes["num_hidden_layers"])]
+    linear = {}
+    if model_type == "qwen3_5_text":
+        if layer_types is None:  # transformers' default: every full_attention_interval-th layer is full
+            every = get("full_attention_interval", int, 4)
+            layer_types = ["linear_attention" if (i + 1) % every else "full_attention"
+                           for i in range(sizes["num_hidden_layers"])]
+        linear = {k: get(k, int) for k in LINEAR_FIELDS}
+        bad = [f"{k} must be a positive integer, got {v}" for k, v in linear.items() if v <= 0]
+        if not bad and linear["linear_num_value_heads"] % linear["linear_num_key_heads"]:
+            bad.append("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if bad:
+            raise CheckpointError(f"{where}: " + "; ".join(bad))
     rms_norm_eps = get("rms_norm_eps", float, 1e-6)
     check_values(sizes, rms_norm_eps, theta, rope_scaling, sliding_window, where, partial)
     if sliding_scaling is not None:
@@ -229,6 +260,7 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
             query_pre_attn_scalar=get("query_pre_attn_scalar", float, None) if gemma else None,
             attn_logit_softcapping=get("attn_logit_softcapping", float, None) if model_type == "gemma2" else None,
             final_logit_softcapping=get("final_logit_softcapping", float, None) if gemma else None,
+            **linear,
         )
     except (ValueError, KeyError, TypeError) as e:
         if isinstance(e, CheckpointError):
@@ -342,6 +374,11 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
         out["partial_rotary_factor"] = c.partial_rotary_factor
         out["original_max_position_embeddings"] = (c.rope_scaling or {}).get(
             "original_max_position_embeddings", c.max_position_embeddings)
+    if mt == "qwen3_5_text":
+        out.update({k: getattr(c, k) for k in LINEAR_FIELDS}, attention_bias=c.attention_bias,
+                   partial_rotary_factor=c.partial_rotary_factor,
+                   rope_parameters={"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta,
+                                    "partial_rotary_factor": c.partial_rotary_factor})
     if mt in NESTED_ROPE:
         sliding_theta = c.sliding_rope_theta if c.sliding_rope_theta is not None else c.rope_theta
         if mt == "gemma3_text":

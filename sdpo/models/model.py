@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo.models.attention import attend
 from sdpo.models.kv_cache import KVCache
+from sdpo.models.linear_attention import GatedDeltaNet, SequenceLayout
 from sdpo.models.layers import (FusedGatedMLP, GatedMLP, OffsetRMSNorm, RMSNorm, ScaledEmbedding,
                                 ScaleThenCastRMSNorm, SoftcappedHead)
 from sdpo.models.moe import SparseMoE
@@ -39,7 +40,7 @@ from sdpo.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_type
 
 # F.scaled_dot_product_attention(..., enable_gqa=True): K/V with fewer heads than Q (torch >= 2.5).
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"  # HF's layer_types
 
 
 @dataclass
@@ -82,6 +83,12 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] | None = None  # ... and i is not listed here (those use the dense MLP)
     router_aux_loss_coef: float = 0.001  # the checkpoint's load-balancing coefficient (loss.router_aux_coef)
+    # Qwen3.5's Gated DeltaNet layers (layer_types "linear_attention", sdpo/models/linear_attention.py)
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -109,9 +116,15 @@ class ModelConfig:
         if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts and self.decoder_sparse_step > 0):
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                              f"{self.num_experts}, and decoder_sparse_step={self.decoder_sparse_step} >= 1")
-        if self.layer_types is not None and set(self.layer_types) - {FULL, SLIDING}:
-            raise ValueError(f"layer_types: {sorted(set(self.layer_types) - {FULL, SLIDING})} are not supported; "
-                             f"expected {FULL!r} or {SLIDING!r}")
+        if self.layer_types is not None and set(self.layer_types) - {FULL, SLIDING, LINEAR}:
+            raise ValueError(f"layer_types: {sorted(set(self.layer_types) - {FULL, SLIDING, LINEAR})} are not "
+                             f"supported; expected {FULL!r}, {SLIDING!r} or {LINEAR!r}")
+        if self.has_linear_layers:
+            sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                     self.linear_value_head_dim)
+            if any(not isinstance(n, int) or n < 1 for n in sizes) or sizes[1] % sizes[0]:
+                raise ValueError(f"linear_attention layers need linear_num_key_heads, linear_num_value_heads (a "
+                                 f"multiple of it), linear_key_head_dim, linear_value_head_dim >= 1; got {sizes}")
 
     def is_sparse(self, i: int) -> bool:
         """Layer i's MLP is a mixture of experts (HF's Qwen2MoeDecoderLayer rule; Mixtral: every layer)."""
@@ -126,6 +139,14 @@ class ModelConfig:
         if self.layer_types is None:
             return SLIDING if self.sliding_window is not None else FULL
         return self.layer_types[i]
+
+    @property
+    def has_linear_layers(self) -> bool:
+        return self.layer_types is not None and LINEAR in self.layer_types
+
+    def mask_key(self, i: int):
+        """What layer i reads from hidden_states' masks: its window's mask, or the SequenceLayout (LINEAR)."""
+        return LINEAR if self.layer_type(i) == LINEAR else self.layer_window(i)
 
     def layer_window(self, i: int) -> int | None:
         """Layer i's sliding window, None for global attention."""
@@ -145,7 +166,8 @@ class ModelConfig:
 
     def attention_windows(self) -> list[int | None]:
         """The distinct windows over the layers (None = global): one mask is built for each."""
-        return sorted({self.layer_window(i) for i in range(self.num_hidden_layers)}, key=lambda w: w or 0)
+        attention = [i for i in range(self.num_hidden_layers) if self.layer_type(i) != LINEAR]
+        return sorted({self.layer_window(i) for i in attention}, key=lambda w: w or 0)
 
 
 class Rope(NamedTuple):
@@ -289,7 +311,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         y = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # sdpo/models/attention.py
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.output(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def output(self, y: Tensor) -> Tensor:
+        return self.o_proj(y)
 
 
 class FusedQKVAttention(Attention):
@@ -303,6 +328,25 @@ class FusedQKVAttention(Attention):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         d = self.head_dim
         return self.qkv_proj(x).split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
+
+
+class GatedAttention(Attention):
+    """Qwen3.5's full-attention layers: q_proj gives each head its query and an output gate
+    ([n_heads, 2·d], query first); the attention output is × sigmoid(gate) before o_proj."""
+
+    def make_projections(self, config: ModelConfig, family: "Family") -> None:
+        super().make_projections(config, family)
+        self.q_proj = nn.Linear(config.hidden_size, 2 * self.n_heads * self.head_dim, bias=config.attention_bias)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        self._gate = gate.reshape(B, T, -1)  # read by output() later in the same forward
+        return q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x)
+
+    def output(self, y: Tensor) -> Tensor:
+        gate, self._gate = self._gate, None
+        return self.o_proj(y * torch.sigmoid(gate))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +400,27 @@ class PostNormBlock(nn.Module):
     def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(x, rope, mask, cache))
         return x + self.post_feedforward_layernorm(self.mlp(x))
+
+
+class HybridBlock(nn.Module):
+    """Qwen3.5: Llama's pre-norm block whose mixer is Gated DeltaNet (`linear_attn`) on the
+    "linear_attention" layers and the family's attention (`self_attn`) on the others."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, family: "Family"):
+        super().__init__()
+        self.input_layernorm = family.norm(config.hidden_size, config.rms_norm_eps)
+        self.linear = config.layer_type(layer_idx) == LINEAR
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = family.attention(config, layer_idx, family)
+        self.post_attention_layernorm = family.norm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = family.mlp(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
+        mixer = self.linear_attn if self.linear else self.self_attn  # mask: a SequenceLayout for linear_attn
+        x = x + mixer(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class MoEBlock(PreNormBlock):
@@ -416,6 +481,9 @@ FAMILIES = {
     "ministral3": Family("Ministral3ForCausalLM", query_position_scale=True),
     "mixtral": Family("MixtralForCausalLM", block=MoEBlock),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", block=MoEBlock, qk_norm="head", router_weights_in_float32=False),
+    # Gated DeltaNet on layer_types' "linear_attention" layers, gated attention on the others
+    "qwen3_5_text": Family("Qwen3_5ForCausalLM", norm=OffsetRMSNorm, block=HybridBlock, attention=GatedAttention,
+                           qk_norm="head"),
 }
 
 
@@ -488,10 +556,12 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         ropes = self.rope_tables(position_ids, x.dtype)  # {rope key: (B, T, rotary_dim) tables}
         masks = self._masks(attn_mask, attention_mask, T, input_ids.device, past)  # {window: mask}
+        if self.config.has_linear_layers:  # + {LINEAR: where each recurrent sequence starts, or None}
+            masks = {**masks, LINEAR: self._sequence_layout(attn_mask, attention_mask, past)}
         every = checkpoint_every(self.gradient_checkpointing)  # 0 none, 1 all blocks, k: 0, k, 2k, ...
         router = None
         for i, layer in enumerate(self.layers):
-            rope, mask = ropes.get(self.config.layer_rope(i)), masks[self.config.layer_window(i)]
+            rope, mask = ropes.get(self.config.layer_rope(i)), masks[self.config.mask_key(i)]
             if kv_cache is not None:
                 x = layer(x, rope, mask, kv_cache)
             elif every and i % every == 0 and torch.is_grad_enabled():
@@ -520,6 +590,20 @@ class Transformer(nn.Module):
             raise ValueError(f"{self.config.model_type}: layers with windows {windows} need one attn_mask per "
                              "window ({window: mask}), not one mask for all")
         return {windows[0]: attn_mask}
+
+    @staticmethod
+    def _sequence_layout(attn_mask, attention_mask, past: int) -> SequenceLayout | None:
+        """Recurrent layers: packed rows name their documents and segments in attn_mask["documents"]
+        (sdpo.logprobs.packed_sequence_logps), padded ones in attention_mask's segment ids; after a
+        cached prefix every row continues its one sequence (None)."""
+        if isinstance(attn_mask, dict) and "documents" in attn_mask:
+            return SequenceLayout.build(*attn_mask["documents"])
+        if attn_mask is not None:
+            raise ValueError("linear_attention layers need attn_mask['documents'] = (doc_ids, segments) "
+                             "with precomputed masks (sdpo.logprobs.packed_sequence_logps passes them)")
+        if attention_mask is None or past:
+            return None
+        return SequenceLayout.build(attention_mask)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
