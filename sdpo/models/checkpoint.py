@@ -68,6 +68,65 @@ def from_hf_name(name: str) -> str | None:
     return name[len("model."):] if name.startswith("model.") else None
 
 
+# Mixture of experts: the hub keeps each expert's projections as tensors of their own
+# (model.layers.N.block_sparse_moe.experts.E.w1.weight); we hold a layer's experts stacked, [E, ...],
+# so FSDP2 shards them as three parameters. model_type -> (the hub's module, our stacked name -> its name).
+HUB_EXPERTS = {
+    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    "qwen3_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+}
+_MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(?:experts\.(gate_proj|up_proj|down_proj)|gate\.weight)")
+
+
+def hub_names(name: str, config: ModelConfig) -> str | list[str]:
+    """Our parameter name -> its HF tensor name, or the E per-expert names of a stacked expert tensor
+    (expert e is row block e)."""
+    m = _MOE_NAME.fullmatch(name)
+    if m is None or config.model_type not in HUB_EXPERTS:
+        return to_hf_name(name)
+    module, rename = HUB_EXPERTS[config.model_type]
+    if m[2] is None:  # the router
+        return f"model.layers.{m[1]}.{module}.gate.weight"
+    return [f"model.layers.{m[1]}.{module}.experts.{e}.{rename[m[2]]}.weight" for e in range(config.num_experts)]
+
+
+def _take_experts(found: dict, expected: dict, config: ModelConfig, root) -> dict:
+    """Move the MoE tensors whose hub names differ from to_hf_name's out of `found` and `expected`
+    (in place) -> {ours: (file, HF name)} for a router, {ours: [(file, HF name) per expert]} for a stack."""
+    out, missing = {}, []
+    for ours in [k for k in expected if config.model_type in HUB_EXPERTS and _MOE_NAME.fullmatch(k)]:
+        want = expected.pop(ours)
+        hub = hub_names(ours, config)
+        parts = [hub] if isinstance(hub, str) else hub
+        missing += [n for n in parts if n not in found]
+        for n in parts:
+            shape = want if isinstance(hub, str) else want[1:]
+            if n in found and found[n][1] != shape:
+                raise CheckpointError(f"{found[n][0]}: tensor {n!r} has shape {list(found[n][1])}, expected {list(shape)}")
+        if not missing:
+            srcs = [(found.pop(n)[0], n) for n in parts]
+            out[ours] = srcs[0] if isinstance(hub, str) else srcs
+    if missing:
+        raise CheckpointError(f"{root}: tensors do not match config.json ({config.model_type}, {config.num_experts} "
+                              f"experts); missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return out
+
+
+def read_rows(source, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of dim 0 of one of our parameters, read from the files checked_tensors named:
+    (file, HF name) reads those rows only (get_slice); a stacked expert tensor reads experts start..stop."""
+    if isinstance(source, list):
+        return torch.stack([read_rows(part) for part in source[slice(start, stop)]])
+    file, key = source
+    # One open per tensor: the file is mmapped while open, and the pages we touch count in this
+    # process's resident set until it is closed, so keep at most one tensor's rows mapped.
+    with open_safetensors(file) as f:
+        try:
+            return f.get_slice(key)[slice(start, stop)] if start is not None else f.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read rows {start}:{stop} of {key!r} ({e})") from e
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names -> shapes, without allocating (a meta-device model); tied lm_head left out."""
     with torch.device("meta"):
@@ -140,6 +199,7 @@ def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
     Shared by load_model and the sharded loader in sdpo.runtime.distributed, so both fail alike."""
     found = _shard_shapes(_weight_files(root))
     expected = expected_shapes(config)  # a tied lm_head is left out
+    moe = _take_experts(found, expected, config, root)  # MoE: stacked experts and renamed routers
     names = {}
     unexpected, skipped = [], []
     for key in found:
@@ -166,7 +226,7 @@ def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, st
         file, shape = found[key]
         if shape != expected[ours]:
             raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[ours])}")
-    return {ours: (found[key][0], key) for ours, key in names.items()}
+    return {**{ours: (found[key][0], key) for ours, key in names.items()}, **moe}
 
 
 def load_model(path, dtype=None, device=None) -> Transformer:
@@ -181,8 +241,9 @@ def load_model(path, dtype=None, device=None) -> Transformer:
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype, f"load_model({root})")
     device = torch.device(device if device is not None else "cpu")
     tensors = checked_tensors(root, config)
-    names = {key: ours for ours, (_, key) in tensors.items()}  # HF name -> ours
-    files = sorted({file for file, _ in tensors.values()})
+    moe = {ours: src for ours, src in tensors.items() if isinstance(src, list)}  # stacked experts: read below
+    names = {key: ours for ours, src in tensors.items() if ours not in moe for key in [src[1]]}  # HF name -> ours
+    files = sorted({src[0] for ours, src in tensors.items() if ours not in moe})
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -197,6 +258,8 @@ def load_model(path, dtype=None, device=None) -> Transformer:
                         raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from e
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
+    for ours, src in moe.items():  # one stacked [E, ...] parameter at a time
+        model.load_state_dict({ours: read_rows(src).to(device=device, dtype=dtype)}, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced embed_tokens.weight; point lm_head at the new one
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -270,7 +333,11 @@ def save_state_dict(
         t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # a view into a larger buffer: safetensors refuses shared storage
-        tensors[to_hf_name(name)] = t
+        hub = hub_names(name, config)
+        if isinstance(hub, list):  # a stacked expert tensor: one hub tensor per expert
+            tensors.update({n: t[e].clone() for e, n in enumerate(hub)})
+        else:
+            tensors[hub] = t
     out_dtype = tensors["model.embed_tokens.weight"].dtype
 
     tok_files = []

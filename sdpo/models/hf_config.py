@@ -44,7 +44,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 # Families whose sliding layers come from layer_types (or the family's default pattern) and whose
 # sliding_window is read as given; Mistral's absent key means 4096 (handled below); Qwen3 and SmolLM3
 # use the window only with use_sliding_window.
-WINDOWED = ("mistral", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3", "ministral3")
+WINDOWED = ("mistral", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3", "ministral3", "mixtral", "qwen3_moe")
 # config.json keys transformers' config classes default when absent (only where they differ from Llama's).
 DEFAULTS = {
     "qwen3": dict(head_dim=128),
@@ -57,6 +57,8 @@ DEFAULTS = {
     "phi3": dict(rms_norm_eps=1e-5, original_max_position_embeddings=4096),
     "smollm3": dict(tie_word_embeddings=True, rope_theta=2_000_000.0),
     "ministral3": dict(head_dim=128, rms_norm_eps=1e-5),
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1_000_000.0, max_position_embeddings=131072),
+    "qwen3_moe": dict(max_position_embeddings=32768, sliding_window=4096),
     "qwen3_5_text": dict(head_dim=256, partial_rotary_factor=0.25, linear_conv_kernel_dim=4, linear_key_head_dim=128,
                          linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32),
 }
@@ -204,7 +206,7 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         # transformers' MistralConfig defaults to 4096 when the key is absent; an explicit null
         # (Mistral-7B v0.2 and later) means no window.
         sliding_window = get("sliding_window", int, None) if "sliding_window" in raw else 4096
-    elif model_type in ("qwen3", "smollm3"):
+    elif model_type in ("qwen3", "smollm3", "qwen3_moe"):
         sliding_window = get("sliding_window", int, None) if raw.get("use_sliding_window") else None
     elif model_type in WINDOWED:
         sliding_window = get("sliding_window", int, None) if "sliding_window" in raw else defaults.get("sliding_window")
@@ -236,6 +238,7 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         check_values(sizes, rms_norm_eps, sliding_theta, sliding_scaling, sliding_window, where + " (sliding layers)",
                      partial)
     gemma = model_type in ("gemma2", "gemma3_text")
+    moe = _read_moe(raw, model_type, sizes["num_hidden_layers"], where) if model_type in MOE else {}
     try:
         return ModelConfig(
             **sizes,
@@ -244,7 +247,8 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
             rope_scaling=rope_scaling,
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
             # Qwen2's config has no attention_bias field: its q/k/v biases are always there; Phi-3 has none.
-            attention_bias={"qwen2": True, "phi3": False}.get(model_type, get("attention_bias", bool, False)),
+            attention_bias={"qwen2": True, "phi3": False, "mixtral": False}.get(model_type,
+                                                                                get("attention_bias", bool, False)),
             sliding_window=sliding_window,
             model_type=model_type,
             bos_token_id=raw.get("bos_token_id"),
@@ -260,12 +264,59 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
             query_pre_attn_scalar=get("query_pre_attn_scalar", float, None) if gemma else None,
             attn_logit_softcapping=get("attn_logit_softcapping", float, None) if model_type == "gemma2" else None,
             final_logit_softcapping=get("final_logit_softcapping", float, None) if gemma else None,
+            **moe,
             **linear,
         )
     except (ValueError, KeyError, TypeError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{where}: {e}") from e
+
+
+# Mixture-of-experts config.json keys -> ModelConfig fields, with transformers' defaults (None: required).
+MOE = {
+    "mixtral": dict(num_local_experts=("num_experts", None), num_experts_per_tok=("num_experts_per_tok", 2),
+                    router_aux_loss_coef=("router_aux_loss_coef", 0.001)),
+    "qwen3_moe": dict(num_experts=("num_experts", 128), num_experts_per_tok=("num_experts_per_tok", 8),
+                      moe_intermediate_size=("moe_intermediate_size", 768), norm_topk_prob=("norm_topk_prob", False),
+                      decoder_sparse_step=("decoder_sparse_step", 1), mlp_only_layers=("mlp_only_layers", []),
+                      router_aux_loss_coef=("router_aux_loss_coef", 0.001)),
+}
+
+
+def _read_moe(raw: dict, model_type: str, layers: int, where: str) -> dict:
+    """The router and expert fields of a MoE config.json, checked (sdpo/models/moe.py)."""
+    out = {}
+    if model_type == "qwen3_moe" and raw.get("num_experts") is None:  # transformers 5 writes num_local_experts
+        raw = {**raw, "num_experts": raw.get("num_local_experts")}
+    for key, (field, default) in MOE[model_type].items():
+        value = raw.get(key, default) if raw.get(key) is not None else default
+        if value is None:
+            raise CheckpointError(f"{where}: required field {key!r} is missing ({model_type})")
+        out[field] = value
+    problems = [f"{k} must be a positive integer, got {raw.get(k, out[f])!r}"
+                for k, (f, _) in MOE[model_type].items()
+                if f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+                and (isinstance(out[f], bool) or not isinstance(out[f], int) or out[f] < 1)]
+    if not problems and out["num_experts_per_tok"] > out["num_experts"]:
+        problems.append(f"num_experts_per_tok ({out['num_experts_per_tok']}) must be <= the number of experts "
+                        f"({out['num_experts']})")
+    only = out.get("mlp_only_layers", [])
+    if not (isinstance(only, list) and all(isinstance(i, int) and 0 <= i < layers for i in only)):
+        problems.append(f"mlp_only_layers must list layer indices in 0..{layers - 1}, got {only!r}")
+    coef = out["router_aux_loss_coef"]
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+        problems.append(f"router_aux_loss_coef must be a number >= 0, got {coef!r}")
+    if not isinstance(out.get("norm_topk_prob", True), bool):
+        problems.append(f"norm_topk_prob must be true or false, got {out['norm_topk_prob']!r}")
+    if raw.get("router_jitter_noise"):  # transformers multiplies training inputs by U(1 - ε, 1 + ε); not here
+        problems.append(f"router_jitter_noise={raw['router_jitter_noise']} is not supported (0 only)")
+    if raw.get("shared_expert_intermediate_size"):
+        problems.append("a shared expert (shared_expert_intermediate_size) is not supported")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    out["router_aux_loss_coef"] = float(coef)
+    return out
 
 
 def _positive(v) -> bool:
@@ -347,7 +398,7 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
         "torch_dtype": torch_dtype or c.torch_dtype,
     }
     mt = c.model_type
-    if mt in ("llama", "qwen3", "olmo2", "olmo3", "smollm3"):
+    if mt in ("llama", "qwen3", "olmo2", "olmo3", "smollm3", "qwen3_moe"):
         out.update(attention_bias=c.attention_bias, mlp_bias=False)
     if mt == "llama":
         out["pretraining_tp"] = 1
@@ -355,7 +406,16 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
         out["sliding_window"] = c.sliding_window
     if mt == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_hidden_layers)
-    if mt in ("qwen3", "smollm3"):
+    if mt == "mixtral":
+        out.update(sliding_window=c.sliding_window, num_local_experts=c.num_experts,
+                   num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef,
+                   router_jitter_noise=0.0, output_router_logits=False)
+    if mt == "qwen3_moe":
+        out.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                   moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+                   decoder_sparse_step=c.decoder_sparse_step, mlp_only_layers=list(c.mlp_only_layers or []),
+                   router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=False)
+    if mt in ("qwen3", "smollm3", "qwen3_moe"):
         sliding = [i for i in range(c.num_hidden_layers) if c.layer_window(i) is not None]
         # layer_types (below) decides in transformers >= 4.53; older Qwen3 slides layers >= max_window_layers
         out.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window,

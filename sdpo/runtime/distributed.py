@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from sdpo.models.checkpoint import checked_tensors, open_safetensors
+from sdpo.models.checkpoint import checked_tensors, read_rows
 from sdpo.models.hf_config import CheckpointError, load_model_config
 from sdpo.models.model import Transformer
 
@@ -353,14 +353,7 @@ def load_sharded(path, mesh, *, mp_policy=None, reshard_after_forward: bool = Tr
             if name in added:
                 local.copy_(added[name][start:stop])
                 continue
-            file, key = tensors[name]
-            # One open per tensor: the file is mmapped while open, and the pages we touch count in
-            # this process's resident set until it is closed, so keep at most one tensor's rows mapped.
-            with open_safetensors(file) as f:
-                try:
-                    rows = f.get_slice(key)[start:stop]  # [stop - start, ...] in the file's dtype
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read rows {start}:{stop} of {key!r} ({e})") from e
+            rows = read_rows(tensors[name], start, stop)  # [stop - start, ...] in the file's dtype (MoE: experts)
             local.copy_(rows)  # float32 cast in the copy, as load_model's .to(float32)
             del rows
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
