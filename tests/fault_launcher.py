@@ -5,7 +5,7 @@
 
 PLAN is {"cwd": the directory the runs start in, "jobs": [...]}, a job being
 {"argv": [...], "out": DIR, "kills": [specs, one entry per attempt], "record": bool, "nproc": N or [N per attempt],
-"max_attempts": n, "resume": bool}. Attempt 1 runs argv (+ --resume if "resume"), later attempts argv + --resume,
+"max_attempts": n, "resume": bool}, and optionally "parallel": P, the number of jobs run at once (default 1). Attempt 1 runs argv (+ --resume if "resume"), later attempts argv + --resume,
 until one exits 0 (at most max_attempts, default len(kills) + 2);
 an attempt that ends otherwise than killed (137) or preempted (75) is reported, not retried.
 An attempt with nproc 1 (the default) is a fork of this process, which imported torch and sdpo once
@@ -269,7 +269,34 @@ def main() -> None:
     import train  # noqa: F401
 
     gc.freeze()  # the children's gc.collect() (sdpo.runtime.run.free_memory) skips all of the above
-    results = [run_job(job, n, work, plan["cwd"]) for n, job in enumerate(plan["jobs"])]
+    jobs, parallel = plan["jobs"], max(1, min(plan.get("parallel", 1), len(plan["jobs"])))
+    if parallel == 1:
+        results = [run_job(job, n, work, plan["cwd"]) for n, job in enumerate(jobs)]
+    else:
+        # `parallel` forked runners take the jobs in order, each claiming the next unclaimed one (an
+        # O_EXCL file), and write each result to its own file. Jobs share nothing but the inputs, read only.
+        runners = []
+        for _ in range(parallel):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    for n, job in enumerate(jobs):
+                        try:
+                            os.close(os.open(work / f"job{n}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                        except FileExistsError:
+                            continue
+                        (work / f"job{n}.result").write_text(json.dumps(run_job(job, n, work, plan["cwd"])))
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                    code = 1
+                os._exit(code)
+            runners.append(pid)
+        if any(os.waitpid(pid, 0)[1] for pid in runners):
+            sys.exit("fault_launcher: a runner failed (its traceback is above)")
+        results = [json.loads((work / f"job{n}.result").read_text()) for n in range(len(jobs))]
     Path(sys.argv[2]).write_text(json.dumps(results))
 
 

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
         # a 2-rank state in sDPO step 2 (M1 exported), left for the damage tests: no --resume
         "cut": job(tmp / "cut", [MID_STEP(6, 0, signal="SIGTERM")], nproc=2, max_attempts=1),
     }
-    results = launch(tmp, list(jobs.values()), timeout=1800)
+    results = launch(tmp, list(jobs.values()), timeout=1800, parallel=1)
     return tmp, dict(zip(jobs, results))
 
 
@@ -154,7 +154,7 @@ def test_a_damaged_two_rank_run_directory_stops_both_ranks_with_the_file_named(r
         shutil.copytree(tmp / "cut", d)
         expect.append(damage(d))
         jobs.append(job(d, nproc=2, resume=True, max_attempts=1, timeout=300))
-    results = launch(tmp_path, jobs, timeout=1800)
+    results = launch(tmp_path, jobs, timeout=1800, parallel=1)
     bad = []
     for damage, (text, code), res in zip(DAMAGES, expect, results):
         # torchrun prints its own traceback (ChildFailedError) after any failure; the ranks print none

@@ -88,14 +88,15 @@ PREEMPTIONS = {
 EXPECTED_TOP = {"config.toml", "metrics.jsonl", "progress.json", "ref_cache", "sft", "M1", "M2", "run.lock"}
 
 
-def launch(tmp_path, jobs, timeout=900):
+def launch(tmp_path, jobs, timeout=900, parallel=2):
     # The runs read a private copy of the config and data: every run of a comparison sees the same bytes.
     cwd = tmp_path / "inputs"
     if not cwd.exists():
         shutil.copytree(REPO / "data", cwd / "data", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
         shutil.copy(REPO / "configs" / "tiny.toml", cwd / "tiny.toml")
     plan, results = tmp_path / "plan.json", tmp_path / "results.json"
-    plan.write_text(json.dumps({"cwd": str(cwd), "jobs": jobs}))
+    # single-threaded runs, two at a time: the 2-core CI machine's cores both busy
+    plan.write_text(json.dumps({"cwd": str(cwd), "jobs": jobs, "parallel": parallel}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(LAUNCHER), str(plan), str(results)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
