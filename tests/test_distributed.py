@@ -25,76 +25,88 @@ WORKER = textwrap.dedent(
     from sdpo.models.model import ModelConfig, Transformer
     from sdpo.runtime.distributed import apply_fsdp, build_mesh, destroy, full_state_dict, init_distributed, all_reduce, reshard_root
 
-    tied, fused = sys.argv[1] == "tied", sys.argv[2] == "fused"
     info = init_distributed("cpu")
     assert info.world_size == 2 and dist.get_backend() == "gloo"
-    cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    ref = Transformer(cfg)
-    ref.init_weights(seed=3)
-    model = Transformer(cfg)
-    model.load_state_dict(ref.state_dict())
-    apply_fsdp(model, build_mesh(info), reshard_after_forward=True,
-               activation_checkpointing="every:2" if fused else "none")
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (4, 7), generator=g)            # the global batch
-    targets = torch.randint(0, 50, (4, 7), generator=g)
 
-    def loss_of(m, ids, targets):
-        # as sdpo.logprobs: hidden states, then lm_head outside forward
-        h = m.hidden_states(ids)                                 # [B, T, H]
-        if fused:                                                # the root's unsharded weight
-            return -kernels.linear_token_logprobs(h.reshape(-1, h.shape[-1]), m.lm_head.weight,
-                                                  targets.reshape(-1), chunk_size=5).mean()
-        logp = torch.log_softmax(m.lm_head(h).float(), -1)       # [B, T, V]
-        return -logp.gather(-1, targets[..., None]).mean()
+    def check(tied, fused):
+        cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        ref = Transformer(cfg)
+        ref.init_weights(seed=3)
+        model = Transformer(cfg)
+        model.load_state_dict(ref.state_dict())
+        apply_fsdp(model, build_mesh(info), reshard_after_forward=True,
+                   activation_checkpointing="every:2" if fused else "none")
 
-    # two iterations, so a resharded root would be caught on the second call
-    for it in range(2):
-        mine = slice(2 * info.rank, 2 * info.rank + 2)            # this rank's half
-        loss = loss_of(model, ids[mine], targets[mine])
-        loss.backward()
-        ref.zero_grad()
-        loss_of(ref, ids, targets).backward()                   # mean over the whole batch
-        full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        for n, p in ref.named_parameters():
-            torch.testing.assert_close(full[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
-        total = all_reduce(loss.detach().clone()) / 2
-        torch.testing.assert_close(total, loss_of(ref, ids, targets).detach())
-        model.zero_grad()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 50, (4, 7), generator=g)            # the global batch
+        targets = torch.randint(0, 50, (4, 7), generator=g)
 
-    # The reference pass: no backward, so the root stays gathered until reshard_root.
-    with torch.no_grad():
-        model.hidden_states(ids[:1])
-    assert not isinstance(model.lm_head.weight, DTensor)
-    reshard_root(model)
-    assert isinstance(model.lm_head.weight, DTensor) and isinstance(model.embed_tokens.weight, DTensor)
+        def loss_of(m, ids, targets):
+            # as sdpo.logprobs: hidden states, then lm_head outside forward
+            h = m.hidden_states(ids)                                 # [B, T, H]
+            if fused:                                                # the root's unsharded weight
+                return -kernels.linear_token_logprobs(h.reshape(-1, h.shape[-1]), m.lm_head.weight,
+                                                      targets.reshape(-1), chunk_size=5).mean()
+            logp = torch.log_softmax(m.lm_head(h).float(), -1)       # [B, T, V]
+            return -logp.gather(-1, targets[..., None]).mean()
 
-    sd = full_state_dict(model)
-    if info.rank == 0:
-        for n, t in ref.state_dict().items():
-            assert torch.equal(sd[n], t), n
-        assert all(t.device.type == "cpu" and not hasattr(t, "placements") for t in sd.values())
-        print("OK", sorted(sd)[:2])
+        # two iterations, so a resharded root would be caught on the second call
+        for it in range(2):
+            mine = slice(2 * info.rank, 2 * info.rank + 2)            # this rank's half
+            loss = loss_of(model, ids[mine], targets[mine])
+            loss.backward()
+            ref.zero_grad()
+            loss_of(ref, ids, targets).backward()                   # mean over the whole batch
+            full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            for n, p in ref.named_parameters():
+                torch.testing.assert_close(full[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            total = all_reduce(loss.detach().clone()) / 2
+            torch.testing.assert_close(total, loss_of(ref, ids, targets).detach())
+            model.zero_grad()
+
+        # The reference pass: no backward, so the root stays gathered until reshard_root.
+        with torch.no_grad():
+            model.hidden_states(ids[:1])
+        assert not isinstance(model.lm_head.weight, DTensor)
+        reshard_root(model)
+        assert isinstance(model.lm_head.weight, DTensor) and isinstance(model.embed_tokens.weight, DTensor)
+
+        sd = full_state_dict(model)
+        if info.rank == 0:
+            for n, t in ref.state_dict().items():
+                assert torch.equal(sd[n], t), n
+            assert all(t.device.type == "cpu" and not hasattr(t, "placements") for t in sd.values())
+            print("OK", "tied" if tied else "untied", "fused" if fused else "unfused", flush=True)
+
+
+    for tied in (False, True):   # the four cases in one torchrun: one start-up and one process group
+        for fused in (False, True):
+            check(tied, fused)
     destroy()
     """
 )
 
 
-@pytest.mark.parametrize("tied, fused", [("untied", "unfused"), ("tied", "unfused"), ("untied", "fused"),
-                                         ("tied", "fused")])
-def test_fsdp_hidden_states_then_lm_head_matches_unsharded(tmp_path, tied, fused):
+@pytest.fixture(scope="module")
+def fsdp_cases(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("fsdp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(script), tied, fused],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
+
+
+@pytest.mark.parametrize("tied, fused", [("untied", "unfused"), ("tied", "unfused"), ("untied", "fused"),
+                                         ("tied", "fused")])
+def test_fsdp_hidden_states_then_lm_head_matches_unsharded(fsdp_cases, tied, fused):
+    proc = fsdp_cases
+    assert f"OK {tied} {fused}" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "OK" in proc.stdout
 
 
 def test_single_process_helpers_are_identities():
