@@ -220,6 +220,8 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     config = getattr(model, "config", None)
     windows = config.attention_windows() if hasattr(config, "attention_windows") else [None]
     masks = {w: packed_mask(batch["doc_ids"], batch["segments"], pos, w, backend=backend) for w in windows}
+    # Recurrent layers (Qwen3.5) read where each document and response starts instead of a mask.
+    masks["documents"] = (batch["doc_ids"], batch["segments"])
     hidden = model.hidden_states(ids, None, pos, attn_mask=masks)  # [n, T, H]
     # [R, H]. Its backward adds into [n*T, H] at gather_index; a position occurs at most twice (the
     # last prompt token), and 0 + a + b == 0 + b + a exactly, so the atomics' order cannot show.

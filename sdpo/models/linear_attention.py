@@ -71,7 +71,7 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
         u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhkv,bhk->bhv", S, k[:, t]))  # [B, H, d_v]
         S = S + k[:, t, :, :, None] * u[:, :, None, :]
         out.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
-    o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, dv)
+    o = torch.stack(out, dim=1) if out else q.new_zeros(B, 0, H, dv)
     return o, S
 
 
@@ -81,7 +81,9 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     dt = _state_dtype(q)
     B, T, H, dk = k.shape
     dv = v.shape[-1]
-    C = max(1, min(chunk_size, T))
+    if T == 0:
+        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
+    C = min(chunk_size, T)
     pad = (-T) % C
     N = (T + pad) // C
 
