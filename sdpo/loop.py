@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -20,6 +20,7 @@ from sdpo.data.packing import batch_schedule, collate, micro_batches, pack, pair
 from sdpo.logprobs import SequenceLogps, pack_options, packed_sequence_logps, pair_forward, sequence_logps
 from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.metrics import preference_metrics
+from sdpo.models.moe import load_balancing_loss, router_z_loss
 from sdpo.reference import CachedReference, run_pair_logps
 from sdpo.runtime import distributed as D
 from sdpo.runtime import preempt
@@ -59,6 +60,8 @@ class Stage:
     eval_every: int | None = None     # optimizer steps between held-out evaluations (and at the end)
     # after_step(model, done) once optimizer step `done` (1-based) is applied: the TR-DPO sync
     after_step: Callable[[torch.nn.Module, int], None] | None = None
+    # names of stats after stat_names that micro_loss returns for some models only (a MoE's aux_loss)
+    optional_stats: list[str] = field(default_factory=list)
 
 
 # Metric fields that depend on the machine and the clock, not on the computation: a resumed
@@ -92,13 +95,39 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected=None):
     reference = ref_chosen if ref_rejected is None else CachedReference(ref_chosen, ref_rejected, ref_chosen.device)
     ref_chosen, ref_rejected = reference.logps(batch)  # [B] each
     policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
+    router = router_losses(cfg.loss, model, batch)  # a MoE policy's, read right after its forward; else None
     losses, chosen_rewards, rejected_rewards = configured_loss(cfg.loss, policy_chosen, policy_rejected,
                                                                ref_chosen, ref_rejected)
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
                          (chosen_rewards - rejected_rewards).sum(),
                          policy_chosen.logps.sum(), policy_rejected.logps.sum()]).detach().float()
-    return losses.sum(), stats
+    if router is None:
+        return losses.sum(), stats
+    # The micro-batch's router loss once per pair, so the step's mean over its pairs weighs every
+    # micro-batch by its pairs, as the DPO loss; aux_loss is logged unscaled (transformers' aux_loss).
+    aux, extra = router
+    pairs = losses.shape[0]
+    return losses.sum() + extra * pairs, torch.cat([stats, (aux.detach().float() * pairs).reshape(1)])
+
+
+def router_losses(lo, model, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(load-balancing loss, coef · it + z_coef · z-loss) of the policy forward just run, over the batch's
+    real tokens; None for a dense model. The router statistics are taken off the model (model.router_stats,
+    sdpo/models/moe.py), so a later forward (the reference, an evaluation) never reuses them."""
+    stats, model.router_stats = getattr(model, "router_stats", None), None
+    if stats is None:
+        return None
+    mask = batch["doc_ids"] if "doc_ids" in batch else batch["attention_mask"]  # [rows, T], 0 at pads
+    rows = mask.shape[0]
+    tokens = stats.probs.shape[0] // rows  # the forward's row length (FlexAttention pads rows to a bucket)
+    mask = torch.nn.functional.pad(mask, (0, tokens - mask.shape[1]))
+    coef = lo.router_aux_coef if lo.router_aux_coef is not None else model.config.router_aux_loss_coef
+    aux = load_balancing_loss(stats, mask)
+    extra = coef * aux
+    if lo.router_z_coef:
+        extra = extra + lo.router_z_coef * router_z_loss(stats, mask)
+    return aux, extra
 
 
 def heldout_evaluator(run: Run, pairs, ref: tuple[torch.Tensor, torch.Tensor]) -> Callable[[torch.nn.Module], dict]:
@@ -156,7 +185,8 @@ def dpo_stage(cfg: Config, t: int, num_steps: int, ref, device=None,
                  global_batch_size=t_.global_batch_size, micro_batch_size=t_.micro_batch_size,
                  tokens_per_micro_batch=t_.tokens_per_micro_batch, chosen_only=False, epochs=t_.epochs,
                  max_steps=t_.max_steps, seed=t_.seed + t, group_by_length=cfg.data.group_by_length,
-                 evaluate=evaluate, eval_every=cfg.eval.every, after_step=ref.after_step)
+                 evaluate=evaluate, eval_every=cfg.eval.every, after_step=ref.after_step,
+                 optional_stats=["aux_loss"])
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +200,10 @@ def make_optimizer(model, stage: Stage, cfg: Config):
     groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     o = cfg.optim
     if stage.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(o.betas), eps=o.eps)
+        # CPU: the fused kernel, one pass over each parameter's four tensors (the per-parameter loop takes ~10
+        # passes and [V, H] temporaries; bench/RESULTS.md, issue 28). CUDA keeps torch's default (foreach).
+        on_cpu = all(p.device.type == "cpu" and type(p.data) is torch.Tensor for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(o.betas), eps=o.eps, fused=on_cpu or None)
     return torch.optim.RMSprop(groups, lr=stage.lr, alpha=o.alpha, eps=o.eps)
 
 
@@ -335,8 +368,8 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             now = time.perf_counter()
             row = {"step": run.global_step, "sdpo_step": stage.sdpo_step, "stage": stage.kind, "epoch": epoch,
                    "lr": cur_lr, "loss": window_loss / window_steps, "grad_norm": window_grad_norm / window_steps}
-            row.update({name: float(window_stats[i] / (G * window_steps))
-                        for i, name in enumerate(stage.stat_names, start=1)})
+            names = (stage.stat_names + stage.optional_stats)[:len(window_stats) - 1]  # the stats micro_loss gave
+            row.update({name: float(window_stats[i] / (G * window_steps)) for i, name in enumerate(names, start=1)})
             all_tokens = D.all_reduce(torch.tensor([float(tokens)])).item()
             row["tokens"] = int(all_tokens)  # computed in the window, over all ranks
             row["tokens_per_s"] = all_tokens / max(now - t_prev, 1e-9)

@@ -78,6 +78,9 @@ def config_problems(cfg) -> list[str]:
     need(math.isfinite(lo.simpo_gamma), f"loss.simpo_gamma must be finite, got {lo.simpo_gamma}")
     need(lo.discopop_tau > 0 and math.isfinite(lo.discopop_tau), f"loss.discopop_tau must be > 0, got {lo.discopop_tau}")
     need(lo.cpo_alpha >= 0 and math.isfinite(lo.cpo_alpha), f"loss.cpo_alpha must be >= 0, got {lo.cpo_alpha}")
+    need(lo.router_aux_coef is None or (lo.router_aux_coef >= 0 and math.isfinite(lo.router_aux_coef)),
+         f"loss.router_aux_coef must be >= 0 (or unset: the checkpoint's), got {lo.router_aux_coef}")
+    need(lo.router_z_coef >= 0 and math.isfinite(lo.router_z_coef), f"loss.router_z_coef must be >= 0, got {lo.router_z_coef}")
 
     need(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
