@@ -439,3 +439,21 @@ def test_fsdp_two_gloo_ranks_match_one_process(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "OK" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the memory plan
+
+
+@pytest.mark.parametrize("shape, total, active", [("qwen3-30b-a3b", 30.5e9, 3.3e9), ("mixtral-8x7b", 46.7e9, 12.9e9)])
+def test_memory_plan_counts_total_and_active_parameters(shape, total, active):
+    """bench/shapes' public configs: total and active parameters against the published sizes (the model
+    cards: 30.5B / 3.3B activated; 46.7B / 12.9B), within the published figures' rounding."""
+    from sdpo.runtime.memory import Setup, param_counts, plan
+
+    c = load_model_config(REPO / "bench" / "shapes" / shape)
+    n = param_counts(c)
+    assert abs(n["total"] / total - 1) < 0.003 and abs(n["active"] / active - 1) < 0.02, n
+    p = plan(c, Setup(world_size=8, micro_batch_size=1, max_length=1024, checkpoint=1))
+    dense_mlp = Setup(world_size=8, micro_batch_size=1, max_length=1024, checkpoint=0)
+    assert plan(c, dense_mlp)["activations"] > 4 * p["activations"]  # the experts' rows dominate without recompute

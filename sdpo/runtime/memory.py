@@ -30,6 +30,11 @@ q, k, v, out and a float32 log-sum-exp, not the [T, T] scores):
   RoPE        q, k and their rotated halves: 2b(Q + K)
   SDPA        q, k, v, out: b(2Q + 2K), log-sum-exp 4·heads; out's [T, Q] copy for o_proj: bQ
   SwiGLU      gate, up, silu(gate), their product: 4bI
+  MoE layer   instead of SwiGLU (Mixtral, Qwen3-MoE; sdpo/models/moe.py): router logits bE and float32
+              probabilities 4E; per token k expert rows: the gathered input and the down output 2bH,
+              and each expert's SwiGLU 4bI_e, so k·(2bH + 4bI_e); plus the forward's running router
+              sums over layers (probabilities, picks, z) 12E once. FSDP2 gathers a block whole: all E
+              experts of a layer are in flight, though a token uses k of them (total vs active below).
 
 Single process (W = 1): nothing sharded and no FSDP buffers; under bf16 autocast the casts
 of the weights (2·P) live through the step. Headroom: 1 GiB per GPU for the CUDA context and
@@ -69,25 +74,37 @@ class Setup:
 
 
 def param_counts(c: ModelConfig) -> dict[str, int]:
-    """Parameter counts: one block, the root (embeddings, final norm, lm_head), total — counted on a
-    meta-device model, so every family's pieces (q/k norms, sandwich norms, fused projections) count."""
+    """Parameter counts: the largest block, the root (embeddings, final norm, lm_head), total, and active
+    (what one token uses: a MoE layer's k experts of E) — counted on a meta-device model, so every
+    family's pieces (q/k norms, sandwich norms, fused projections, routers, stacked experts) count."""
     with torch.device("meta"):
         model = Transformer(c)
-    block = sum(p.numel() for p in model.layers[0].parameters())
+    blocks = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
     total = sum(p.numel() for p in model.parameters())  # a tied lm_head is counted once
-    return {"block": block, "root": total - c.num_hidden_layers * block, "total": total}
+    idle = 0  # expert parameters a token does not use: (E - k) / E of each sparse layer's experts
+    for i, layer in enumerate(model.layers):
+        if c.is_sparse(i):
+            idle += sum(p.numel() for p in layer.mlp.experts.parameters()) * (c.num_experts - c.num_experts_per_tok) \
+                // c.num_experts
+    return {"block": max(blocks, default=0), "root": total - sum(blocks), "total": total, "active": total - idle}
 
 
-def activation_bytes_per_token(c: ModelConfig, b: int, r: int) -> int:
-    """Bytes one block saves for backward per token (the table in the module docstring)."""
+def activation_bytes_per_token(c: ModelConfig, b: int, r: int, layer: int = 0) -> int:
+    """Bytes block `layer` saves for backward per token (the table in the module docstring)."""
     H, I, Q, K = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, \
         c.num_key_value_heads * c.head_dim
     norms = 2 * (4 * H + r * H)
     casts = 5 * b * H if r > b else 0
     rope = 2 * b * (Q + K)
     sdpa = b * (2 * Q + 2 * K) + 4 * c.num_attention_heads + b * Q
-    mlp = 4 * b * I
+    mlp = moe_bytes_per_token(c, b) if c.is_sparse(layer) else 4 * b * I
     return norms + casts + rope + sdpa + mlp
+
+
+def moe_bytes_per_token(c: ModelConfig, b: int) -> int:
+    """A sparse layer's router and expert activations per token (the MoE row of the table)."""
+    E, k, H = c.num_experts, c.num_experts_per_tok, c.hidden_size
+    return b * E + 4 * E + k * (2 * b * H + 4 * b * (c.moe_intermediate_size or c.intermediate_size))
 
 
 def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
@@ -109,10 +126,14 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
     else:
         out["unsharded root"] = 0
         out["blocks in flight"] = 2 * P if s.bf16 else 0     # autocast's weight casts, kept for backward
-    per_tok = activation_bytes_per_token(c, b, r)
+    per_layer = [activation_bytes_per_token(c, b, r, i) for i in range(L)]
+    per_tok = max(per_layer)
     k = s.checkpoint
     kept = 0 if k == 0 else -(-L // k)                       # blocks 0, k, 2k, ... are checkpointed
-    act = tokens * ((L - kept) * per_tok + kept * r * H)     # a checkpointed block keeps its input
+    free = [per_layer[i] for i in range(L) if k == 0 or i % k]
+    act = tokens * (sum(free) + kept * r * H)                # a checkpointed block keeps its input
+    if c.num_experts:
+        act += tokens * 12 * c.num_experts                   # the router sums over layers (sdpo/models/moe.py)
     if kept:
         act += tokens * per_tok                              # the one block recomputed in backward
     act += tokens * r * H * 2                                # final norm input and the gathered [R, H] rows
@@ -173,7 +194,9 @@ def format_plan(c: ModelConfig, s: Setup, gpu_mem_gb: float, per_rank_pairs: int
     p = plan(c, s)
     n = param_counts(c)
     limit = usable_bytes(gpu_mem_gb)
-    lines = [f"model: {n['total'] / 1e9:.2f}B parameters, {c.num_hidden_layers} blocks, H={c.hidden_size}, "
+    active = f" ({n['active'] / 1e9:.2f}B active per token: {c.num_experts_per_tok} of {c.num_experts} experts)" \
+        if c.num_experts else ""
+    lines = [f"model: {n['total'] / 1e9:.2f}B parameters{active}, {c.num_hidden_layers} blocks, H={c.hidden_size}, "
              f"V={c.vocab_size}; {s.world_size} rank(s), {'bf16' if s.bf16 else 'float32'} compute, "
              f"{s.optimizer}, micro_batch_size {s.micro_batch_size}, max_length {s.max_length}, "
              f"checkpointing {setting_name(s.checkpoint)}, {'fused' if s.fused else 'unfused'} logits",
@@ -181,6 +204,11 @@ def format_plan(c: ModelConfig, s: Setup, gpu_mem_gb: float, per_rank_pairs: int
     for key in ("parameters", "gradients", "optimizer state", "unsharded root", "blocks in flight",
                 "activations", "logits", "total", "reference pass"):
         lines.append(f"| {key} | {_gb(p[key]).strip()} |")
+        if key == "activations" and c.num_experts:
+            sparse = sum(c.is_sparse(i) and (s.checkpoint == 0 or i % s.checkpoint) for i in range(c.num_hidden_layers))
+            tokens = s.tokens_per_micro_batch or 2 * s.micro_batch_size * s.max_length
+            moe = tokens * (sparse * moe_bytes_per_token(c, 2 if s.bf16 else 4) + 12 * c.num_experts)
+            lines.append(f"| (of which router + experts) | {_gb(moe).strip()} |")
     verdict = "fits" if max(p["total"], p["reference pass"]) <= limit else "does NOT fit"
     lines += ["", f"usable per GPU: {limit / 1e9:.2f} GB of {gpu_mem_gb:g} GB (1 GiB context, 10% fragmentation) "
                   f"-> {verdict}", "", "| checkpointing | activations GB | total GB | fits |", "| --- | ---: | ---: | --- |"]
