@@ -280,3 +280,44 @@ def test_train_two_steps_with_model_path(tmp_path, capsys):
     losses = [r["loss"] for r in rows if r.get("stage") == "dpo"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert load_model(out / "M1").config.model_type == "qwen3_5_text"
+
+
+def test_lora_names_equal_peft(hf):
+    """sdpo's default LoRA targets on Qwen3.5 = peft 0.21.2's "all-linear" (tools/make_qwen35_fixtures.py):
+    the Gated DeltaNet projections in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj included."""
+    from types import SimpleNamespace
+
+    from sdpo.models.lora import LORA_TARGETS, apply_lora, merge_lora, peft_state_dict
+
+    _, ref = hf
+    model = load_model(FIX / "text").eval()
+    with torch.no_grad():
+        base = model(ref["input_ids"])
+    apply_lora(model, SimpleNamespace(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS)))
+    want = json.loads((FIX / "peft_all_linear.json").read_text())
+    ours = {k: list(v.shape) for k, v in peft_state_dict(model.state_dict()).items()}
+    assert ours == want["tensors"]
+    assert sorted(model.lora_config["targets"]) == want["target_modules"]
+    with torch.no_grad():
+        assert torch.equal(model(ref["input_ids"]), base)  # B = 0: the base model exactly
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.normal_(std=0.1)
+        adapted = model(ref["input_ids"])
+        assert max_diff(adapted, base) > 1e-2
+        assert max_diff(merge_lora(model)(ref["input_ids"]), adapted) < 1e-4
+
+
+def test_activation_checkpointing_leaves_gradients(hf):
+    model, ref = hf
+    batch = pack(pairs_for(ref)[1:], pad_id=0, rows="one")
+    grads = []
+    for every in ("none", "full"):
+        model.gradient_checkpointing = every
+        model.zero_grad()
+        c, r = packed_forward(model, batch)
+        (c.logps - r.logps).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    model.gradient_checkpointing = False
+    model.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

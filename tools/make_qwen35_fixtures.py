@@ -17,6 +17,7 @@ full-attention one, as the released models interleave them):
                          names and shapes Qwen3_5ForConditionalGeneration saves (model.language_model.*, a tiny
                          vision tower model.visual.*); tests write text/'s weights under those names
   roundtrip.json         an sdpo model saved with save_model, loaded by transformers: max |Δ logit|
+  peft_all_linear.json   peft's LoRA adapter names and shapes on text/ with target_modules="all-linear"
 """
 
 from __future__ import annotations
@@ -107,6 +108,26 @@ def reference(model, t: dict) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in out.items()}
 
 
+def peft_names() -> None:
+    """peft's adapter names and shapes for target_modules="all-linear" on text/ (peft_all_linear.json)."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(OUT / "text")
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                          target_modules="all-linear"))
+    with tempfile.TemporaryDirectory() as d:
+        pm.save_pretrained(d)
+        cfg = json.loads((Path(d) / "adapter_config.json").read_text())
+        with safe_open(str(Path(d) / "adapter_model.safetensors"), "pt") as f:
+            tensors = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    record = {"peft": peft.__version__, "target_modules": sorted(cfg["target_modules"]), "tensors": tensors}
+    (OUT / "peft_all_linear.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"peft {peft.__version__} all-linear: {record['target_modules']}, {len(tensors)} tensors")
+
+
 def main() -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3_5Config, Qwen3_5ForConditionalGeneration
@@ -162,6 +183,7 @@ def main() -> int:
               "max_abs_dlogit": diffs}
     (OUT / "roundtrip.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"roundtrip sdpo -> {type(hf).__name__}: {diffs}")
+    peft_names()
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"total fixture size {size / 1024:.0f} KiB")
     return 0 if max(diffs.values()) <= 1e-4 else 1

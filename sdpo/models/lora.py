@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from sdpo.models.checkpoint import to_hf_name
 
 # sdpo.models.model's projection names (HF's): attention, then the gated MLP; Phi-3 fuses q/k/v into
-# qkv_proj and gate/up into gate_up_proj (peft targets those names for it). The default, all of them,
-# means every projection the family has.
+# qkv_proj and gate/up into gate_up_proj (peft targets those names for it); Qwen3.5's Gated DeltaNet
+# layers have in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj. The default, all of them,
+# means every projection the family has (peft's "all-linear").
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
-                "down_proj")
+                "down_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
