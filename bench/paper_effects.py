@@ -52,19 +52,25 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 
 def run_train(out: Path, overrides: list[str], extra: list[str], config: Path = TINY) -> float:
-    """One train.py subprocess (skipped when out/summary.json exists); returns its wall seconds."""
+    """One train.py subprocess (skipped when out/summary.json exists); returns its wall seconds.
+    Its wall and CPU seconds and the machine's load averages before and after go to OUT.load.json."""
     if (out / "summary.json").is_file():
         return 0.0
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config), f"--train.output_dir={out}",
            "--train.log_every=1", "--eval.summary=true", *overrides, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load0, cpu0 = time.perf_counter(), os.getloadavg(), os.times()
     with open(out.parent / f"{out.name}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {out.parent / (out.name + '.log')}")
-    return time.perf_counter() - t0
+    wall, cpu1 = time.perf_counter() - t0, os.times()
+    # children's CPU: exact when runs go one at a time (--jobs 1), a sum over the finished ones otherwise
+    cpu = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)
+    (out.parent / f"{out.name}.load.json").write_text(json.dumps(
+        {"wall_s": wall, "cpu_s": cpu, "load_before": load0, "load_after": os.getloadavg()}))
+    return wall
 
 
 def dpo_lines(out: Path) -> list[dict]:
@@ -106,20 +112,27 @@ def online_seed_runs(seed: int, root: Path, jobs: int, extra: list[str]) -> dict
         for t in (1, 2):
             res[v][f"pairs {t}"] = starts[t].get("pairs")
             res[v][f"sample s {t}"] = starts[t].get("online/sample_time_s")
+        load = d / f"{v}.load.json"
+        if load.is_file():  # written by this script's run_train (not by runs made before it recorded loads)
+            x = json.loads(load.read_text())
+            res[v].update({"wall s": x["wall_s"], "cpu s": x["cpu_s"],
+                           "load": f"{x['load_before'][0]:.1f}-{x['load_after'][0]:.1f}"})
     return res
 
 
-ONLINE_METRICS = ["EM D1", "EM D2", "γ D2", "rew acc D2", "pairs 1", "pairs 2", "sample s 1", "sample s 2"]
+ONLINE_METRICS = ["EM D1", "EM D2", "γ D2", "rew acc D2", "pairs 1", "pairs 2", "sample s 1", "sample s 2",
+                  "wall s", "cpu s", "load"]
 
 
 def online_tables(results: dict[int, dict[str, dict]]) -> str:
     from sdpo.eval.report import format_table
 
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    per_seed = [[seed, v, fmt(r[v]["S EM D1"]), fmt(r[v]["S EM D2"]), *(fmt(r[v][k]) for k in ONLINE_METRICS)]
+    per_seed = [[seed, v, fmt(r[v]["S EM D1"]), fmt(r[v]["S EM D2"]), *(fmt(r[v].get(k)) for k in ONLINE_METRICS)]
                 for seed, r in results.items() for v in ONLINE_VARIANTS]
     out = ["Per seed (M2 vs S on the held-out prompts; pairs t = D_t's pairs; sample s t = sampling + judging "
-           "seconds of step t, one thread, on a shared machine):",
+           "seconds of step t; wall s, cpu s = the whole train.py run, one thread, on a shared machine; load = "
+           "the 1-minute load average before-after the run):",
            format_table(["seed", "variant", "S EM D1", "S EM D2", *ONLINE_METRICS], per_seed), ""]
     seeds = list(results)
     paired = []
