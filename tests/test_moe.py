@@ -358,6 +358,22 @@ def test_train_two_dpo_steps_logs_aux_loss(tmp_path, capsys):
         assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in f.keys()
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_h4_scorer_uses_the_models_logits(name):
+    """The H4 harness's scorer on right-padded rows equals the log-softmax of the model's own logits."""
+    from sdpo.eval.loglikelihood import model_score_fn
+
+    model, ref = fixture(name)
+    ids, mask = ref["padded_input_ids"][1:], ref["padded_attention_mask"][1:]
+    targets = torch.full_like(ids, -100)
+    targets[:, 3:5] = ids[:, 4:6]  # score tokens 4 and 5 from positions 3 and 4
+    got = model_score_fn(model)(ids, targets, mask)
+    with torch.no_grad():
+        logp = model(ids, mask).log_softmax(-1)
+    want = logp[:, 3].gather(-1, ids[:, 4:5])[:, 0] + logp[:, 4].gather(-1, ids[:, 5:6])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
