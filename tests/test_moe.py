@@ -206,6 +206,21 @@ def test_grouped_matmul_equals_per_expert_loop(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_grouped_path_reads_nothing_to_the_host(monkeypatch):
+    """Routing, sorting, offsets and the grouped matmuls stay on the device: no .item() / .tolist() /
+    bool() of a tensor in a forward and backward (the loop's offsets.cpu() is its one sync per layer)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    model, ref = fixture("qwen3_moe")
+    set_impl(model, "grouped")
+    calls = []
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
+        orig = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _o=orig, _m=method: calls.append(_m) or _o(self, *a))
+    model.hidden_states(ref["input_ids"]).sum().backward()
+    assert calls == []
+
+
 def test_auto_falls_back_to_the_loop_on_unaligned_sizes():
     e = Experts(4, hidden=10, intermediate=6, act="silu")  # 10 float32 = 40 bytes: not a multiple of 16
     assert not e.use_grouped(torch.zeros(2, 10))

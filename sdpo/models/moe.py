@@ -136,7 +136,9 @@ class Experts(nn.Module):
         N, k = top_i.shape
         flat = top_i.reshape(-1)  # [N·k] expert of each (token, slot)
         order = flat.argsort(stable=True)  # assignments sorted by expert; ties keep token order
-        offsets = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # [E]
+        # tokens per expert, cumulated: [E] (a scatter, not bincount, whose output size would sync on CUDA)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        offsets = counts.cumsum(0).to(torch.int32)
         xs = x[order // k]  # [N·k, H], each token once per expert it visits
         grouped = self.use_grouped(xs)
         if not grouped:
