@@ -321,3 +321,22 @@ def test_activation_checkpointing_leaves_gradients(hf):
     model.gradient_checkpointing = False
     model.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_memory_plan_counts_qwen35_9b():
+    """bench/shapes/qwen3.5-9b (the language model): parameters counted by hand from the layer shapes,
+    and a linear layer's activations come from the Gated DeltaNet row of the plan, not K/V."""
+    from sdpo.runtime.memory import activation_bytes_per_token, linear_bytes_per_token, param_counts
+
+    c = load_model_config(REPO / "bench" / "shapes" / "qwen3.5-9b")
+    H, I, V = 4096, 12288, 248320
+    conv = 2 * 16 * 128 + 32 * 128
+    linear = H * conv + H * 4096 + 2 * H * 32 + conv * 4 + 2 * 32 + 128 + 4096 * H
+    full = H * 16 * 256 * 2 + 2 * H * 4 * 256 + 16 * 256 * H + 2 * 256
+    block = 2 * H + 3 * H * I
+    assert c.layer_types.count("linear_attention") == 24
+    assert param_counts(c)["total"] == 2 * V * H + H + 32 * block + 24 * linear + 8 * full  # 8.95B
+    Q, K = 16 * 256, 4 * 256
+    rope, sdpa = 2 * 2 * (Q + K), 2 * (2 * Q + 2 * K) + 4 * 16 + 2 * Q
+    base = activation_bytes_per_token(c, 2, 2, 3) - rope - sdpa  # the full layer (3) without RoPE and SDPA
+    assert activation_bytes_per_token(c, 2, 2, 0) == base + linear_bytes_per_token(c, 2)

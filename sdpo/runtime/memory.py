@@ -35,6 +35,13 @@ q, k, v, out and a float32 log-sum-exp, not the [T, T] scores):
               and each expert's SwiGLU 4bI_e, so k·(2bH + 4bI_e); plus the forward's running router
               sums over layers (probabilities, picks, z) 12E once. FSDP2 gathers a block whole: all E
               experts of a layer are in flight, though a token uses k of them (total vs active below).
+  linear layer instead of RoPE + SDPA (Qwen3.5's Gated DeltaNet, sdpo/models/linear_attention.py; D = the
+              conv width 2·n_k·d_k + n_v·d_v, Z = n_v·d_v, C = the chunk, 64): the projection, conv and SiLU
+              outputs 3bD, z bZ; in float32 q and k repeated to n_v heads before and after their L2 norm
+              16·n_v·d_k, v 4Z, their chunked copies, β·k, β·v and the decayed q and k 4·n_v·(3d_k + 2d_v),
+              six [C, C] matrices per chunk (decays, k·k, A, q·k, their products) 24·n_v·C, the solved U, W
+              and the corrected U 4·n_v·(2d_v + d_k), the output 4Z, one recurrent state per chunk
+              4·n_v·d_k·d_v / C (no K/V); the gated norm 12Z and o for out_proj bZ
 
 Single process (W = 1): nothing sharded and no FSDP buffers; under bf16 autocast the casts
 of the weights (2·P) live through the step. Headroom: 1 GiB per GPU for the CUDA context and
@@ -97,8 +104,18 @@ def activation_bytes_per_token(c: ModelConfig, b: int, r: int, layer: int = 0) -
     casts = 5 * b * H if r > b else 0
     rope = 2 * b * (Q + K)
     sdpa = b * (2 * Q + 2 * K) + 4 * c.num_attention_heads + b * Q
+    if c.layer_type(layer) == "linear_attention":
+        rope, sdpa = 0, linear_bytes_per_token(c, b)
     mlp = moe_bytes_per_token(c, b) if c.is_sparse(layer) else 4 * b * I
     return norms + casts + rope + sdpa + mlp
+
+
+def linear_bytes_per_token(c: ModelConfig, b: int, chunk: int = 64) -> int:
+    """A Gated DeltaNet layer's mixer activations per token (the linear-layer row of the table)."""
+    nv, dk, dv = c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+    D, Z = 2 * c.linear_num_key_heads * dk + nv * dv, nv * dv
+    return (3 * b * D + b * Z + 16 * nv * dk + 4 * Z + 4 * nv * (3 * dk + 2 * dv) + 24 * nv * chunk
+            + 4 * nv * (2 * dv + dk) + 4 * Z + 4 * nv * dk * dv // chunk + 12 * Z + b * Z)
 
 
 def moe_bytes_per_token(c: ModelConfig, b: int) -> int:
