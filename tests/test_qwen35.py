@@ -340,3 +340,19 @@ def test_memory_plan_counts_qwen35_9b():
     rope, sdpa = 2 * 2 * (Q + K), 2 * (2 * Q + 2 * K) + 4 * 16 + 2 * Q
     base = activation_bytes_per_token(c, 2, 2, 3) - rope - sdpa  # the full layer (3) without RoPE and SDPA
     assert activation_bytes_per_token(c, 2, 2, 0) == base + linear_bytes_per_token(c, 2)
+
+
+def test_fused_logprobs_equal_unfused(hf):
+    model, ref = hf
+    batch = pack(pairs_for(ref), pad_id=0, rows="one")
+    out = []
+    for fused in (True, False):
+        model.fused_logprobs = fused
+        model.zero_grad()
+        c, r = packed_forward(model, batch)
+        (c.logps - 0.3 * r.logps).sum().backward()
+        out.append((torch.cat([c.logps, r.logps]).detach(), [p.grad.clone() for p in model.parameters()]))
+    del model.fused_logprobs
+    model.zero_grad()
+    assert max_diff(out[0][0], out[1][0]) < 1e-4
+    assert all(max_diff(a, b) < 1e-4 for a, b in zip(out[0][1], out[1][1]))
