@@ -413,3 +413,14 @@ def test_fsdp_matches_unsharded(tmp_path):
                            str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "OK" in proc.stdout
+
+
+def test_delta_rule_stays_float32_under_autocast(hf):
+    q, k, v, g, beta, S0 = (x.float() for x in delta_inputs(1, 70, 2, 8, 8, seed=11))
+    want = chunk_gated_delta_rule(q, k, v, g, beta, S0)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = chunk_gated_delta_rule(q, k, v, g, beta, S0)
+        model, ref = hf
+        c, r = packed_forward(model, pack(pairs_for(ref), pad_id=0, rows="one"))  # runs under bf16 autocast
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[0].dtype == torch.float32
+    assert torch.isfinite(c.logps).all() and torch.isfinite(r.logps).all()

@@ -60,6 +60,11 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     q, k [B, T, H, d_k] (normalised and scaled by the caller), v [B, T, H, d_v], g, beta [B, T, H];
     initial_state [B, H, d_k, d_v] or None (zeros) -> (o [B, T, H, d_v], final state), both in
     float32 (float64 for float64 inputs)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _recurrent(q, k, v, g, beta, initial_state)
+
+
+def _recurrent(q, k, v, g, beta, initial_state):
     dt = _state_dtype(q)
     B, T, H, dk = k.shape
     dv = v.shape[-1]
@@ -77,12 +82,18 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
 
 def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                            initial_state: Tensor | None = None, chunk_size: int = 64) -> tuple[Tensor, Tensor]:
-    """The same as recurrent_gated_delta_rule (same arguments and results), by chunks: eqs. (1)-(3)."""
+    """The same as recurrent_gated_delta_rule (same arguments and results), by chunks: eqs. (1)-(3).
+    Autocast is off inside: every product here is float32 (or float64), as the state is."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked(q, k, v, g, beta, initial_state, chunk_size)
+
+
+def _chunked(q, k, v, g, beta, initial_state, chunk_size):
     dt = _state_dtype(q)
     B, T, H, dk = k.shape
     dv = v.shape[-1]
     if T == 0:
-        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
+        return _recurrent(q, k, v, g, beta, initial_state)
     C = min(chunk_size, T)
     pad = (-T) % C
     N = (T + pad) // C
