@@ -226,7 +226,7 @@ class SequenceLayout:
             return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
 
         x, g, beta = flat(x), flat(g), flat(beta)
-        finals, srcs, dsts, outs = None, [], [], []
+        finals, dsts, outs = None, [], []
         for stage in self.stages:
             conv0 = state0 = None
             if stage.parent is not None:

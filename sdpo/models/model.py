@@ -32,9 +32,9 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo.models.attention import attend
 from sdpo.models.kv_cache import KVCache
-from sdpo.models.linear_attention import GatedDeltaNet, SequenceLayout
 from sdpo.models.layers import (FusedGatedMLP, GatedMLP, OffsetRMSNorm, RMSNorm, ScaledEmbedding,
                                 ScaleThenCastRMSNorm, SoftcappedHead)
+from sdpo.models.linear_attention import GatedDeltaNet, SequenceLayout
 from sdpo.models.moe import SparseMoE
 from sdpo.models.rope import ROPE_TYPES, apply_rope, rope_cos_sin, rope_type
 
