@@ -127,10 +127,11 @@ def test_layer_layout_and_config():
 
 
 def test_transformers_loads_what_sdpo_saves():
-    """tools/make_qwen35_fixtures.py: sdpo save_model -> Qwen3_5ForCausalLM.from_pretrained, same logits."""
+    """tools/make_qwen35_fixtures.py: sdpo save_model -> Qwen3_5ForCausalLM.from_pretrained, same logits
+    (unpadded, left/right-padded, 150 tokens; sdpo's packed shared-prompt row against transformers' two rows)."""
     record = json.loads((FIX / "roundtrip.json").read_text())
     assert record["class"] == "Qwen3_5ForCausalLM"
-    assert set(record["max_abs_dlogit"]) == {"logits", "padded_logits", "long_logits"}
+    assert set(record["max_abs_dlogit"]) == {"logits", "padded_logits", "long_logits", "packed_pair_logits"}
     assert max(record["max_abs_dlogit"].values()) <= 1e-4
 
 

@@ -16,7 +16,8 @@ full-attention one, as the released models interleave them):
   vl/                    a vision-language checkpoint's config.json (model_type qwen3_5) and tensors.json, the
                          names and shapes Qwen3_5ForConditionalGeneration saves (model.language_model.*, a tiny
                          vision tower model.visual.*); tests write text/'s weights under those names
-  roundtrip.json         an sdpo model saved with save_model, loaded by transformers: max |Δ logit|
+  roundtrip.json         an sdpo model saved with save_model, loaded by transformers: max |Δ logit| unpadded,
+                         padded, long, and sdpo's packed shared-prompt row against transformers' two rows
   peft_all_linear.json   peft's LoRA adapter names and shapes on text/ with target_modules="all-linear"
 """
 
@@ -108,6 +109,25 @@ def reference(model, t: dict) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in out.items()}
 
 
+def packed_pair_diff(ours, hf, t: dict) -> float:
+    """sdpo's packed row prompt | chosen | rejected (one prompt, both responses continuing its state)
+    against transformers' prompt|chosen and prompt|rejected rows: max |Δ logit|."""
+    from sdpo.data.packing import pack
+    from sdpo.data.pairs import TokenizedPair
+    from sdpo.models.attention import packed_mask
+
+    P, C, R = (t[k].tolist() for k in ("pair_prompt", "pair_chosen", "pair_rejected"))
+    b = pack([TokenizedPair(P, C, R, 0)], pad_id=0, rows="one")
+    masks = {None: packed_mask(b["doc_ids"], b["segments"], b["position_ids"]),
+             "documents": (b["doc_ids"], b["segments"])}
+    with torch.no_grad():
+        row = ours.lm_head(ours.hidden_states(b["input_ids"], None, b["position_ids"], attn_mask=masks))[0]
+        chosen = hf(input_ids=torch.tensor([P + C])).logits[0]
+        rejected = hf(input_ids=torch.tensor([P + R])).logits[0, len(P):]
+    n = len(P) + len(C)
+    return max((row[:n] - chosen).abs().max().item(), (row[n:n + len(R)] - rejected).abs().max().item())
+
+
 def peft_names() -> None:
     """peft's adapter names and shapes for target_modules="all-linear" on text/ (peft_all_linear.json)."""
     import peft
@@ -178,6 +198,7 @@ def main() -> int:
                 "padded_logits": ((ours(t["padded_input_ids"], mask) - hf(input_ids=t["padded_input_ids"],
                                   attention_mask=mask, position_ids=pos).logits)[mask.bool()]).abs().max().item(),
                 "long_logits": (ours(t["long_input_ids"]) - hf(input_ids=t["long_input_ids"]).logits).abs().max().item(),
+                "packed_pair_logits": packed_pair_diff(ours, hf, t),
             }
     record = {"transformers": transformers.__version__, "class": type(hf).__name__, "tolerance": 1e-4,
               "max_abs_dlogit": diffs}
