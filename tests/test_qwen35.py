@@ -425,3 +425,22 @@ def test_delta_rule_stays_float32_under_autocast(hf):
         c, r = packed_forward(model, pack(pairs_for(ref), pad_id=0, rows="one"))  # runs under bf16 autocast
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and got[0].dtype == torch.float32
     assert torch.isfinite(c.logps).all() and torch.isfinite(r.logps).all()
+
+
+def test_packed_model_chunked_equals_recurrent_float64(monkeypatch):
+    """The whole model in float64 on a packed row (a 70-token prompt crossing chunk boundaries, an empty
+    prompt, a one-token response): chunks of 5 and of 64 give the token-by-token recurrence's log-probs."""
+    import sdpo.models.linear_attention as la
+
+    model = load_model(FIX / "text").double().eval()
+    ref = load_file(str(FIX / "text" / "reference.safetensors"))
+    batch = pack(pairs_for(ref), pad_id=0, rows="one")
+    out = {}
+    with torch.no_grad():
+        for C in (5, 64):
+            monkeypatch.setattr(la.GatedDeltaNet, "chunk_size", C)
+            out[C] = torch.cat([s.logps for s in packed_forward(model, batch)])
+        monkeypatch.setattr(la, "chunk_gated_delta_rule", lambda *a: recurrent_gated_delta_rule(*a[:6]))
+        out[0] = torch.cat([s.logps for s in packed_forward(model, batch)])
+    assert out[0].dtype == torch.float64
+    assert max_diff(out[5], out[0]) < 1e-10 and max_diff(out[64], out[0]) < 1e-10
