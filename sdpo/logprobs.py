@@ -269,9 +269,10 @@ def pair_forward(model, batch: dict) -> tuple[SequenceLogps, SequenceLogps]:
 def pack_options(*, packing: bool, share_prompt: bool, device) -> dict | None:
     """sdpo.data.packing.pack() keyword arguments for the data.packing / data.share_prompt switches on `device`, or
     None: both off, the padded [2B, T] collate path. CUDA rows are padded to FlexAttention's block
-    (one compile per length bucket); CPU rows are not padded beyond the longest."""
+    (one compile per length bucket); on CPU every document goes into one unpadded row (attention per
+    document, sdpo.models.attention.DocumentMask); elsewhere rows of the longest document (a dense mask)."""
     if not (packing or share_prompt):
         return None
     flex = flex_available(device)
-    rows = ("one" if flex else "longest") if packing else "each"
+    rows = ("one" if flex or torch.device(device).type == "cpu" else "longest") if packing else "each"
     return {"share_prompt": share_prompt, "rows": rows, "pad_to_multiple_of": FLEX_BLOCK if flex else None}

@@ -19,9 +19,11 @@ the unpacked path's attention exactly. The sliding window compares positions, no
 offsets (a rejected token is further from its prompt in the row than in its own sequence).
 A pad query sees only itself, so no softmax row is empty (no NaN); pads are never scored.
 
-Backends: on CPU (and wherever FlexAttention is unavailable) a dense boolean [B, 1, T, T]
-mask for SDPA; on CUDA a FlexAttention BlockMask, whose block sparsity skips the masked
-tiles, so packing many pairs into one long row costs no T² work across pairs.
+Backends: on CUDA a FlexAttention BlockMask, whose block sparsity skips the masked tiles, so
+packing many pairs into one long row costs no T² work across pairs. On CPU a DocumentMask: (A)
+as SDPA calls per document, read off the host copy of doc and seg (no [T, T] mask; one row holds
+every document with no padding, so every linear layer sees exactly the real tokens). Elsewhere,
+and for tests, a dense boolean [B, 1, T, T] mask for SDPA.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +76,80 @@ def flex_available(device) -> bool:
 
 def packed_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None, *,
                 backend: str = "auto"):
-    """The mask of (A) for `attend`: a FlexAttention BlockMask on CUDA (backend "auto" or "flex"),
-    else the dense SDPA mask. Built on the tensors' device, so no host copy of [T, T]."""
-    use_flex = backend == "flex" or (backend == "auto" and flex_available(doc.device))
-    if not use_flex:
-        return dense_packed_mask(doc, seg, pos, sliding_window)
-    return flex_block_mask(doc, seg, pos, sliding_window)
+    """The mask of (A) for `attend`. backend "auto": a FlexAttention BlockMask on CUDA, a DocumentMask
+    on CPU (per-document SDPA), else the dense SDPA mask; or "flex", "documents", "dense" outright.
+    Built on the tensors' device, so no host copy of [T, T]."""
+    if backend == "auto":
+        backend = "flex" if flex_available(doc.device) else "documents" if doc.device.type == "cpu" else "dense"
+    if backend == "flex":
+        return flex_block_mask(doc, seg, pos, sliding_window)
+    if backend == "documents":
+        return document_mask(doc, seg, pos, sliding_window)
+    return dense_packed_mask(doc, seg, pos, sliding_window)
+
+
+@dataclass(frozen=True)
+class DocumentMask:
+    """(A) as attention per document: rows[b] lists row b's pieces in token order, covering it.
+
+      ("pad", a, e)                pads: a pad query sees only itself, so its output is its own v
+      ("doc", a, P, C, R, m1, m2)  a document prompt | chosen | rejected (C, R may be 0) at a:
+                                   prompt | chosen is causal among itself (m1 None: SDPA is_causal, else
+                                   the window's [P+C, P+C] mask); rejected queries see the prompt and
+                                   the earlier rejected tokens, keys prompt | rejected, m2 [R, P+R]
+      ("dense", a, e, m)           any other layout: the document's own (A) mask [e-a, e-a]
+
+    Exact: every query gets the keys (A) gives it, in one softmax; only the work changes (no key of
+    another document, no pad, no chosen key for a rejected query is ever multiplied)."""
+    rows: tuple
+
+
+def _causal_window(qpos: Tensor, kpos: Tensor, offset: int, window: int | None) -> Tensor:
+    """[Tq, Tk] bool: key j visible to query i when j <= i + offset (row order), and pos_q - pos_k < window."""
+    Tq, Tk = qpos.shape[0], kpos.shape[0]
+    m = torch.ones(Tq, Tk, dtype=torch.bool, device=qpos.device).tril(offset)
+    if window is not None:
+        m = m & (qpos[:, None] - kpos[None, :] < window)
+    return m
+
+
+def document_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None) -> DocumentMask:
+    """(A) for packed rows (doc, seg, pos [B, T]) as a DocumentMask. Reads doc and seg on the host:
+    meant for CPU tensors (no sync); the small per-document masks are built on pos's device."""
+    B, T = doc.shape
+    window = window_that_bites(sliding_window, T)
+    docs, segs = doc.cpu().tolist(), seg.cpu().tolist()
+    rows = []
+    for b in range(B):
+        d, sg, pieces, a = docs[b], segs[b], [], 0
+        while a < T:
+            e = a + 1
+            while e < T and d[e] == d[a]:
+                e += 1
+            if d[a] <= 0:
+                pieces.append(("pad", a, e))
+                a = e
+                continue
+            run = sg[a:e]
+            P = next((i for i, s in enumerate(run) if s != PROMPT), len(run))
+            C = next((i for i, s in enumerate(run[P:]) if s != CHOSEN), len(run) - P)
+            R = len(run) - P - C
+            if any(s != REJECTED for s in run[P + C:]):
+                m = dense_packed_mask(doc[b:b + 1, a:e], seg[b:b + 1, a:e], pos[b:b + 1, a:e], window)[0, 0]
+                pieces.append(("dense", a, e, m))
+                a = e
+                continue
+            p = pos[b, a:e]
+            m1 = m2 = None
+            if window is not None and P + C > 0 and window_that_bites(window, P + C) is not None:
+                m1 = _causal_window(p[:P + C], p[:P + C], 0, window)
+            if R and (P or window is not None):
+                kpos = torch.cat([p[:P], p[P + C:]])
+                m2 = _causal_window(p[P + C:], kpos, P, window)
+            pieces.append(("doc", a, P, C, R, m1, m2))
+            a = e
+        rows.append(tuple(pieces))
+    return DocumentMask(tuple(rows))
 
 
 def window_that_bites(sliding_window: int | None, T: int) -> int | None:
@@ -212,13 +283,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
     """softmax(q kᵀ · scale) v, scale default 1/sqrt(d); q [B, n_heads, T, d], k, v [B, n_kv, T, d]
     (n_kv < n_heads: GQA, enable_gqa; sdpo.models.model repeats K/V itself on torch < 2.5). mask: None
     (plain causal: SDPA's fused causal kernels), a boolean [B or 1, 1, T_q, T_k] tensor (SDPA),
-    or a FlexAttention BlockMask (packed rows on CUDA). softcap: Gemma 2's score soft-cap."""
+    a DocumentMask (packed rows on CPU) or a FlexAttention BlockMask (packed rows on CUDA).
+    softcap: Gemma 2's score soft-cap."""
     gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if gqa and isinstance(mask, Tensor) and q.is_cuda:
         # A dense mask rules out flash and GQA the memory-efficient kernel: SDPA would take its
         # math backend ([B, H, T, T] in float32). Repeated K/V cost n_heads/n_kv x their size only.
         rep = q.shape[1] // k.shape[1]
         k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}
+    if isinstance(mask, DocumentMask):
+        return _attend_documents(q, k, v, mask, scale, softcap, gqa)
     if mask is None or isinstance(mask, Tensor):
         if softcap is not None:
             return softcapped_attention(q, k, v, mask, scale, softcap)
@@ -242,3 +316,49 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
         raise_recompile_limit()
     return _compiled_flex(q, k, v, block_mask=mask, scale=scale, **extra, **gqa)
+
+
+def _attend_documents(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, scale, softcap, gqa) -> Tensor:
+    """attend over a DocumentMask: one or two SDPA calls per document, outputs concatenated in row order.
+    q, k, v are split into the pieces once (torch.split: its backward is one concatenation, where a
+    slice per piece would scatter into a zero [T]-long gradient each)."""
+
+    def sdpa(qq, kk, vv, m):  # m None: causal over equal lengths
+        if softcap is not None:
+            return softcapped_attention(qq, kk, vv, m, scale, softcap)
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=m, is_causal=m is None, scale=scale, **gqa)
+
+    rep = q.shape[1] // k.shape[1]
+    rows = []
+    for b, pieces in enumerate(mask.rows):
+        sizes = []  # piece lengths in row order: a document is prompt | chosen, then rejected
+        for piece in pieces:
+            if piece[0] == "doc":
+                sizes += [n for n in (piece[2] + piece[3], piece[4]) if n]
+            else:
+                sizes.append(piece[2] - piece[1])
+        qs, ks, vs = (x[b:b + 1].split(sizes, dim=2) if len(mask.rows) > 1 else x.split(sizes, dim=2)
+                      for x in (q, k, v))  # (1, heads, piece, d) each
+        out, j = [], 0
+        for piece in pieces:
+            kind = piece[0]
+            if kind == "pad":  # a pad sees only itself
+                out.append(vs[j].repeat_interleave(rep, dim=1) if rep > 1 else vs[j])
+                j += 1
+            elif kind == "dense":
+                out.append(sdpa(qs[j], ks[j], vs[j], piece[3]))
+                j += 1
+            else:
+                _, a, P, C, R, m1, m2 = piece
+                if P + C:
+                    out.append(sdpa(qs[j], ks[j], vs[j], m1))
+                    j += 1
+                if R:
+                    kr, vr = ks[j], vs[j]
+                    if P:  # keys: the prompt (the first P of the piece before), then the rejected tokens
+                        kr = torch.cat([ks[j - 1][:, :, :P], kr], dim=2)
+                        vr = torch.cat([vs[j - 1][:, :, :P], vr], dim=2)
+                    out.append(sdpa(qs[j], kr, vr, m2))
+                    j += 1
+        rows.append(out[0] if len(out) == 1 else torch.cat(out, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
