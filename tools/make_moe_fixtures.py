@@ -6,7 +6,8 @@ Needs transformers, which sdpo never imports (here transformers 5.24 lives in /o
 For each tiny config: a random HF model (fixed seed, weights at scales that give O(1) logits and
 router logits), saved with save_pretrained into <name>/ (the hub's per-expert layout), plus
 <name>/reference.safetensors: its float32 logits unpadded, on a padded batch (left-padded,
-right-padded, full rows) and on a packed row (each document run alone through transformers); its
+right-padded, full rows) and on a packed row (each document run alone through transformers), and
+unpadded in bf16 (from_pretrained(dtype=bfloat16)); its
 aux_loss (output_router_logits=True, a 0/1 mask) on the unpadded and padded batches and on the
 packed row's real tokens (transformers' load_balancing_loss_func over the documents' router logits);
 greedy tokens of generate(). Then the other way: an sdpo model with other random weights ->
@@ -156,6 +157,10 @@ def make_fixtures() -> dict:
         ref["packed_aux_loss"] = torch.tensor(packed_aux(model, t))
         target = OUT / name
         save_hf(model, target)
+        # bf16: routing decided on bf16 router logits, Mixtral's float32 weights vs Qwen's bf16 ones
+        bf16 = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            ref["logits_bf16"] = bf16(input_ids=t["input_ids"]).logits.contiguous()
         save_file({**t, **ref}, str(target / "reference.safetensors"), metadata={"format": "pt"})
         entry = {"class": type(model).__name__, "greedy": greedy(model, config.vocab_size)}
         if name == "mixtral":

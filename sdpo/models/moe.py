@@ -37,7 +37,8 @@ from sdpo.models.layers import ACTIVATIONS
 
 # torch._grouped_mm: [M, K] @ [G, K, N] with row offsets -> [M, N]. On CPU it runs float32 and bf16,
 # forward and backward (torch 2.14: equal to the per-expert loop bit for bit, tests/test_moe.py);
-# every stride must be a multiple of 16 bytes. On CUDA it needs bf16 on sm90+.
+# every stride must be a multiple of 16 bytes. On CUDA: used for bf16 on sm80+ (transformers 5.24 uses it
+# there with torch >= 2.9); not tried on a GPU here.
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -124,7 +125,7 @@ class Experts(nn.Module):
         if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16):
             return False
         if x.device.type == "cuda":
-            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
                 return False
         elif x.device.type != "cpu":
             return False
@@ -146,12 +147,12 @@ class Experts(nn.Module):
         h = self.act(grouped_linear(xs, self.gate_proj, offsets, grouped)) * grouped_linear(
             xs, self.up_proj, offsets, grouped)  # [N·k, I]
         y = grouped_linear(h, self.down_proj, offsets, grouped)  # [N·k, H]
-        # Weight in the router's dtype (float32 for Mixtral, as transformers), cast back, then sum each
-        # token's k outputs: back in (token, slot) order by the inverse permutation, a dense sum over k
-        # (no index_add_: its atomics would add in a different order each run on CUDA).
-        y = (y * top_w.reshape(-1)[order, None]).to(x.dtype)
+        # Weight in the router's dtype (float32 for Mixtral), put back in (token, slot) order by the inverse
+        # permutation, sum each token's k outputs and only then cast back, as transformers' grouped experts
+        # do (a dense sum over k: index_add_'s atomics would add in a different order each run on CUDA).
+        y = y * top_w.reshape(-1)[order, None]
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return y[inverse].view(N, k, -1).sum(dim=1)
+        return y[inverse].view(N, k, -1).sum(dim=1).to(x.dtype)
 
 
 class SparseMoE(nn.Module):
