@@ -22,7 +22,12 @@ from sdpo.data.pairs import TokenizedPair
 from sdpo.logprobs import concatenated_forward, packed_forward, sequence_logps
 from sdpo.models.checkpoint import hub_names, load_model, save_model
 from sdpo.models.generate import generate
-from sdpo.models.hf_config import CheckpointError, config_from_dict, load_model_config, model_config_to_dict
+from sdpo.models.hf_config import (
+    CheckpointError,
+    config_from_dict,
+    load_model_config,
+    model_config_to_dict,
+)
 from sdpo.models.lora import LORA_TARGETS, apply_lora, peft_state_dict
 from sdpo.models.model import FAMILIES, Transformer
 from sdpo.models.moe import Experts, load_balancing_loss, router_z_loss
@@ -201,7 +206,7 @@ def test_grouped_matmul_equals_per_expert_loop(dtype):
     torch.manual_seed(0)
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm; the loop is the only path")
-    model, ref = fixture("mixtral")
+    model, _ = fixture("mixtral")
     model = model.to(dtype).train()
     moe = model.layers[1].mlp
     x = torch.randn(3, 7, 32, dtype=dtype).abs().requires_grad_()  # positive, so a negative router row loses

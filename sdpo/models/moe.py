@@ -52,7 +52,7 @@ class RouterStats(NamedTuple):
     z: Tensor
     layers: int
 
-    def __add__(self, other: "RouterStats | None") -> "RouterStats":  # noqa: D105 (the layer loop's sum)
+    def __add__(self, other: "RouterStats | None") -> "RouterStats":  # the layer loop's sum; None is 0
         if other is None:
             return self
         return RouterStats(self.probs + other.probs, self.counts + other.counts, self.z + other.z,
