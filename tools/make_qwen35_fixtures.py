@@ -11,6 +11,7 @@ full-attention one, as the released models interleave them):
       logits             [2, SEQ] unpadded
       padded_logits      [3, SEQ] left-padded, right-padded, unpadded rows (attention_mask)
       long_logits        [1, LONG] one row over several 64-token chunks
+      *_bf16             logits and long_logits of the same weights loaded in bfloat16
       pair_*             a shared-prompt pair: prompt|chosen and prompt|rejected run as their own rows
       greedy_*           generate(do_sample=False): each prompt alone, and the prompts left-padded in a batch
   vl/                    a vision-language checkpoint's config.json (model_type qwen3_5) and tensors.json, the
@@ -160,6 +161,11 @@ def main() -> int:
     t = inputs()
     ref = reference(model, t)
     model.save_pretrained(OUT / "text")
+    # bf16 logits catch an op done in another dtype or order; from_pretrained, as a user loads it.
+    bf16 = AutoModelForCausalLM.from_pretrained(OUT / "text", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref["logits_bf16"] = bf16(input_ids=t["input_ids"]).logits.contiguous()
+        ref["long_logits_bf16"] = bf16(input_ids=t["long_input_ids"]).logits.contiguous()
     save_file({**t, **ref}, str(OUT / "text" / "reference.safetensors"), metadata={"format": "pt"})
     print(f"text: {type(model).__name__}; greedy alone == batch: {torch.equal(ref['greedy_alone'], ref['greedy_batch'])}")
 
