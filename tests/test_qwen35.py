@@ -460,3 +460,17 @@ def test_bf16_rounds_like_transformers():
         rounding = (ref[f"{key}_bf16"].float() - ref[key]).abs().mean()
         assert rounding > 1e-3
         assert (ours.float() - ref[f"{key}_bf16"].float()).abs().mean() <= 0.6 * rounding, key
+
+
+def test_segment_ids_restart_the_state(hf):
+    """attention_mask's segment ids (documents side by side, then pads): each document's logits are its
+    own row's, so the recurrent layers restart at every segment."""
+    model, ref = hf
+    ids = ref["long_input_ids"][0]
+    docs = [ids[:5], ids[5:75], ids[75:76], ids[76:90]]  # the second crosses a chunk boundary
+    row = torch.cat([*docs, torch.zeros(3, dtype=torch.long)])[None]
+    seg = torch.cat([torch.full((len(d),), i + 1) for i, d in enumerate(docs)] + [torch.zeros(3, dtype=torch.long)])[None]
+    with torch.no_grad():
+        packed = model(row, seg)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    assert max_diff(packed[:90], alone) < 1e-5
