@@ -410,6 +410,50 @@ def test_h4_scorer_uses_the_models_logits(name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def tiny_mixtral_base(path):
+    raw = json.loads((FIXTURES / "mixtral" / "config.json").read_text())
+    raw["vocab_size"] = 308  # data/tokenizer
+    model = Transformer(config_from_dict(raw))
+    model.init_weights(0, std=0.1)
+    save_model(model, path, tokenizer_dir=REPO / "data" / "tokenizer")
+
+
+TRAIN_ARGS = [f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]', "--model.chat_template=none",
+              "--data.max_examples=8", "--train.global_batch_size=4", "--train.micro_batch_size=1",
+              "--train.max_steps=2", "--train.epochs=1", "--train.device=cpu", "--data.max_length=24",
+              "--optim.lr=1e-3", "--loss.router_aux_coef=0.5"]
+
+
+@pytest.mark.slow
+def test_torchrun_train_two_ranks_equals_one_process(tmp_path, capsys):
+    """train.py under torchrun (2 gloo ranks, FSDP2) on a tiny Mixtral against one process: the same M1
+    weights and the same loss and aux_loss rows (each micro-batch's aux loss over its own tokens, in both).
+    Slow: 25 s on 2 busy cores (load ~5)."""
+    sys.path.insert(0, str(REPO))
+    import train
+
+    tiny_mixtral_base(tmp_path / "base")
+    args = [f"--model.path={tmp_path / 'base'}", *TRAIN_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert train.main([*args, f"--train.output_dir={tmp_path / 'one'}"]) == 0, capsys.readouterr().err
+    a, b = load_file(str(tmp_path / "one" / "M1" / "model.safetensors")), \
+        load_file(str(tmp_path / "two" / "M1" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    one, two = ([r for r in rs if r.get("stage") == "dpo"] for rs in rows)
+    assert len(one) == len(two) == 2
+    for r1, r2 in zip(one, two):
+        for k in ("loss", "aux_loss", "rewards/accuracies"):
+            assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (k, r1, r2)
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
@@ -482,7 +526,7 @@ destroy()
 def test_fsdp_two_gloo_ranks_match_one_process(tmp_path):
     """torchrun, 2 gloo ranks: load_sharded reads each rank's experts from the per-expert hub tensors,
     and FSDP2 with full activation checkpointing gives one process's log-probs, aux losses and gradients.
-    Slow: 29 s on 2 busy cores (two torchrun workers start, import torch, build 4 models)."""
+    Slow: 22-29 s on 2 busy cores (two torchrun workers start, import torch, build 4 models)."""
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
