@@ -193,7 +193,8 @@ def open_safetensors(file: Path):
 
 
 def checked_tensors(root: Path, config: ModelConfig) -> dict[str, tuple[Path, str]]:
-    """Our parameter name -> (file, HF name) for every tensor the model needs, from the headers only.
+    """Our parameter name -> (file, HF name) for every tensor the model needs, from the headers only;
+    a stacked MoE expert tensor maps to a list, one (file, HF name) per expert (read_rows reads either).
 
     Raises CheckpointError listing missing and unexpected tensors, or naming a shape mismatch.
     Shared by load_model and the sharded loader in sdpo.runtime.distributed, so both fail alike."""
