@@ -348,9 +348,9 @@ def test_dpo_micro_loss_adds_the_policy_aux_loss_only():
                 c, r = packed_forward(reference, b)
             return c.logps, r.logps
 
-    def run(coef):
+    def run(coef, z=0.0):
         cfg = Config()
-        cfg.loss.router_aux_coef = coef
+        cfg.loss.router_aux_coef, cfg.loss.router_z_coef = coef, z
         return dpo_micro_loss(cfg, policy, batch, Live())
 
     loss0, stats0 = run(0.0)
@@ -363,6 +363,11 @@ def test_dpo_micro_loss_adds_the_policy_aux_loss_only():
     assert loss1.item() == pytest.approx(stats0[0].item() + 4 * 0.5 * aux.item(), rel=1e-5)
     loss_ckpt, _ = run(None)  # the checkpoint's router_aux_loss_coef (0.02 in this fixture)
     assert loss_ckpt.item() == pytest.approx(stats0[0].item() + 4 * 0.02 * aux.item(), rel=1e-5)
+    with torch.no_grad():
+        packed_forward(policy, batch)
+        z = router_z_loss(policy.router_stats, batch["doc_ids"])
+    loss_z, _ = run(0.0, z=0.1)
+    assert z > 0 and loss_z.item() == pytest.approx(stats0[0].item() + 4 * 0.1 * z.item(), rel=1e-5)
     assert policy.router_stats is None  # taken off the model by the step
 
 
