@@ -105,10 +105,10 @@ class LossSection:
     simpo_gamma: float = 0.5            # SimPO's target margin γ
     discopop_tau: float = 0.05          # DiscoPOP's modulation temperature τ
     cpo_alpha: float = 1.0              # weight of CPO's NLL term
-    # Mixture-of-experts policies (sdpo/models/moe.py): + coef · the load-balancing loss (Switch Transformer
-    # eq. 4) of the policy's forward, logged as aux_loss. None: the checkpoint's router_aux_loss_coef; 0: off.
+    # Mixture-of-experts policies: + coef · the load-balancing loss of the policy's forward (Switch
+    # Transformer, eq 4; sdpo/models/moe.py), logged as aux_loss; None: the checkpoint's router_aux_loss_coef, 0: off
     router_aux_coef: float | None = None
-    router_z_coef: float = 0.0            # + coef · the router z-loss (ST-MoE eq. 5); 0: off
+    router_z_coef: float = 0.0            # + coef · the router z-loss (ST-MoE, eq 5); 0: off
 
     @property
     def types(self) -> list[str]:
