@@ -19,6 +19,15 @@ with the same threads:
 The step is sdpo.loop.optimize's own (packing, the fused lm_head + log-prob, the loss, AdamW),
 timed per optimizer step from its metrics (step_time_s with train.log_every = 1); "steady" is
 the median over the steps after the first two.
+
+Memory: the peak RSS of the run (VmHWM, reset before each table row) against its floor: the
+process before the model is built (torch imported) + float32 parameters, gradients and both Adam
+moments (4 x 4 bytes per parameter) + one [chunk, V] float32 logits buffer of the fused lm_head.
+
+    python bench/floor.py --ab BASE_TREE [--rounds 2]   # A/B: BASE_TREE's sdpo against this one
+
+--ab runs each (mix, V) row in a fresh process per tree, alternating A (BASE_TREE, e.g. an older
+commit unpacked with `git archive`) and B (this tree), and prints the medians and B/A.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +47,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("SDPO_TREE") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
 from sdpo.data.pairs import TokenizedPair  # noqa: E402
@@ -94,8 +105,22 @@ def gemm_rate(threads: int, shapes: list[tuple[int, int, int]], repeats: int = 5
     return best
 
 
-def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path) -> list[float]:
-    """Per-step wall seconds of `steps` optimizer steps of sdpo.loop.optimize on `pairs`."""
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path,
+               compile: bool = False) -> tuple[list[float], dict]:
+    """Per-step wall seconds of `steps` optimizer steps of sdpo.loop.optimize on `pairs`, and memory
+    (bytes): baseline (RSS before the model), params (count), peak (VmHWM over the run)."""
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the peak is this run's
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    baseline = rss_kib("VmRSS") * 1024
     cfg = Config()
     cfg.train.global_batch_size = PAIRS_PER_STEP
     cfg.train.micro_batch_size = PAIRS_PER_STEP
@@ -107,14 +132,25 @@ def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path) ->
     model = Transformer(ModelConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER,
                                     num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                     num_key_value_heads=KV_HEADS, max_position_embeddings=2048))
+    model = D.compile_blocks(model, compile)  # train.compile
     info = D.init_distributed("cpu")
     run = Run(cfg=cfg, info=info, mesh=None, out=out, tokenizer=SimpleNamespace(pad_id=0), tokenizer_dir="",
               autocast_dtype=None)
     out.mkdir(parents=True, exist_ok=True)
     ref = (torch.full((len(pairs),), -100.0), torch.full((len(pairs),), -100.0))
     optimize(run, model, pairs, dpo_stage(cfg, 1, 1, ref, torch.device("cpu")))
+    mem = {"baseline": baseline, "params": sum(p.numel() for p in model.parameters()), "peak": rss_kib("VmHWM") * 1024}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in rows if r.get("stage") == "dpo"]
+    return [r["step_time_s"] for r in rows if r.get("stage") == "dpo"], mem
+
+
+def chunk_rows(responses: int, vocab: int) -> int:
+    """Rows of the fused lm_head's [chunk, V] buffer on CPU (kernels.fused_linear.rows_per_chunk)."""
+    try:
+        from kernels.fused_linear import rows_per_chunk
+        return rows_per_chunk(responses, vocab, None, "cpu")
+    except ImportError:
+        return min(responses, max(192, (1 << 22) // vocab))
 
 
 def main() -> int:
@@ -123,13 +159,21 @@ def main() -> int:
     ap.add_argument("--vocab", default="32000,128256")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab", metavar="BASE_TREE", help="A/B against the sdpo of BASE_TREE (see the module doc)")
+    ap.add_argument("--rounds", type=int, default=2, help="--ab: A, B alternations per row")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each block (inductor)")
+    ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # one JSON line per row (--ab's workers)
     args = ap.parse_args()
+    if args.ab:
+        return ab(args)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; {LAYERS} layers, hidden {HIDDEN}, "
-          f"{HEADS}/{KV_HEADS} heads, intermediate {INTER}; {PAIRS_PER_STEP} pairs per optimizer step")
-    print("| mix | V | real tokens/step | response tokens/step | floor GFLOP | GEMM GFLOP/s | floor s "
-          "| sdpo steady s (median) | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if not args.raw:
+        print(f"torch {torch.__version__}, {args.threads} threads; {LAYERS} layers, hidden {HIDDEN}, "
+              f"{HEADS}/{KV_HEADS} heads, intermediate {INTER}; {PAIRS_PER_STEP} pairs per optimizer step; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print("| mix | V | real tokens/step | response tokens/step | floor GFLOP | GEMM GFLOP/s | floor s "
+              "| sdpo steady s (median) | ratio | peak RSS MB | memory floor MB | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mix in args.mix.split(","):
         for vocab in (int(v) for v in args.vocab.split(",")):
             pairs = make_pairs(mix, PAIRS_PER_STEP * args.steps, vocab)
@@ -138,15 +182,58 @@ def main() -> int:
             tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
             responses = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
             with tempfile.TemporaryDirectory() as d:
-                times = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run")
+                times, mem = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run", args.compile)
             # the GEMM rate right after the steps, at the work's own shapes and a square one
             R = int(responses)
             rate = gemm_rate(args.threads, [(1024, 1024, 1024), (int(tokens), HIDDEN, INTER),
                                             (R, HIDDEN, vocab), (R, vocab, HIDDEN)])
             steady = statistics.median(times[2:]) if len(times) > 2 else statistics.median(times)
             floor_s = per_step / rate
+            # the largest micro-batch's response rows set the chunk (R >= c here: chunk rows, not R)
+            mem_floor = mem["baseline"] + 16 * mem["params"] + 4 * chunk_rows(R, vocab) * vocab
+            if args.raw:
+                print(json.dumps({"mix": mix, "V": vocab, "tokens": tokens, "responses": responses, "gflop": per_step / 1e9,
+                                  "rate": rate / 1e9, "floor_s": floor_s, "steady": steady, "times": times,
+                                  "peak_mb": mem["peak"] / 1e6, "mem_floor_mb": mem_floor / 1e6}), flush=True)
+                continue
             print(f"| {mix} | {vocab} | {tokens:.0f} | {responses:.0f} | {per_step / 1e9:.1f} | {rate / 1e9:.0f} "
-                  f"| {floor_s:.3f} | {steady:.3f} | {steady / floor_s:.2f}× |", flush=True)
+                  f"| {floor_s:.3f} | {steady:.3f} | {steady / floor_s:.2f}× | {mem['peak'] / 1e6:.0f} "
+                  f"| {mem_floor / 1e6:.0f} | {mem['peak'] / mem_floor:.2f}× |", flush=True)
+    return 0
+
+
+def ab(args) -> int:
+    """Each (mix, V) row: A (args.ab's tree), B (this tree), alternating args.rounds times, one process each."""
+    trees = {"A": Path(args.ab).resolve(), "B": Path(__file__).resolve().parents[1]}
+    print(f"A = {trees['A']}, B = {trees['B']}; {args.threads} threads, --steps {args.steps}, {args.rounds} rounds; "
+          f"load average at start {os.getloadavg()[0]:.1f}")
+    print("| mix | V | tree | steady s (runs) | GEMM GFLOP/s (runs) | ratio to floor (median) | peak RSS MB | "
+          "memory floor MB | peak / floor | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mix in args.mix.split(","):
+        for vocab in args.vocab.split(","):
+            got = {"A": [], "B": []}
+            for _ in range(args.rounds):
+                for name, tree in trees.items():
+                    cmd = [sys.executable, __file__, "--raw", "--mix", mix, "--vocab", vocab, "--steps", str(args.steps),
+                           "--threads", str(args.threads)]
+                    res = subprocess.run(cmd, env={**os.environ, "SDPO_TREE": str(tree)}, capture_output=True, text=True)
+                    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+                    if res.returncode or not lines:
+                        print(f"{name} failed: {res.stderr[-2000:]}", file=sys.stderr)
+                        return 1
+                    got[name].append({**json.loads(lines[-1]), "load": os.getloadavg()[0]})
+            med = {}
+            join = lambda runs, key, fmt: ", ".join(format(r[key], fmt) for r in runs)  # noqa: E731
+            for name, runs in got.items():
+                ratio = statistics.median(r["steady"] / r["floor_s"] for r in runs)
+                med[name] = statistics.median(r["steady"] for r in runs)
+                peak = max(r["peak_mb"] for r in runs)
+                floor_mb = runs[0]["mem_floor_mb"]
+                print(f"| {mix} | {vocab} | {name} | {med[name]:.3f} ({join(runs, 'steady', '.2f')}) "
+                      f"| {join(runs, 'rate', '.0f')} | {ratio:.2f}× | {peak:.0f} | {floor_mb:.0f} "
+                      f"| {peak / floor_mb:.2f}× | {join(runs, 'load', '.1f')} |", flush=True)
+            print(f"| {mix} | {vocab} | B/A | {med['B'] / med['A']:.2f} | | | | | | |", flush=True)
     return 0
 
 

@@ -318,10 +318,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, *, scale: float | None = None,
     return _compiled_flex(q, k, v, block_mask=mask, scale=scale, **extra, **gqa)
 
 
+@torch.compiler.disable
 def _attend_documents(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, scale, softcap, gqa) -> Tensor:
     """attend over a DocumentMask: one or two SDPA calls per document, outputs concatenated in row order.
     q, k, v are split into the pieces once (torch.split: its backward is one concatenation, where a
-    slice per piece would scatter into a zero [T]-long gradient each)."""
+    slice per piece would scatter into a zero [T]-long gradient each). Left out of torch.compile
+    (train.compile): the pieces differ in every batch, and a compiled block would recompile for each."""
 
     def sdpa(qq, kk, vv, m):  # m None: causal over equal lengths
         if softcap is not None:
