@@ -124,6 +124,8 @@ class Experts(nn.Module):
             return self.impl == "grouped"
         if not HAS_GROUPED_MM or x.dtype not in (torch.float32, torch.bfloat16):
             return False
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            return False  # its compiled (meta) form takes bf16 only (torch 2.14)
         if x.device.type == "cuda":
             if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
                 return False
