@@ -139,6 +139,9 @@ def online_tables(results: dict[int, dict[str, dict]]) -> str:
     for a, b in (("online", "sdpo"), ("online_fixed_ref", "online")):
         cells = [interval([results[s][a][k] - results[s][b][k] for s in seeds]) for k in ONLINE_METRICS[:4]]
         paired.append([f"{a} − {b}", *cells])
+    for v in ONLINE_VARIANTS:  # M2 against its own S (the demo's claim), exact match only
+        paired.append([f"{v} − S", *(interval([results[s][v][k] - results[s][v][f"S {k}"] for s in seeds])
+                                     for k in ("EM D1", "EM D2")), "-", "-"])
     means = [[f"{v} (mean)", *(fmt(statistics.fmean(results[s][v][k] for s in seeds)) for k in ONLINE_METRICS[:4])]
              for v in ONLINE_VARIANTS]
     out += [f"Paired differences over {len(seeds)} seeds: mean ± 95% t-interval half-width:",
