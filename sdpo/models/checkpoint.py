@@ -74,8 +74,13 @@ def from_hf_name(name: str) -> str | None:
 HUB_EXPERTS = {
     "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
     "qwen3_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+    "qwen3_5_moe_text": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
 }
 _MOE_NAME = re.compile(r"layers\.(\d+)\.mlp\.(?:experts\.(gate_proj|up_proj|down_proj)|gate\.weight)")
+# Also read: transformers 5's in-memory layout, which a checkpoint may store as it is (transformers and vLLM
+# load both for Qwen3.5-MoE): a layer's experts fused, mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then
+# up rows) and mlp.experts.down_proj [E, H, I]. save_model writes the per-expert names, as save_pretrained does.
+FUSED_EXPERTS = ("qwen3_5_moe_text",)
 
 
 def hub_names(name: str, config: ModelConfig) -> str | list[str]:
@@ -92,12 +97,25 @@ def hub_names(name: str, config: ModelConfig) -> str | list[str]:
 
 def _take_experts(found: dict, expected: dict, config: ModelConfig, root) -> dict:
     """Move the MoE tensors whose hub names differ from to_hf_name's out of `found` and `expected`
-    (in place) -> {ours: (file, HF name)} for a router, {ours: [(file, HF name) per expert]} for a stack."""
+    (in place) -> {ours: (file, HF name)} for a router, {ours: [(file, HF name) per expert]} for a stack,
+    {ours: (file, HF name, lo, hi)} for half of a fused gate_up_proj."""
     out, missing = {}, []
+
+    def located(n: str) -> str:  # a vision-language checkpoint keeps them under model.language_model.
+        alt = LANGUAGE_PREFIX + n[len("model."):]
+        return alt if n not in found and alt in found else n
+
+    fused_keys = set()
     for ours in [k for k in expected if config.model_type in HUB_EXPERTS and _MOE_NAME.fullmatch(k)]:
         want = expected.pop(ours)
+        m = _MOE_NAME.fullmatch(ours)
+        fused = located(f"model.layers.{m[1]}.mlp.experts.gate_up_proj")
+        if m[2] is not None and config.model_type in FUSED_EXPERTS and fused in found:
+            out[ours] = _fused_source(found, fused, m[2], want)
+            fused_keys.add(out[ours][1])
+            continue
         hub = hub_names(ours, config)
-        parts = [hub] if isinstance(hub, str) else hub
+        parts = [located(n) for n in ([hub] if isinstance(hub, str) else hub)]
         missing += [n for n in parts if n not in found]
         for n in parts:
             shape = want if isinstance(hub, str) else want[1:]
@@ -109,15 +127,40 @@ def _take_experts(found: dict, expected: dict, config: ModelConfig, root) -> dic
     if missing:
         raise CheckpointError(f"{root}: tensors do not match config.json ({config.model_type}, {config.num_experts} "
                               f"experts); missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    for key in fused_keys:
+        found.pop(key)
     return out
+
+
+def _fused_source(found: dict, gate_up: str, proj: str, want: tuple) -> tuple:
+    """Our stacked gate_proj / up_proj [E, I, H] -> (file, gate_up_proj, first row, end row) of its half of the
+    fused [E, 2I, H]; down_proj [E, H, I] -> (file, down_proj) as it is."""
+    key = gate_up if proj != "down_proj" else gate_up.removesuffix("gate_up_proj") + "down_proj"
+    E, rows, cols = want
+    shape = want if proj == "down_proj" else (E, 2 * rows, cols)
+    if key not in found:
+        raise CheckpointError(f"{found[gate_up][0]}: has {gate_up!r} but no {key!r} (fused experts)")
+    if found[key][1] != shape:
+        raise CheckpointError(f"{found[key][0]}: tensor {key!r} has shape {list(found[key][1])}, "
+                              f"expected {list(shape)}")
+    if proj == "down_proj":
+        return found[key][0], key
+    return (found[key][0], key, 0, rows) if proj == "gate_proj" else (found[key][0], key, rows, 2 * rows)
 
 
 def read_rows(source, start: int | None = None, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of dim 0 of one of our parameters, read from the files checked_tensors named:
-    (file, HF name) reads those rows only (get_slice); a stacked expert tensor reads experts start..stop."""
+    (file, HF name) reads those rows only (get_slice); (file, HF name, lo, hi) reads dim 1's [lo, hi) of
+    them (one half of fused experts); a list of per-expert sources reads experts start..stop."""
     if isinstance(source, list):
         return torch.stack([read_rows(part) for part in source[slice(start, stop)]])
-    file, key = source
+    file, key, *cols = source
+    if cols:
+        with open_safetensors(file) as f:
+            try:
+                return f.get_slice(key)[slice(start, stop), cols[0]:cols[1]]
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read rows {start}:{stop}, {cols} of {key!r} ({e})") from e
     # One open per tensor: the file is mmapped while open, and the pages we touch count in this
     # process's resident set until it is closed, so keep at most one tensor's rows mapped.
     with open_safetensors(file) as f:
@@ -242,7 +285,8 @@ def load_model(path, dtype=None, device=None) -> Transformer:
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype, f"load_model({root})")
     device = torch.device(device if device is not None else "cpu")
     tensors = checked_tensors(root, config)
-    moe = {ours: src for ours, src in tensors.items() if isinstance(src, list)}  # stacked experts: read below
+    # stacked experts (per-expert tensors, or half of a fused one): read below
+    moe = {ours: src for ours, src in tensors.items() if isinstance(src, list) or len(src) > 2}
     names = {key: ours for ours, src in tensors.items() if ours not in moe for key in [src[1]]}  # HF name -> ours
     files = sorted({src[0] for ours, src in tensors.items() if ours not in moe})
 

@@ -62,6 +62,10 @@ DEFAULTS = {
     "qwen3_5_text": dict(head_dim=256, partial_rotary_factor=0.25, linear_conv_kernel_dim=4, linear_key_head_dim=128,
                          linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32),
 }
+DEFAULTS["qwen3_5_moe_text"] = dict(DEFAULTS["qwen3_5_text"], max_position_embeddings=32768)
+HYBRID = ("qwen3_5_text", "qwen3_5_moe_text")  # Gated DeltaNet + gated attention (Qwen3.5)
+# Vision-language configs whose text_config is the language model: model_type -> its text model_type
+VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 LINEAR_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
                  "linear_conv_kernel_dim")
 # Layer patterns transformers' configs build when config.json has no layer_types.
@@ -147,14 +151,15 @@ def _scaling(rope: dict, raw: dict, model_type: str) -> dict | None:
 
 
 def language_config(raw: dict, where: str) -> dict:
-    """A vision-language config (Qwen3.5's "qwen3_5": text_config + vision_config) -> its language
-    model's config; other configs as they are."""
-    if raw.get("model_type") != "qwen3_5":
+    """A vision-language config (Qwen3.5's "qwen3_5" / "qwen3_5_moe": text_config + vision_config) -> its
+    language model's config; other configs as they are."""
+    if raw.get("model_type") not in VISION_LANGUAGE:
         return raw
     text = raw.get("text_config")
     if not isinstance(text, dict):
-        raise CheckpointError(f"{where}: model_type 'qwen3_5' needs a text_config object (the language model)")
-    text = {**text, "model_type": "qwen3_5_text"}
+        raise CheckpointError(f"{where}: model_type {raw['model_type']!r} needs a text_config object "
+                              "(the language model)")
+    text = {**text, "model_type": VISION_LANGUAGE[raw["model_type"]]}
     if "tie_word_embeddings" in raw:  # the outer config owns the lm_head tie
         text["tie_word_embeddings"] = raw["tie_word_embeddings"]
     return text
@@ -167,6 +172,10 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"{where}: unknown model_type {model_type!r}; supported: {supported()}")
     defaults = DEFAULTS.get(model_type, {})
+    if model_type == "qwen3_5_moe_text" and raw.get("intermediate_size") is None:
+        # every layer is sparse, so there is no dense MLP size; ModelConfig's field takes the experts'
+        experts = raw.get("moe_intermediate_size") or MOE[model_type]["moe_intermediate_size"][1]
+        raw = {**raw, "intermediate_size": experts}
 
     def get(key, kind, default=...):
         if key not in raw or raw[key] is None:
@@ -221,7 +230,7 @@ def config_from_dict(raw: dict, where: str = CONFIG_NAME) -> ModelConfig:
         layer_types = ["sliding_attention" if pattern(raw, i) else "full_attention"
                        for i in range(sizes["num_hidden_layers"])]
     linear = {}
-    if model_type == "qwen3_5_text":
+    if model_type in HYBRID:
         if layer_types is None:  # transformers' default: every full_attention_interval-th layer is full
             every = get("full_attention_interval", int, 4)
             layer_types = ["linear_attention" if (i + 1) % every else "full_attention"
@@ -281,6 +290,11 @@ MOE = {
                       moe_intermediate_size=("moe_intermediate_size", 768), norm_topk_prob=("norm_topk_prob", False),
                       decoder_sparse_step=("decoder_sparse_step", 1), mlp_only_layers=("mlp_only_layers", []),
                       router_aux_loss_coef=("router_aux_loss_coef", 0.001)),
+    # every layer sparse, top-k always renormalised (not a config field); one shared expert per layer
+    "qwen3_5_moe_text": dict(num_experts=("num_experts", 256), num_experts_per_tok=("num_experts_per_tok", 8),
+                             moe_intermediate_size=("moe_intermediate_size", 512),
+                             shared_expert_intermediate_size=("shared_expert_intermediate_size", 512),
+                             router_aux_loss_coef=("router_aux_loss_coef", 0.001)),
 }
 
 
@@ -296,7 +310,8 @@ def _read_moe(raw: dict, model_type: str, layers: int, where: str) -> dict:
         out[field] = value
     problems = [f"{k} must be a positive integer, got {raw.get(k, out[f])!r}"
                 for k, (f, _) in MOE[model_type].items()
-                if f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+                if f in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                         "shared_expert_intermediate_size")
                 and (isinstance(out[f], bool) or not isinstance(out[f], int) or out[f] < 1)]
     if not problems and out["num_experts_per_tok"] > out["num_experts"]:
         problems.append(f"num_experts_per_tok ({out['num_experts_per_tok']}) must be <= the number of experts "
@@ -311,7 +326,7 @@ def _read_moe(raw: dict, model_type: str, layers: int, where: str) -> dict:
         problems.append(f"norm_topk_prob must be true or false, got {out['norm_topk_prob']!r}")
     if raw.get("router_jitter_noise"):  # transformers multiplies training inputs by U(1 - ε, 1 + ε); not here
         problems.append(f"router_jitter_noise={raw['router_jitter_noise']} is not supported (0 only)")
-    if raw.get("shared_expert_intermediate_size"):
+    if raw.get("shared_expert_intermediate_size") and "shared_expert_intermediate_size" not in out:
         problems.append("a shared expert (shared_expert_intermediate_size) is not supported")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
@@ -434,7 +449,13 @@ def model_config_to_dict(config: ModelConfig, torch_dtype: str | None = None) ->
         out["partial_rotary_factor"] = c.partial_rotary_factor
         out["original_max_position_embeddings"] = (c.rope_scaling or {}).get(
             "original_max_position_embeddings", c.max_position_embeddings)
-    if mt == "qwen3_5_text":
+    if mt == "qwen3_5_moe_text":  # no dense MLP: transformers' config has no intermediate_size
+        del out["intermediate_size"]
+        out.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                   moe_intermediate_size=c.moe_intermediate_size,
+                   shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+                   router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=False)
+    if mt in HYBRID:
         out.update({k: getattr(c, k) for k in LINEAR_FIELDS}, attention_bias=c.attention_bias,
                    partial_rotary_factor=c.partial_rotary_factor,
                    rope_parameters={"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta,

@@ -83,6 +83,7 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # Qwen3-MoE: layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] | None = None  # ... and i is not listed here (those use the dense MLP)
     router_aux_loss_coef: float = 0.001  # the checkpoint's load-balancing coefficient (loss.router_aux_coef)
+    shared_expert_intermediate_size: int = 0  # Qwen3.5-MoE: a sigmoid-gated shared expert beside the routed ones
     # Qwen3.5's Gated DeltaNet layers (layer_types "linear_attention", sdpo/models/linear_attention.py)
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None
@@ -415,12 +416,28 @@ class HybridBlock(nn.Module):
         else:
             self.self_attn = family.attention(config, layer_idx, family)
         self.post_attention_layernorm = family.norm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = family.mlp(config.hidden_size, config.intermediate_size, config.hidden_act)
+        # Qwen3.5-MoE: a mixture of experts with a shared expert on every layer; its forward then returns
+        # (x, RouterStats) as MoEBlock's does
+        self.sparse = config.is_sparse(layer_idx)
+        if self.sparse:
+            self.mlp = sparse_moe(config, family)
+        else:
+            self.mlp = family.mlp(config.hidden_size, config.intermediate_size, config.hidden_act)
 
-    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None):
         mixer = self.linear_attn if self.linear else self.self_attn  # mask: a SequenceLayout for linear_attn
         x = x + mixer(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sparse:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        y, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + y, stats
+
+
+def sparse_moe(config: ModelConfig, family: "Family") -> SparseMoE:
+    return SparseMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
+                     config.moe_intermediate_size or config.intermediate_size, config.hidden_act,
+                     normalize=config.norm_topk_prob, weights_in_float32=family.router_weights_in_float32,
+                     shared_intermediate=config.shared_expert_intermediate_size)
 
 
 class MoEBlock(PreNormBlock):
@@ -432,9 +449,7 @@ class MoEBlock(PreNormBlock):
         super().__init__(config, layer_idx, family)
         self.sparse = config.is_sparse(layer_idx)
         if self.sparse:
-            self.mlp = SparseMoE(config.num_experts, config.num_experts_per_tok, config.hidden_size,
-                                 config.moe_intermediate_size or config.intermediate_size, config.hidden_act,
-                                 normalize=config.norm_topk_prob, weights_in_float32=family.router_weights_in_float32)
+            self.mlp = sparse_moe(config, family)
 
     def forward(self, x: Tensor, rope: Rope | None, mask, cache: KVCache | None = None):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
@@ -484,6 +499,9 @@ FAMILIES = {
     # Gated DeltaNet on layer_types' "linear_attention" layers, gated attention on the others
     "qwen3_5_text": Family("Qwen3_5ForCausalLM", norm=OffsetRMSNorm, block=HybridBlock, attention=GatedAttention,
                            qk_norm="head"),
+    # Qwen3.5 with a mixture of experts (top-k renormalised, weights in the logits' dtype) and a shared expert
+    "qwen3_5_moe_text": Family("Qwen3_5MoeForCausalLM", norm=OffsetRMSNorm, block=HybridBlock,
+                               attention=GatedAttention, qk_norm="head", router_weights_in_float32=False),
 }
 
 

@@ -1,4 +1,4 @@
-"""Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): a top-k router, stacked experts, grouped compute,
+"""Mixture-of-experts MLPs (Mixtral, Qwen3-MoE, Qwen3.5-MoE): a top-k router, stacked experts, grouped compute,
 and the router statistics the load-balancing loss is made of.
 
 A sparse layer replaces the dense MLP by E experts, each a SwiGLU MLP of its own, and a router
@@ -8,6 +8,7 @@ Jiang et al. 2024):
     p = softmax(W_r x)  (float32)            [N, E]
     (w, i) = top-k(p)                        [N, k]  w / Σw when the family renormalises
     y = Σ_j w_j · expert_{i_j}(x)            every token through its k experts, none dropped
+    y += sigmoid(w_s · x) · shared(x)        Qwen3.5-MoE: a shared expert every token takes, gated per token
 
 The experts of a layer are three stacked parameters, gate_proj / up_proj [E, I, H] and down_proj
 [E, H, I] (HF's per-expert w1 / w3 / w2, or gate_proj / up_proj / down_proj, one row block each;
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdpo.models.layers import ACTIVATIONS
+from sdpo.models.layers import ACTIVATIONS, GatedMLP
 
 # torch._grouped_mm: [M, K] @ [G, K, N] with row offsets -> [M, N]. On CPU it runs float32 and bf16,
 # forward and backward (torch 2.14: equal to the per-expert loop bit for bit, tests/test_moe.py);
@@ -158,14 +159,19 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + experts. forward(x [B, T, H]) -> (y [B, T, H], RouterStats of this layer)."""
+    """Router + experts (+ a gated shared expert when shared_intermediate > 0).
+    forward(x [B, T, H]) -> (y [B, T, H], RouterStats of this layer)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden: int, intermediate: int, act: str,
-                 normalize: bool, weights_in_float32: bool):
+                 normalize: bool, weights_in_float32: bool, shared_intermediate: int = 0):
         super().__init__()
         self.top_k, self.normalize, self.weights_in_float32 = top_k, normalize, weights_in_float32
         self.gate = nn.Linear(hidden, num_experts, bias=False)  # HF's router "gate": [E, H]
         self.experts = Experts(num_experts, hidden, intermediate, act)
+        self.shared_expert = None
+        if shared_intermediate:  # Qwen3.5-MoE (as Qwen2-MoE): one SwiGLU MLP for every token, its own sigmoid gate
+            self.shared_expert = GatedMLP(hidden, shared_intermediate, act)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)  # [1, H]
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [N, H] -> logits [N, E], probs [N, E] float32, top-k weights and expert ids [N, k]."""
@@ -182,7 +188,10 @@ class SparseMoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         logits, probs, top_w, top_i = self.route(flat)
-        y = self.experts(flat, top_w, top_i).view(B, T, H)
+        y = self.experts(flat, top_w, top_i)
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)  # [N, 1] · [N, H]
+        y = y.view(B, T, H)
         with torch.no_grad():
             counts = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [N, E]
         z = torch.logsumexp(logits.float(), dim=-1).square()  # [N]
