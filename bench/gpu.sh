@@ -10,10 +10,19 @@
 #                                     # CPU stand-ins (tiny shapes, the same entry points, Triton
 #                                     # under TRITON_INTERPRET=1, FlexAttention compiled on CPU,
 #                                     # gloo instead of NCCL), so the GPU run can fail only for GPU reasons
+#   bash bench/gpu.sh --only 'MoE|Qwen3.5'   # only the parts whose name matches this (grep -E) pattern
+#                                            # (a rerun of what failed; combines with --dry-run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+DRY=0 ONLY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --only) ONLY=${2:?--only needs a pattern}; shift ;;
+        *) echo "gpu.sh: unknown argument $1 (--dry-run, --only PATTERN)"; exit 2 ;;
+    esac
+    shift
+done
 export PYTHONPATH="$PWD"
 OUT="${OUT:-$(mktemp -d)}"
 failures=0
@@ -21,6 +30,9 @@ SUMMARY=()
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
+    if [ -n "$ONLY" ] && ! grep -qE -- "$ONLY" <<<"$name"; then
+        SUMMARY+=("| $name | skipped (--only) | | ${limit}s |"); return
+    fi
     echo; echo "=== $name (limit ${limit}s)"
     local t0=$SECONDS
     timeout "$limit" "$@"; local rc=$?
@@ -43,7 +55,9 @@ if [ "$DRY" -eq 1 ]; then
     TRAIN_ARGS=(--train.device=cpu --data.max_examples=24 --data.max_test_examples=8 --sft.max_steps=2
                 --train.max_steps=2 --sft.global_batch_size=4 --sft.micro_batch_size=2
                 --train.global_batch_size=4 --train.micro_batch_size=2 --eval.summary=false)
-    LIMITS=(300 120 240 240)
+    LIMITS=(300 120 240 240 90 90 120 60)
+    MOE_BENCH=("--device cpu --dtype bfloat16 --experts 8 --top-k 2 --hidden 64 --intermediate 128 --tokens 256 --repeat 1")
+    DELTA_ARGS=(--device cpu --lengths 64 128 --heads 1 --dim 16 --repeat 1 --recurrent-max 128)
 else
     unset TRITON_INTERPRET                               # real Triton kernels, not the CPU interpreter
     export OMP_NUM_THREADS=8
@@ -58,7 +72,12 @@ else
     # World size 1 joins no process group, so NCCL is exercised only with 2+ GPUs: then FSDP2 over NCCL.
     NPROC=$(python -c "import torch; print(min(2, torch.cuda.device_count()))")
     TRAIN_ARGS=(--train.device=cuda --sft.max_steps=20 --train.max_steps=10)
-    LIMITS=(150 120 150 150)
+    LIMITS=(150 120 150 150 60 90 120 60)
+    # One sparse layer of Mixtral-8x7B and of Qwen3-30B-A3B, 8192 tokens, bf16.
+    MOE_BENCH=("--device cuda --dtype bfloat16 --experts 8 --top-k 2 --hidden 4096 --intermediate 14336 --tokens 8192"
+               "--device cuda --dtype bfloat16 --experts 128 --top-k 8 --hidden 2048 --intermediate 768 --tokens 8192")
+    # One layer of Qwen3.5-9B's value heads (32 x 128), batch 1.
+    DELTA_ARGS=(--device cuda --lengths 512 1024 2048 4096 8192 --heads 32 --dim 128 --repeat 3 --recurrent-max 2048)
 fi
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
@@ -77,6 +96,21 @@ part "FlexAttention, autocast dtypes, fused log-probs ($DEVICE)" "${LIMITS[2]}" 
 part "training under torchrun, $NPROC rank(s) ($DEVICE)" "${LIMITS[3]}" python -m torch.distributed.run \
     --standalone --nproc_per_node "$NPROC" train.py "${TRAIN_ARGS[@]}" --train.output_dir="$OUT/gpu_run"
 [ -f "$OUT/gpu_run/metrics.jsonl" ] && tail -n 3 "$OUT/gpu_run/metrics.jsonl"
+# 5. Mixture of experts on the committed fixtures (bench/gpu_models.py moe): grouped (torch._grouped_mm) and
+#    per-expert loop in bf16 against each other and float32 on the CPU, forward and backward; no host sync on
+#    the grouped path (Tensor host reads, torch.cuda.set_sync_debug_mode).
+part "MoE fixtures: grouped vs loop vs float32, host syncs ($DEVICE)" "${LIMITS[4]}" python bench/gpu_models.py moe \
+    --device "$DEVICE"
+# 6. bench/moe.py: grouped vs loop vs every expert on every token, ms and peak memory, one layer of each shape.
+part "MoE layer: grouped vs loop vs dense ($DEVICE)" "${LIMITS[5]}" bash -c \
+    'for a in "$@"; do python bench/moe.py $a || exit; done' moe_bench "${MOE_BENCH[@]}"
+# 7. Qwen3.5 (bench/gpu_models.py qwen35): the chunked delta rule vs the float64 recurrence on the device, the
+#    fixture's float32 and bf16 logits vs transformers', a packed shared-prompt DPO step vs separate rows.
+part "Qwen3.5: delta rule, fixture logits, packed DPO step ($DEVICE)" "${LIMITS[6]}" python bench/gpu_models.py \
+    qwen35 --device "$DEVICE"
+# 8. bench/linear_attention.py: the chunked delta rule's time and peak memory per length (the recurrence to 2048).
+part "gated delta rule: chunked vs recurrent by length ($DEVICE)" "${LIMITS[7]}" python bench/linear_attention.py \
+    "${DELTA_ARGS[@]}"
 
 echo; echo "| part | result | took | limit |"; echo "| --- | --- | --- | --- |"
 printf '%s\n' "${SUMMARY[@]}"

@@ -3,12 +3,16 @@ the token-by-token recurrence, time and peak memory per sequence length.
 
     python bench/linear_attention.py [--lengths 512 1024 2048 4096] [--heads 4] [--dim 128] [--chunk 64]
     python bench/linear_attention.py --plan    # sdpo.runtime.memory's plan vs a measured Qwen3.5 DPO step
+    python bench/linear_attention.py --device cuda --heads 32 --lengths 512 1024 2048 4096 8192
 
 One value head block of Qwen3.5's size (d_k = d_v = 128; the 9B model has 32 such heads per layer,
 --heads sets how many run here), batch 1, float32, one thread. Each (mode, T, pass) runs in a fresh
 process: "forward" without gradients, "train" forward + backward with an upstream gradient. Peak is
 VmHWM over the process's RSS once the inputs exist (glibc's mmap threshold lowered so freed blocks
 leave the resident set); time is the best of --repeat runs after one warm-up (the recurrence: one run).
+With --device (bench/gpu.sh: cuda; cpu is its --dry-run stand-in) everything runs in this process on that
+device, timed with synchronisation, the peak from torch.cuda.max_memory_allocated above the inputs, and the
+recurrence (a Python loop over tokens) only up to --recurrent-max tokens.
 """
 
 from __future__ import annotations
@@ -128,6 +132,73 @@ def measure(args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure_on(device: str, a: dict) -> dict:
+    """WORKER's measurement in this process on `device` (warm-up for both forms; peak NaN off CUDA)."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from sdpo.models.linear_attention import chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_rule
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    T, H, d = a["T"], a["heads"], a["dim"]
+    train = a["pass"] == "train"
+    r = lambda *s: torch.randn(*s, generator=g, device=dev)  # noqa: E731
+    q = (l2_normalize(r(1, T, H, d)) * d ** -0.5).requires_grad_(train)
+    k = l2_normalize(r(1, T, H, d)).requires_grad_(train)
+    v = r(1, T, H, d).requires_grad_(train)
+    decay = (-torch.rand(1, T, H, generator=g, device=dev)).requires_grad_(train)
+    beta = torch.rand(1, T, H, generator=g, device=dev).requires_grad_(train)
+    up = r(1, T, H, d)
+    fn = (lambda: chunk_gated_delta_rule(q, k, v, decay, beta, chunk_size=a["chunk"])) if a["mode"] == "chunked" \
+        else (lambda: recurrent_gated_delta_rule(q, k, v, decay, beta))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def run():
+        with torch.set_grad_enabled(train):
+            o, s = fn()
+            if train:
+                torch.autograd.backward([o, s], [up, torch.ones_like(s)])
+                for x in (q, k, v, decay, beta):
+                    x.grad = None
+
+    run()  # warm-up
+    times = []
+    for _ in range(a["repeat"]):
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20 if dev.type == "cuda" else float("nan")
+    return {"time_s": min(times), "peak_mb": peak}
+
+
+def main_on(args) -> None:
+    import torch
+
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu stand-in"
+    print(f"gated delta rule on {where}, batch 1, {args.heads} heads x d_k = d_v = {args.dim}, float32, chunk "
+          f"{args.chunk}; the recurrence up to T = {args.recurrent_max}; best of {args.repeat} after a warm-up; "
+          "peak = max allocated above the inputs")
+    print("| T | pass | chunked ms | recurrent ms | speed-up | chunked Mtokens/s | chunked peak MB | recurrent peak MB |")
+    print("|---|------|-----------:|-------------:|---------:|------------------:|----------------:|------------------:|")
+    for T in args.lengths:
+        for pas in ("forward", "train"):
+            a = dict(T=T, heads=args.heads, dim=args.dim, chunk=args.chunk, repeat=args.repeat, **{"pass": pas})
+            c = measure_on(args.device, dict(a, mode="chunked"))
+            rec = measure_on(args.device, dict(a, mode="recurrent")) if T <= args.recurrent_max else None
+            rt, rp, sp = ("—", "—", "—") if rec is None else (
+                f"{rec['time_s'] * 1e3:.1f}", f"{rec['peak_mb']:.0f}", f"{rec['time_s'] / c['time_s']:.1f}x")
+            print(f"| {T} | {pas} | {c['time_s'] * 1e3:.1f} | {rt} | {sp} | {T / c['time_s'] / 1e6:.2f} | "
+                  f"{c['peak_mb']:.0f} | {rp} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
@@ -136,7 +207,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--plan", action="store_true", help="only the memory plan against a measured DPO step")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="run in this process on this device (bench/gpu.sh: cuda; cpu is its --dry-run stand-in)")
+    ap.add_argument("--recurrent-max", type=int, default=2048, help="with --device: the longest T the recurrence runs")
     args = ap.parse_args()
+    if args.device:
+        main_on(args)
+        return
     if args.plan:
         check_plan()
         return

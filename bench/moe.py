@@ -2,6 +2,7 @@
 
     python bench/moe.py                       # E = 8, top-2, H = 512, I = 1024, 1024 tokens, float32
     python bench/moe.py --tokens 4096 --dtype bfloat16 --threads 2
+    python bench/moe.py --device cuda --dtype bfloat16 --experts 8 --hidden 4096 --intermediate 14336 --tokens 8192
 
 One sparse layer (sdpo.models.moe.SparseMoE: router + 8 stacked SwiGLU experts), a forward and a
 backward of a weighted sum of its output plus the load-balancing loss, three ways:
@@ -16,7 +17,8 @@ Reported: median ms per fwd+bwd over --repeat runs after a warm-up; the bytes sa
 memory the step holds between forward and backward); the peak resident set of one step above the
 resident set before it (Linux VmHWM, reset first; each variant in a fresh process with glibc's mmap
 threshold fixed at 128 KiB, so freed tensors leave the resident set); and the max |difference| of the
-output from the first variant's.
+output from the first variant's. With --device cuda (bench/gpu.sh): the time is synchronised, and the
+peak is torch.cuda.max_memory_allocated during the measured step above the memory allocated before it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def reset_peak() -> None:
         f.write("5")
 
 
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_peak_mb(moe, x, w, how) -> float:
+    """torch.cuda.max_memory_allocated during one step, above what was allocated before it (MB)."""
+    moe.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(moe, x, w, how)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def step(moe, x, w, how):
     moe.zero_grad(set_to_none=True)
     if how == "dense":
@@ -100,18 +118,20 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: peak from torch.cuda.max_memory_allocated instead of the resident set")
     ap.add_argument("--peak-rss-of", choices=["grouped", "loop", "dense"], help=argparse.SUPPRESS)  # the worker
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     torch.manual_seed(0)
     moe = SparseMoE(args.experts, args.top_k, args.hidden, args.intermediate, "silu", normalize=True,
-                    weights_in_float32=True).to(dtype)
+                    weights_in_float32=True).to(device, dtype)
     with torch.no_grad():
         for p in moe.parameters():
-            p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
-    x = torch.randn(1, args.tokens, args.hidden, dtype=dtype)
+            p.copy_(torch.randn(p.shape, device=device) / p.shape[-1] ** 0.5)
+    x = torch.randn(1, args.tokens, args.hidden, dtype=dtype, device=device)
     w = torch.randn_like(x)
     if args.peak_rss_of:  # a fresh process: one warm-up step, then the measured one
         step(moe, x, w, args.peak_rss_of)
@@ -122,21 +142,28 @@ def main(argv=None) -> None:
         print((rss_peak_kb() - base) / 1024)
         return
     ways = ["grouped", "loop", "dense"] if hasattr(torch, "_grouped_mm") else ["loop", "dense"]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"E={args.experts} top-{args.top_k} H={args.hidden} I={args.intermediate} tokens={args.tokens} "
-          f"{args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| compute | ms per fwd+bwd (median) | saved for backward MB | peak RSS above start MB | max abs diff vs first |")
+          f"{args.dtype}, {where}, torch {torch.__version__}")
+    peak_name = "peak CUDA allocated above start MB" if device.type == "cuda" else "peak RSS above start MB"
+    print(f"| compute | ms per fwd+bwd (median) | saved for backward MB | {peak_name} | max abs diff vs first |")
     print("| --- | ---: | ---: | ---: | ---: |")
     first = None
     for how in ways:
         step(moe, x, w, how)  # warm-up
         times = []
         for _ in range(args.repeat):
+            sync(device)
             t0 = time.perf_counter()
             y = step(moe, x, w, how)
+            sync(device)
             times.append(time.perf_counter() - t0)
-        worker = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--peak-rss-of", how]
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-        peak = float(subprocess.run(worker, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+        if device.type == "cuda":
+            peak = cuda_peak_mb(moe, x, w, how)
+        else:
+            worker = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--peak-rss-of", how]
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            peak = float(subprocess.run(worker, env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
         saved = saved_bytes(moe, x, w, how) / 1e6
         first = y if first is None else first
         diff = (y.float() - first.float()).abs().max().item()
