@@ -55,7 +55,7 @@ if [ "$DRY" -eq 1 ]; then
     TRAIN_ARGS=(--train.device=cpu --data.max_examples=24 --data.max_test_examples=8 --sft.max_steps=2
                 --train.max_steps=2 --sft.global_batch_size=4 --sft.micro_batch_size=2
                 --train.global_batch_size=4 --train.micro_batch_size=2 --eval.summary=false)
-    LIMITS=(300 120 240 240 90 90 120 60)
+    LIMITS=(300 120 240 240 150 90 150 60)
     MOE_BENCH=("--device cpu --dtype bfloat16 --experts 8 --top-k 2 --hidden 64 --intermediate 128 --tokens 256 --repeat 1")
     DELTA_ARGS=(--device cpu --lengths 64 128 --heads 1 --dim 16 --repeat 1 --recurrent-max 128)
 else

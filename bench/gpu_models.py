@@ -4,7 +4,8 @@
     python bench/gpu_models.py qwen35
     python bench/gpu_models.py moe --device cpu   # bench/gpu.sh --dry-run's CPU stand-in
 
-moe (tests/fixtures/moe: Mixtral top-2 and Qwen3-MoE top-2 / top-3 of 4 experts, made by transformers):
+moe (tests/fixtures/moe: Mixtral top-2 and Qwen3-MoE top-2 / top-3 of 4 experts; tests/fixtures/qwen35_moe:
+the Qwen3.5-MoE hybrid with a shared expert; all made by transformers):
   1. bf16 on the device, grouped (torch._grouped_mm) and the per-expert loop: logits and the gradients of a
      weighted log-prob sum + the load-balancing loss, against each other and against float32 on the CPU
      (itself within 1e-4 of transformers, tests/test_moe.py), in units of bf16 on the CPU's own error;
@@ -47,6 +48,8 @@ from sdpo.models.linear_attention import chunk_gated_delta_rule, l2_normalize, r
 from sdpo.models.moe import Experts, load_balancing_loss  # noqa: E402
 
 MOE = ROOT / "tests" / "fixtures" / "moe"
+MOE_FIXTURES = {name: MOE / name for name in ("mixtral", "qwen3_moe", "qwen3_moe_plain")}
+MOE_FIXTURES["qwen35_moe"] = ROOT / "tests" / "fixtures" / "qwen35_moe" / "text"  # hybrid + shared expert
 QWEN35 = ROOT / "tests" / "fixtures" / "qwen35" / "text"
 
 
@@ -127,15 +130,15 @@ class HostSyncs:
 def check_moe(device) -> list:
     failures = []
     rows, sync_rows = [], []
-    for name in ("mixtral", "qwen3_moe", "qwen3_moe_plain"):
-        ref = load_file(str(MOE / name / "reference.safetensors"))
+    for name, path in MOE_FIXTURES.items():
+        ref = load_file(str(path / "reference.safetensors"))
         ids = ref["input_ids"]
-        truth_logits, truth_grads = on_cpu(moe_step(load_model(MOE / name).train(), ids))  # float32, CPU
-        cpu_bf16 = load_model(MOE / name, dtype=torch.bfloat16).train()
+        truth_logits, truth_grads = on_cpu(moe_step(load_model(path).train(), ids))  # float32, CPU
+        cpu_bf16 = load_model(path, dtype=torch.bfloat16).train()
         set_impl(cpu_bf16, "loop")
         base_logits, base_grads = on_cpu(moe_step(cpu_bf16, ids))
         base = (rel(base_logits, truth_logits), rel(base_grads, truth_grads))
-        model = load_model(MOE / name, dtype=torch.bfloat16, device=device).train()
+        model = load_model(path, dtype=torch.bfloat16, device=device).train()
         sparse = [m for m in model.modules() if isinstance(m, Experts)]
         x = torch.zeros(4, model.config.hidden_size, dtype=torch.bfloat16, device=device)
         auto = "grouped" if sparse[0].use_grouped(x) else "loop"
