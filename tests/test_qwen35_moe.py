@@ -6,6 +6,7 @@ tests in tests/test_qwen35.py and tests/test_moe.py; here: the family against tr
 checkpoint layouts, the shared-prompt packing, generation, LoRA and a train.py run.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from sdpo.data.packing import collate, pack
 from sdpo.data.pairs import TokenizedPair
 from sdpo.logprobs import concatenated_forward, packed_forward
-from sdpo.models.checkpoint import CheckpointError, load_model, save_model
+from sdpo.models.checkpoint import CheckpointError, checked_tensors, load_model, read_rows, save_model
 from sdpo.models.generate import generate
 from sdpo.models.hf_config import config_from_dict, model_config_to_dict
 from sdpo.models.lora import LORA_TARGETS, apply_lora, merge_lora
@@ -153,6 +154,10 @@ def test_hub_layouts_load(tmp_path, hf, capsys, layout):
     assert loaded.config == model.config
     with torch.no_grad():
         assert torch.equal(loaded(ref["input_ids"]), model(ref["input_ids"]))
+    # the sharded loader's reads (sdpo.runtime.distributed.load_sharded): experts 1..2 of a stacked tensor
+    sources = checked_tensors(tmp_path / "m", model.config)
+    for name in ("layers.2.mlp.experts.gate_proj", "layers.2.mlp.experts.up_proj", "layers.2.mlp.experts.down_proj"):
+        assert torch.equal(read_rows(sources[name], 1, 3), model.state_dict()[name][1:3])
     if layout == "fused":  # a fused tensor of the wrong shape is named
         key = "model.layers.1.mlp.experts.gate_up_proj"
         tensors[key] = tensors[key][:, :-1].contiguous()
@@ -269,3 +274,19 @@ def test_train_two_dpo_steps_logs_aux_loss(tmp_path, capsys):
     assert len(dpo) == 2 and all(torch.isfinite(torch.tensor([r["loss"], r["aux_loss"]])).all() for r in dpo)
     assert all(0.9 < r["aux_loss"] < 4.0 for r in dpo)  # E · Σ f P: 1 when balanced, at most E = 4
     assert load_model(out / "M1").config.model_type == "qwen3_5_moe_text"
+
+
+def test_parameter_count_and_memory_plan():
+    """transformers' default Qwen3_5MoeTextConfig (Qwen3.5-35B-A3B's language model): sdpo's parameter count
+    equals transformers' (34.66B; tools/make_qwen35_moe_fixtures.py), 8 of 256 experts active per token (~3.5B);
+    the memory plan counts the shared expert's activations in every sparse layer."""
+    from sdpo.runtime.memory import moe_bytes_per_token, param_counts
+
+    record = json.loads((FIX / "roundtrip.json").read_text())["default_config"]
+    c = config_from_dict(record["config"])
+    assert c.num_hidden_layers == 40 and c.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    n = param_counts(c)
+    assert n["total"] == record["parameters"] == 34_660_610_688
+    assert 3.3e9 < n["active"] < 3.6e9
+    plain = dataclasses.replace(c, shared_expert_intermediate_size=0)
+    assert moe_bytes_per_token(c, 2) - moe_bytes_per_token(plain, 2) == 4 * 2 * 512 + 2 * 2048 + 2 * 2

@@ -22,7 +22,8 @@ linear-attention layers around a full-attention one; 4 experts, top-2, a shared 
                       weights under those names
   roundtrip.json      an sdpo model (other random weights) -> save_model -> transformers: max |Δ logit|
                       unpadded, padded, packed, sdpo's packed shared-prompt row against transformers' two
-                      rows, and |Δ aux_loss|
+                      rows, and |Δ aux_loss|; and the parameter count of transformers' default config
+                      (Qwen3_5MoeTextConfig(): Qwen3.5-35B-A3B's language model) on the meta device
 """
 
 from __future__ import annotations
@@ -142,6 +143,16 @@ def layouts(model) -> dict:
     return {"fused": fused, "vl": shapes, "vl_config": config}
 
 
+def default_size() -> dict:
+    """Qwen3_5MoeTextConfig()'s defaults (the 35B-A3B's language model) and transformers' parameter count."""
+    from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig
+
+    config = Qwen3_5MoeTextConfig()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"config": config.to_dict(), "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def main() -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -191,7 +202,7 @@ def main() -> int:
         diffs["packed_pair_logits"] = packed_pair_diff(ours, hf, t)
         diffs.update({k: abs(mine_aux[k] - theirs_aux[k]) for k in mine_aux})
     record = {"transformers": transformers.__version__, "class": type(hf).__name__, "files": files,
-              "tolerance": 1e-4, "max_abs_diff": diffs}
+              "tolerance": 1e-4, "max_abs_diff": diffs, "default_config": default_size()}
     (OUT / "roundtrip.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"roundtrip sdpo -> {type(hf).__name__} ({len(files)} files): " +
           ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

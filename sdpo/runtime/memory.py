@@ -35,6 +35,7 @@ q, k, v, out and a float32 log-sum-exp, not the [T, T] scores):
               and each expert's SwiGLU 4bI_e, so k·(2bH + 4bI_e); plus the forward's running router
               sums over layers (probabilities, picks, z) 12E once. FSDP2 gathers a block whole: all E
               experts of a layer are in flight, though a token uses k of them (total vs active below).
+              Qwen3.5-MoE's shared expert adds its SwiGLU 4bI_s, its output bH and its sigmoid gate 2b.
   linear layer instead of RoPE + SDPA (Qwen3.5's Gated DeltaNet, sdpo/models/linear_attention.py; D = the
               conv width 2·n_k·d_k + n_v·d_v, Z = n_v·d_v, C = the chunk, 64): the projection, conv and SiLU
               outputs 3bD, z bZ; in float32 q and k repeated to n_v heads before and after their L2 norm
@@ -120,8 +121,9 @@ def linear_bytes_per_token(c: ModelConfig, b: int, chunk: int = 64) -> int:
 
 def moe_bytes_per_token(c: ModelConfig, b: int) -> int:
     """A sparse layer's router and expert activations per token (the MoE row of the table)."""
-    E, k, H = c.num_experts, c.num_experts_per_tok, c.hidden_size
-    return b * E + 4 * E + k * (2 * b * H + 4 * b * (c.moe_intermediate_size or c.intermediate_size))
+    E, k, H, S = c.num_experts, c.num_experts_per_tok, c.hidden_size, c.shared_expert_intermediate_size
+    shared = 4 * b * S + b * H + 2 * b if S else 0
+    return b * E + 4 * E + k * (2 * b * H + 4 * b * (c.moe_intermediate_size or c.intermediate_size)) + shared
 
 
 def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
