@@ -102,20 +102,6 @@ def _chunk_backward_torch(z, idx, m, logsum, g, g_hit, softcap=None, dy=None):
     return x if x.dtype == z.dtype else z.copy_(x)
 
 
-def _chunk_backward_scaled(z, w, h, idx, valid, m, logsum, g, grad_h, grad_w) -> None:
-    """(3)-(4) for one chunk with float32 (or float64) logits z [c, V] of all of W (the CPU path):
-    g·D = -g·(softmax(z) - onehot), with the row factor -g applied to the [c, H] sides of the GEMMs
-    instead of the [c, V] buffer: two passes over z (subtract, exp) where g·D itself takes four.
-    grad_h [c, H] is written, grad_w [V, H] accumulated; either may be None."""
-    z.sub_((m + logsum)[:, None]).exp_()                                # softmax(z), eq. (2)'s lse
-    z.scatter_add_(1, idx[:, None], torch.where(valid, -1.0, 0.0).to(z.dtype)[:, None])   # - onehot(t)
-    neg_g = -g[:, None]                                                 # [c, 1]; 0 on ignored rows
-    if grad_h is not None:
-        torch.mm(z, w, out=grad_h).mul_(neg_g)                          # (4) [c, H]
-    if grad_w is not None:
-        grad_w.addmm_(z.t(), h * neg_g)                                 # (4) [V, H]
-
-
 def _chunk_forward_triton(z, targets_raw, ignore_index, softcap=None):
     from . import logsoftmax_gather as lg
     return lg.logprobs_forward(z, targets_raw, ignore_index, softcap)
@@ -220,10 +206,6 @@ class FusedLinearLogprobs(torch.autograd.Function):
             for s in range(0, R, c):
                 e = min(s + c, R)
                 z = torch.mm(hidden[s:e], wb.t(), out=flat[:(e - s) * (v1 - v0)].view(e - s, v1 - v0))  # (1)
-                if not ctx.use_triton and softcap is None and Vb == V and z.dtype == acc:
-                    _chunk_backward_scaled(z, wb, hidden[s:e], idx[s:e], valid[s:e], row_max[s:e], logsum[s:e],
-                                           g[s:e], grad_h[s:e] if want_h else None, gw)
-                    continue
                 if ctx.use_triton:
                     dz = _chunk_backward_triton(z, t_blk[s:e], row_max[s:e], logsum[s:e], g[s:e], ctx.ignore_index,
                                                 softcap)
