@@ -22,7 +22,7 @@ from sdpo.logprobs import concatenated_forward, packed_forward
 from sdpo.models.checkpoint import CheckpointError, checked_tensors, load_model, read_rows, save_model
 from sdpo.models.generate import generate
 from sdpo.models.hf_config import config_from_dict, model_config_to_dict
-from sdpo.models.lora import LORA_TARGETS, apply_lora, merge_lora
+from sdpo.models.lora import LORA_TARGETS, apply_lora, merge_lora, peft_state_dict
 from sdpo.models.model import Transformer
 from sdpo.models.moe import SparseMoE, load_balancing_loss
 
@@ -230,18 +230,19 @@ def test_activation_checkpointing_leaves_gradients_and_router_stats(hf):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def test_lora_adapts_the_shared_expert_not_the_router():
-    """Default targets: attention, Gated DeltaNet and the shared expert's projections; the router, the shared
-    expert's [1, H] gate and the stacked experts stay frozen. B = 0 leaves the model; merging keeps it."""
+def test_lora_names_equal_peft():
+    """Default targets = peft 0.21.2's "all-linear" on Qwen3_5MoeForCausalLM (peft_all_linear.json): attention,
+    Gated DeltaNet, the shared expert and its [1, H] gate; the router and the stacked experts stay frozen.
+    B = 0 leaves the model; merging keeps the adapted one."""
     ref = load_file(str(FIX / "text" / "reference.safetensors"))
     model = load_model(FIX / "text").eval()
     with torch.no_grad():
         base = model(ref["input_ids"])
     apply_lora(model, SimpleNamespace(rank=2, alpha=4.0, dropout=0.0, targets=list(LORA_TARGETS)))
-    adapted = {n.removesuffix(".lora_A.weight") for n, _ in model.named_parameters() if n.endswith(".lora_A.weight")}
-    assert {"layers.0.mlp.shared_expert.gate_proj", "layers.0.mlp.shared_expert.down_proj",
-            "layers.0.linear_attn.in_proj_qkv", "layers.1.self_attn.q_proj"} <= adapted
-    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) or ".experts" in n for n in adapted)
+    want = json.loads((FIX / "peft_all_linear.json").read_text())
+    assert {k: list(v.shape) for k, v in peft_state_dict(model.state_dict()).items()} == want["tensors"]
+    assert sorted(model.lora_config["targets"]) == want["target_modules"]
+    assert not any(".experts" in n or n.endswith("mlp.gate.lora_A.weight") for n in want["tensors"])
     with torch.no_grad():
         assert torch.equal(model(ref["input_ids"]), base)
         for name, p in model.named_parameters():

@@ -24,6 +24,7 @@ linear-attention layers around a full-attention one; 4 experts, top-2, a shared 
                       unpadded, padded, packed, sdpo's packed shared-prompt row against transformers' two
                       rows, and |Δ aux_loss|; and the parameter count of transformers' default config
                       (Qwen3_5MoeTextConfig(): Qwen3.5-35B-A3B's language model) on the meta device
+  peft_all_linear.json  peft's LoRA adapter names and shapes on text/ with target_modules="all-linear"
 """
 
 from __future__ import annotations
@@ -153,6 +154,23 @@ def default_size() -> dict:
     return {"config": config.to_dict(), "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def peft_names() -> dict:
+    """peft's adapter names and shapes for target_modules="all-linear" on text/."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(OUT / "text")
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                          target_modules="all-linear"))
+    with tempfile.TemporaryDirectory() as d:
+        pm.save_pretrained(d)
+        cfg = json.loads((Path(d) / "adapter_config.json").read_text())
+        with safe_open(str(Path(d) / "adapter_model.safetensors"), "pt") as f:
+            tensors = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {"peft": peft.__version__, "target_modules": sorted(cfg["target_modules"]), "tensors": tensors}
+
+
 def main() -> int:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -206,6 +224,9 @@ def main() -> int:
     (OUT / "roundtrip.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"roundtrip sdpo -> {type(hf).__name__} ({len(files)} files): " +
           ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    record = peft_names()
+    (OUT / "peft_all_linear.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"peft {record['peft']} all-linear: {record['target_modules']}, {len(record['tensors'])} tensors")
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"total fixture size {size / 1024:.0f} KiB")
     return 0 if max(diffs.values()) <= 1e-4 else 1

@@ -35,10 +35,11 @@ from sdpo.models.checkpoint import to_hf_name
 
 # sdpo.models.model's projection names (HF's): attention, then the gated MLP; Phi-3 fuses q/k/v into
 # qkv_proj and gate/up into gate_up_proj (peft targets those names for it); Qwen3.5's Gated DeltaNet
-# layers have in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj. The default, all of them,
-# means every projection the family has (peft's "all-linear").
+# layers have in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj; Qwen3.5-MoE's shared expert its
+# gate/up/down and shared_expert_gate ([1, H]). The default, all of them, means every projection the family
+# has (peft's "all-linear"; MoE routers and stacked experts are not nn.Linear projections there either).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
-                "down_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+                "down_proj", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "shared_expert_gate")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
