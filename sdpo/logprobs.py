@@ -219,7 +219,8 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     # One mask per distinct window over the layers (Gemma 2/3, OLMo 3: sliding and global layers).
     config = getattr(model, "config", None)
     windows = config.attention_windows() if hasattr(config, "attention_windows") else [None]
-    masks = {w: packed_mask(batch["doc_ids"], batch["segments"], pos, w, backend=backend) for w in windows}
+    masks = {w: packed_mask(batch["doc_ids"], batch["segments"], pos, w, backend=backend, spans=batch.get("doc_spans"))
+             for w in windows}
     # Recurrent layers (Qwen3.5) read where each document and response starts instead of a mask.
     masks["documents"] = (batch["doc_ids"], batch["segments"])
     hidden = model.hidden_states(ids, None, pos, attn_mask=masks)  # [n, T, H]

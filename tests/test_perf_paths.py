@@ -28,6 +28,12 @@ def test_cpu_packing_is_one_unpadded_row():
     b = pack(_pairs(), pad_id=0, **pack_options(packing=True, share_prompt=True, device="cpu"))
     assert b["input_ids"].shape == (1, sum(sum(s) for s in SPECS)) and bool((b["doc_ids"] > 0).all())
     assert isinstance(document_mask(b["doc_ids"], b["segments"], b["position_ids"]), DocumentMask)
+    # pack's host-side doc_spans give the pieces read off the tensors, pads included
+    for rows in ("one", "each"):
+        b = pack(_pairs(), pad_id=0, rows=rows, pad_to_multiple_of=8)
+        args = (b["doc_ids"], b["segments"], b["position_ids"], 16)
+        read, given = document_mask(*args), document_mask(*args, spans=b["doc_spans"])
+        assert [[p[:5] for p in row] for row in given.rows] == [[p[:5] for p in row] for row in read.rows]
 
 
 @pytest.mark.parametrize("window", [None, 3])

@@ -191,6 +191,8 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
       counts       [S]  scored tokens per sequence
       index        [B]  TokenizedPair.index
       token_range  (min, max) token id, Python ints (see host_facts)
+      doc_spans    per row, (start, prompt, chosen, rejected) lengths of its documents, Python ints:
+                   sdpo.models.attention.document_mask reads them instead of the device tensors
     As in collate, the first token of a row-sequence is never scored: with an empty prompt the
     first response token has no context, and the unpacked path skips it too.
     """
@@ -233,6 +235,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
     doc_ids = torch.zeros((n_rows, T), dtype=torch.long)
     segments = torch.zeros((n_rows, T), dtype=torch.long)
     gather, targets = [], []  # tensors, one per response segment
+    doc_spans = [[] for _ in rows]  # per row: (start, prompt, chosen, rejected) lengths of each document
     spans = [(0, 0)] * S  # (first position in gather/targets, count) per sequence
     R = 0
     for r, row in enumerate(rows):
@@ -260,6 +263,8 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
                     R += len(tgt)
                 o += n
             doc_ids[r, start:o] = j
+            lengths = {seg: len(ids) for seg, ids in d.parts}
+            doc_spans[r].append((start, lengths[PROMPT], lengths.get(CHOSEN, 0), lengths.get(REJECTED, 0)))
     counts = torch.tensor([m for _, m in spans], dtype=torch.long)
     first = torch.tensor([b for b, _ in spans], dtype=torch.long)
     t = torch.arange(max(1, int(counts.max())))
@@ -268,7 +273,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
     return {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "segments": segments,
             "gather_index": torch.cat(gather) if gather else empty, "targets": torch.cat(targets) if targets else empty,
             "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-            **host_facts(input_ids)}
+            "doc_spans": doc_spans, **host_facts(input_ids)}
 
 
 def micro_batches(indices: Sequence[int], costs: Sequence[int], *, max_pairs: int | None = None,

@@ -75,16 +75,16 @@ def flex_available(device) -> bool:
 
 
 def packed_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None, *,
-                backend: str = "auto"):
+                backend: str = "auto", spans: list | None = None):
     """The mask of (A) for `attend`. backend "auto": a FlexAttention BlockMask on CUDA, a DocumentMask
-    on CPU (per-document SDPA), else the dense SDPA mask; or "flex", "documents", "dense" outright.
-    Built on the tensors' device, so no host copy of [T, T]."""
+    on CPU (per-document SDPA; spans: see document_mask), else the dense SDPA mask; or "flex",
+    "documents", "dense" outright. Built on the tensors' device, so no host copy of [T, T]."""
     if backend == "auto":
         backend = "flex" if flex_available(doc.device) else "documents" if doc.device.type == "cpu" else "dense"
     if backend == "flex":
         return flex_block_mask(doc, seg, pos, sliding_window)
     if backend == "documents":
-        return document_mask(doc, seg, pos, sliding_window)
+        return document_mask(doc, seg, pos, sliding_window, spans)
     return dense_packed_mask(doc, seg, pos, sliding_window)
 
 
@@ -113,40 +113,51 @@ def _causal_window(qpos: Tensor, kpos: Tensor, offset: int, window: int | None) 
     return m
 
 
-def document_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None) -> DocumentMask:
-    """(A) for packed rows (doc, seg, pos [B, T]) as a DocumentMask. Reads doc and seg on the host:
-    meant for CPU tensors (no sync); the small per-document masks are built on pos's device."""
+def document_mask(doc: Tensor, seg: Tensor, pos: Tensor, sliding_window: int | None = None,
+                  spans: list | None = None) -> DocumentMask:
+    """(A) for packed rows (doc, seg, pos [B, T]) as a DocumentMask. spans: per row, (start, prompt,
+    chosen, rejected) lengths of its documents, from the CPU batch (sdpo.data.packing.pack's
+    "doc_spans"; the rest of the row is padding): then nothing is read from the device. Without them
+    doc and seg are read on the host (no sync on CPU), and a document laid out otherwise than
+    prompt | chosen | rejected gets its own dense mask."""
     B, T = doc.shape
     window = window_that_bites(sliding_window, T)
-    docs, segs = doc.cpu().tolist(), seg.cpu().tolist()
+
+    def piece(b: int, a: int, P: int, C: int, R: int) -> tuple:
+        p = pos[b, a:a + P + C + R]
+        m1 = m2 = None
+        if window is not None and window_that_bites(window, P + C) is not None:
+            m1 = _causal_window(p[:P + C], p[:P + C], 0, window)
+        if R and (P or window is not None):
+            m2 = _causal_window(p[P + C:], torch.cat([p[:P], p[P + C:]]), P, window)
+        return ("doc", a, P, C, R, m1, m2)
+
     rows = []
+    if spans is not None:
+        for b, row in enumerate(spans):
+            pieces = [piece(b, *span) for span in row]
+            end = row[-1][0] + sum(row[-1][1:]) if row else 0
+            if end < T:
+                pieces.append(("pad", end, T))
+            rows.append(tuple(pieces))
+        return DocumentMask(tuple(rows))
+    docs, segs = doc.cpu().tolist(), seg.cpu().tolist()
     for b in range(B):
         d, sg, pieces, a = docs[b], segs[b], [], 0
         while a < T:
             e = a + 1
             while e < T and d[e] == d[a]:
                 e += 1
-            if d[a] <= 0:
-                pieces.append(("pad", a, e))
-                a = e
-                continue
             run = sg[a:e]
             P = next((i for i, s in enumerate(run) if s != PROMPT), len(run))
             C = next((i for i, s in enumerate(run[P:]) if s != CHOSEN), len(run) - P)
-            R = len(run) - P - C
-            if any(s != REJECTED for s in run[P + C:]):
+            if d[a] <= 0:
+                pieces.append(("pad", a, e))
+            elif any(s != REJECTED for s in run[P + C:]):
                 m = dense_packed_mask(doc[b:b + 1, a:e], seg[b:b + 1, a:e], pos[b:b + 1, a:e], window)[0, 0]
                 pieces.append(("dense", a, e, m))
-                a = e
-                continue
-            p = pos[b, a:e]
-            m1 = m2 = None
-            if window is not None and P + C > 0 and window_that_bites(window, P + C) is not None:
-                m1 = _causal_window(p[:P + C], p[:P + C], 0, window)
-            if R and (P or window is not None):
-                kpos = torch.cat([p[:P], p[P + C:]])
-                m2 = _causal_window(p[P + C:], kpos, P, window)
-            pieces.append(("doc", a, P, C, R, m1, m2))
+            else:
+                pieces.append(piece(b, a, P, C, len(run) - P - C))
             a = e
         rows.append(tuple(pieces))
     return DocumentMask(tuple(rows))
