@@ -13,8 +13,10 @@ ranks under FSDP2 (sdpo.runtime.distributed.apply_fsdp):
   blocks in flight FSDP2 gathers a block and prefetches the next; in backward one more for the
                    block's unsharded gradient: 3 blocks (all L when blocks are not resharded)
   activations      saved for backward, per token per block (below), x tokens x blocks; a
-                   checkpointed block keeps only its input [T, H], plus one block recomputed;
-                   plus one block's worth for backward's gradients of those intermediates
+                   checkpointed block keeps only its input [T, H], and backward holds at most the
+                   saved blocks, or one recomputed block plus the saved ones below it (backward
+                   frees each block's tensors as it passes; the gradients of a block's
+                   intermediates add nothing measurable: bench/memory_plan.py)
   logits           fused: one [c, V] chunk of the device's size (kernels.fused_linear.chunk_sizes:
                    ~2^27 logits on CUDA, 2^22 on CPU; 16-bit backward: a chunk, a float32 [Vb, H]
                    block and the [R, H] accumulator); unfused: the [R, V] logits (overwritten by
@@ -149,15 +151,18 @@ def plan(c: ModelConfig, s: Setup) -> dict[str, int]:
     per_tok = max(per_layer)
     k = s.checkpoint
     kept = 0 if k == 0 else -(-L // k)                       # blocks 0, k, 2k, ... are checkpointed
-    free = [per_layer[i] for i in range(L) if k == 0 or i % k]
-    act = tokens * (sum(free) + kept * r * H)                # a checkpointed block keeps its input
+    checkpointed = [k > 0 and i % k == 0 for i in range(L)]
+    # Backward runs the blocks last to first, freeing each block's saved tensors as it goes; a
+    # checkpointed block's are recomputed just before its backward. The peak is the most alive at
+    # once: all the saved blocks at the start, or a recomputed block plus the saved ones below it.
+    live = [sum(per_layer)] if k == 0 else [sum(p for p, ck in zip(per_layer, checkpointed) if not ck)]
+    for i in range(L):
+        if checkpointed[i]:
+            live.append(per_layer[i] + sum(per_layer[j] for j in range(i) if not checkpointed[j]))
+    act = tokens * (max(live) + kept * r * H)                # a checkpointed block keeps its input
     if c.num_experts:
         act += tokens * 12 * c.num_experts                   # the router sums over layers (sdpo/models/moe.py)
-    if kept:
-        act += tokens * per_tok                              # the one block recomputed in backward
     act += tokens * r * H * 2                                # final norm input and the gathered [R, H] rows
-    act += tokens * per_tok                                  # backward's working set: the gradients of one
-                                                             # block's intermediates have their shapes
     out["activations"] = act
     chunk_elements, min_rows, vocab_block = chunk_sizes(s.device)
     chunk_rows = min(resp, max(min_rows, chunk_elements // V))
