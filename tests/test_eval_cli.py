@@ -356,7 +356,8 @@ def test_generate_alpaca_eval_from_its_own_question_file(models, tmp_path, capsy
         {"instruction": "Is the answer good?", "output": want[0], "generator": "sdpo-M1", "dataset": "helpful_base"},
         {"instruction": "Pick a model.", "output": want[1], "generator": "sdpo-M1", "dataset": "koala"}]
     assert got[0]["sampling"] == {"model": str(models["M1"]), "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0,
-                                  "seed": 0, "batch_size": 2, "chat_template": "the tokenizer's", "dtype": "auto"}
+                                  "seed": 0, "batch_size": 2, "chat_template": "the tokenizer's", "dtype": "auto",
+                                  "template_kwargs": {}}
     assert "format alpaca_eval" in stdout and "wrote" in stdout
 
     # a plain prompts file: "dataset" is the file's name; sampling settings recorded as given
