@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk. CPU: enough that one [c, V] chunk holds about 2^22 elements (16 MiB in float32),
-# and at least MIN_ROWS: the recompute GEMM [c, H] x [H, V] and the weight-gradient GEMM
-# [V, c] x [c, H] lose throughput with few rows (measured on CPU at V = 128256: 5.1 ms/row at
-# c = 32, 2.8 at 128, 2.0 at 512). R = 4096: V = 32000 and 128256 -> c = 192, 4.7% of the [R, V]
-# bytes; the CUDA sizes below do not pay on CPU (bench/fused_chunks.py, bench/RESULTS.md).
-CHUNK_ELEMENTS = 1 << 22
-MIN_ROWS = 192
+# Rows per chunk. CPU: enough that one [c, V] chunk holds about 2^25 elements (128 MiB in float32),
+# and at least MIN_ROWS: the GEMMs with c rows lose throughput when c is small, the logits GEMM
+# [c, H] x [H, V] most (AVX2, H = 256, V = 32000: ~45 GFLOP/s at c = 192, ~60 at 768 and up, 67 for
+# a square GEMM; bench/RESULTS.md, issue 28). R = 4096: V = 32000 -> c = 1048, V = 128256 -> 261.
+# Whole pairs of up to c rows go through kernels/fused_loss.py in one chunk (most of the
+# UltraFeedback-like spread's pairs at V = 32000). The CUDA sizes below do not pay on CPU.
+CHUNK_ELEMENTS = 1 << 25
+MIN_ROWS = 256
 # Rows of W per backward block for 16-bit weights: a [4096, H] float32 gradient accumulator
 # (64 MiB at H = 4096) instead of [V, H].
 VOCAB_BLOCK = 4096

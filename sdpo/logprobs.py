@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 import kernels
+from kernels.fused_linear import rows_per_chunk
+from kernels.fused_loss import FusedLinearGroupLoss
 from sdpo.data.packing import IGNORE_INDEX
 from sdpo.models.attention import FLEX_BLOCK, flex_available, flex_row_length, packed_mask
 
@@ -203,6 +205,18 @@ def concatenated_forward(
 PACKED_KEYS = ("input_ids", "position_ids", "doc_ids", "segments", "gather_index", "targets", "token_slot", "counts")
 
 
+def _packed_masks(model, batch: dict, backend: str = "auto") -> dict:
+    """The attention masks of a packed batch, one per distinct window over the layers (Gemma 2/3, OLMo 3:
+    sliding and global layers), and under "documents" where each document and response starts (the
+    recurrent layers of Qwen3.5 read that instead of a mask)."""
+    config = getattr(model, "config", None)
+    windows = config.attention_windows() if hasattr(config, "attention_windows") else [None]
+    masks = {w: packed_mask(batch["doc_ids"], batch["segments"], batch["position_ids"], w, backend=backend,
+                            spans=batch.get("doc_spans")) for w in windows}
+    masks["documents"] = (batch["doc_ids"], batch["segments"])
+    return masks
+
+
 def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> SequenceLogps:
     """Eq. (1) for every sequence of a packed batch (sdpo.data.packing.pack) -> [S] fields.
 
@@ -215,15 +229,8 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
         raise KeyError(f"sdpo/logprobs.py: packed_sequence_logps: batch lacks {missing} (build it with sdpo.data.packing.pack)")
     if backend == "flex" or (backend == "auto" and flex_available(batch["input_ids"].device)):
         batch = _pad_to_bucket(batch)
-    ids, pos = batch["input_ids"], batch["position_ids"]
-    # One mask per distinct window over the layers (Gemma 2/3, OLMo 3: sliding and global layers).
-    config = getattr(model, "config", None)
-    windows = config.attention_windows() if hasattr(config, "attention_windows") else [None]
-    masks = {w: packed_mask(batch["doc_ids"], batch["segments"], pos, w, backend=backend, spans=batch.get("doc_spans"))
-             for w in windows}
-    # Recurrent layers (Qwen3.5) read where each document and response starts instead of a mask.
-    masks["documents"] = (batch["doc_ids"], batch["segments"])
-    hidden = model.hidden_states(ids, None, pos, attn_mask=masks)  # [n, T, H]
+    hidden = model.hidden_states(batch["input_ids"], None, batch["position_ids"],
+                                 attn_mask=_packed_masks(model, batch, backend))  # [n, T, H]
     # [R, H]. Its backward adds into [n*T, H] at gather_index; a position occurs at most twice (the
     # last prompt token), and 0 + a + b == 0 + b + a exactly, so the atomics' order cannot show.
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["gather_index"])
@@ -231,6 +238,73 @@ def packed_sequence_logps(model, batch: dict, *, backend: str = "auto") -> Seque
     slot = batch["token_slot"]  # [S, L], R = the appended 0
     logps = torch.cat([token_logps, token_logps.new_zeros(1)])[slot].sum(dim=1)  # [S]
     return SequenceLogps(logps=logps, counts=batch["counts"])
+
+
+def pair_loss_fusable(model, batch: dict) -> bool:
+    """Whether packed_pair_loss can take this micro-batch: a packed batch of pairs on the CPU, a float32
+    lm_head without bias or soft-cap under the fused log-probs, gradients on and no autocast (see
+    kernels/fused_loss.py for why CPU and float32). model.fused_loss = False turns it off."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    return (getattr(model, "fused_loss", True) and getattr(model, "fused_logprobs", True)
+            and "doc_ids" in batch and "index" in batch and torch.is_grad_enabled()
+            and isinstance(weight, Tensor) and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and getattr(head, "bias", None) is None and getattr(head, "softcap", None) is None
+            and not torch.is_autocast_enabled("cpu") and hasattr(model, "hidden_states"))
+
+
+def packed_pair_loss(model, batch: dict, pair_losses, grad_scale: float = 1.0
+                     ) -> tuple[Tensor, SequenceLogps, SequenceLogps]:
+    """Σ_i pair_losses(i, chosen_i, rejected_i) over a packed pair batch, with the lm_head's gradient
+    taken pair by pair while its logits are at hand (kernels.fused_loss: three GEMMs per scored token,
+    not four) -> (loss, chosen, rejected); loss carries the gradient, the SequenceLogps [B] are detached.
+
+    pair_losses(i, chosen, rejected) -> losses [1] for pair i (chosen/rejected: SequenceLogps [1] with
+    gradient); it must read no other pair (sdpo.loss.BATCH_COUPLED types cannot come here). grad_scale:
+    the factor the loss is multiplied by before backward (the loop's W / count): the pair gradients are
+    taken with it, as autograd would, so they are the unfused path's numbers. The sequence sums are the
+    same dense row sums as packed_sequence_logps'."""
+    B = batch["index"].shape[0]
+    slot, counts = batch["token_slot"], batch["counts"]
+    if slot.shape[0] != 2 * B:
+        raise ValueError(f"sdpo/logprobs.py: packed_pair_loss: {slot.shape[0]} sequences for {B} pairs")
+    R, L = batch["targets"].shape[0], slot.shape[1]
+    spans_ = batch.get("seq_spans")
+    if spans_ is None:   # a batch built without pack's host facts: read them off the tensors
+        spans_ = list(zip(slot[:, 0].tolist(), counts.tolist()))
+    first, n = [f for f, _ in spans_], [c for _, c in spans_]
+    spans = [((first[i], n[i]), (first[B + i], n[B + i])) for i in range(B)]
+    order = sorted(range(B), key=lambda i: min(f for f, c in spans[i] if c) if n[i] or n[B + i] else R)
+    perm = torch.cat([torch.arange(f, f + c) for i in order for f, c in spans[i]] or [torch.zeros(0, dtype=torch.long)])
+    bounds = [0]
+    for i in order:
+        bounds.append(bounds[-1] + n[i] + n[B + i])
+    identity = bool(torch.equal(perm, torch.arange(R)))
+    # Per pair, the [2, L] slot of its two sequences into [its rows, 0]: packed_sequence_logps' sums.
+    t = torch.arange(L)
+    local = {i: torch.stack([torch.where(t < n[i], t, n[i] + n[B + i]),
+                             torch.where(t < n[B + i], n[i] + t, n[i] + n[B + i])]) for i in order}
+
+    def group_loss(k, lp):
+        i = order[k]
+        sums = torch.cat([lp, lp.new_zeros(1)])[local[i]].sum(dim=1)  # [2]
+        return pair_losses(i, SequenceLogps(sums[:1], counts[i:i + 1]),
+                           SequenceLogps(sums[1:], counts[B + i:B + i + 1])).sum()
+
+    hidden = model.hidden_states(batch["input_ids"], None, batch["position_ids"], attn_mask=_packed_masks(model, batch))
+    gather = batch["gather_index"] if identity else batch["gather_index"].index_select(0, perm)
+    targets = batch["targets"] if identity else batch["targets"].index_select(0, perm)
+    weight = model.lm_head.weight
+    if not _check_token_range(model, batch.get("token_range")) and targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())   # CPU tensors: no device sync
+        _check_token_range(model, (lo, hi))
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather)  # [R, H], pair by pair
+    rows = rows_per_chunk(R, weight.shape[0], None, "cpu")
+    loss, lp = FusedLinearGroupLoss.apply(h, weight, targets.contiguous(), bounds, group_loss, IGNORE_INDEX,
+                                           rows, float(grad_scale))
+    tok = lp if identity else lp.new_empty(R).index_copy_(0, perm, lp)
+    logps = torch.cat([tok, tok.new_zeros(1)])[slot].sum(dim=1)  # [2B], detached
+    return loss, SequenceLogps(logps[:B], counts[:B]), SequenceLogps(logps[B:], counts[B:])
 
 
 def _pad_to_bucket(batch: dict) -> dict:

@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 
 from sdpo.data.packing import batch_schedule, collate, micro_batches, pack, pair_cost
-from sdpo.logprobs import SequenceLogps, pack_options, packed_sequence_logps, pair_forward, sequence_logps
-from sdpo.loss import NEEDS_LENGTHS, NEEDS_NLL, preference_loss
+from sdpo.logprobs import (SequenceLogps, pack_options, packed_pair_loss, packed_sequence_logps, pair_forward,
+                           pair_loss_fusable, sequence_logps)
+from sdpo.loss import BATCH_COUPLED, NEEDS_LENGTHS, NEEDS_NLL, preference_loss
 from sdpo.metrics import preference_metrics
 from sdpo.models.moe import load_balancing_loss, router_z_loss
 from sdpo.reference import CachedReference, run_pair_logps
@@ -94,21 +95,32 @@ def dpo_micro_loss(cfg: Config, model, batch, ref_chosen, ref_rejected=None):
     pairs on the batch's device, indexed by the batch's "index"."""
     reference = ref_chosen if ref_rejected is None else CachedReference(ref_chosen, ref_rejected, ref_chosen.device)
     ref_chosen, ref_rejected = reference.logps(batch)  # [B] each
-    policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
+    if pair_loss_fusable(model, batch) and not BATCH_COUPLED.intersection(cfg.loss.types):
+        # The loss taken pair by pair inside the fused lm_head, so its gradient needs no second pass over the
+        # logits (sdpo.logprobs.packed_pair_loss); the stats below are the same numbers, from detached log-probs.
+        def pair_losses(i, chosen, rejected):
+            return configured_loss(cfg.loss, chosen, rejected, ref_chosen[i:i + 1], ref_rejected[i:i + 1])[0]
+
+        total, policy_chosen, policy_rejected = packed_pair_loss(model, batch, pair_losses,
+                                                                 batch.get("loss_scale", 1.0))
+    else:
+        total = None
+        policy_chosen, policy_rejected = pair_forward(model, batch)  # packed or padded rows
     router = router_losses(cfg.loss, model, batch)  # a MoE policy's, read right after its forward; else None
     losses, chosen_rewards, rejected_rewards = configured_loss(cfg.loss, policy_chosen, policy_rejected,
                                                                ref_chosen, ref_rejected)
+    total = losses.sum() if total is None else total
     stats = torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                          (chosen_rewards > rejected_rewards).float().sum(),
                          (chosen_rewards - rejected_rewards).sum(),
                          policy_chosen.logps.sum(), policy_rejected.logps.sum()]).detach().float()
     if router is None:
-        return losses.sum(), stats
+        return total, stats
     # The micro-batch's router loss once per pair, so the step's mean over its pairs weighs every
     # micro-batch by its pairs, as the DPO loss; aux_loss is logged unscaled (transformers' aux_loss).
     aux, extra = router
     pairs = losses.shape[0]
-    return losses.sum() + extra * pairs, torch.cat([stats, (aux.detach().float() * pairs).reshape(1)])
+    return total + extra * pairs, torch.cat([stats, (aux.detach().float() * pairs).reshape(1)])
 
 
 def router_losses(lo, model, batch) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -334,6 +346,7 @@ def optimize(run: Run, model, pairs, stage: Stage) -> None:
             else:
                 tokens += int((batch["doc_ids"] > 0).sum())
             batch = to_device(batch, info.device)
+            batch["loss_scale"] = scale  # the factor below, for losses that take their gradient in forward
             with autocast(run):
                 loss, st = stage.micro_loss(model, batch)
                 loss = loss * scale

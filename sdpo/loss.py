@@ -209,6 +209,9 @@ USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_p
 REFERENCE_FREE_TYPES = frozenset({"simpo", "cpo", "orpo"})
 NEEDS_NLL = frozenset({"sft", "cpo", "orpo"})       # policy_chosen_nll
 NEEDS_LENGTHS = frozenset({"simpo", "orpo"})        # chosen_lengths / rejected_lengths
+# Types whose pair losses read other pairs of the batch (a sort over the batch, its mean reward): the
+# loss is not a sum of per-pair terms, so it cannot be taken one pair at a time (sdpo.logprobs.packed_pair_loss).
+BATCH_COUPLED = frozenset({"aot", "aot_pair", "bco_pair"})
 # How check_loss_options names each option: preference_loss's arguments by default; the run
 # config passes its own keys (loss.type, loss.weights, ...).
 ARG_NAMES = {"type": "loss_type", "weights": "loss_weights", "beta": "beta", "label_smoothing": "label_smoothing"}

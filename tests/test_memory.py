@@ -118,8 +118,9 @@ def test_plan_shards_by_world_size_and_checkpointing_lowers_activations():
     # H = 4096), so the fused lm_head saves memory from ~12k scored rows on (32 pairs x 512 x 2 here).
     fused, unfused = (plan(c, Setup(world_size=8, micro_batch_size=32, fused=f))["logits"] for f in (True, False))
     assert unfused == 2 * 32 * 512 * 32000 * 2 and fused < unfused / 1.5 and fused < 1.2e9
-    cpu = [plan(c, Setup(world_size=8, micro_batch_size=4, fused=f, device="cpu"))["logits"] for f in (True, False)]
-    assert cpu[1] == 2 * 4 * 512 * 32000 * 2 and cpu[0] < cpu[1] / 1.5 and cpu[0] < 0.2e9
+    # CPU chunks: ~2^25 logits (kernels.fused_linear.CHUNK_ELEMENTS), so the saving shows from ~8k rows
+    cpu = [plan(c, Setup(world_size=8, micro_batch_size=8, fused=f, device="cpu"))["logits"] for f in (True, False)]
+    assert cpu[1] == 2 * 8 * 512 * 32000 * 2 and cpu[0] < cpu[1] / 1.5 and cpu[0] < 0.3e9
 
 
 def test_plan_cli_on_solar_8x80(capsys):
@@ -179,7 +180,7 @@ def test_plan_logits_chunk_is_the_devices():
         logits = plan(c, Setup(micro_batch_size=16, bf16=False, device=device))["logits"]
         rows[device] = logits / (32000 * 4)
         assert rows[device] == max(min_rows, elements // 32000), device
-    assert rows["cuda"] > 10 * rows["cpu"]  # a GPU plan counts the GPU's chunk, not the CPU's
+    assert rows["cuda"] > 3 * rows["cpu"]  # a GPU plan counts the GPU's chunk, not the CPU's
 
 
 # Published sizes (the model cards' parameter counts; safetensors totals) of the families' public

@@ -193,6 +193,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
       token_range  (min, max) token id, Python ints (see host_facts)
       doc_spans    per row, (start, prompt, chosen, rejected) lengths of its documents, Python ints:
                    sdpo.models.attention.document_mask reads them instead of the device tensors
+      seq_spans    per sequence, (first position in [R], count), Python ints (sdpo.logprobs.packed_pair_loss)
     As in collate, the first token of a row-sequence is never scored: with an empty prompt the
     first response token has no context, and the unpacked path skips it too.
     """
@@ -273,7 +274,7 @@ def pack(pairs: Sequence[TokenizedPair], *, pad_id: int, share_prompt: bool = Tr
     return {"input_ids": input_ids, "position_ids": position_ids, "doc_ids": doc_ids, "segments": segments,
             "gather_index": torch.cat(gather) if gather else empty, "targets": torch.cat(targets) if targets else empty,
             "token_slot": token_slot, "counts": counts, "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-            "doc_spans": doc_spans, **host_facts(input_ids)}
+            "doc_spans": doc_spans, "seq_spans": spans, **host_facts(input_ids)}
 
 
 def micro_batches(indices: Sequence[int], costs: Sequence[int], *, max_pairs: int | None = None,

@@ -59,6 +59,9 @@ class ModelSection:
     activation_checkpointing: str = "none"
     # lm_head + log-softmax in chunks of rows (kernels.linear_token_logprobs): no [R, V] logits.
     fused_logprobs: bool = True
+    # with it, on CPU in float32: a pair-separable DPO loss taken pair by pair inside the lm_head, whose
+    # gradient then needs no second pass over the logits (sdpo.logprobs.packed_pair_loss).
+    fused_loss: bool = True
     # dtype of the exported M_t directories; None -> the base config's torch_dtype.
     export_dtype: str | None = None
 

@@ -89,6 +89,7 @@ def load_for_training(run: Run, model_dir: str | Path, *, lora: bool = False, to
         model = load_model(model_dir, dtype=torch.float32, device=run.info.device)
         model.gradient_checkpointing = run.cfg.model.activation_checkpointing
     model.fused_logprobs = run.cfg.model.fused_logprobs  # read by sdpo.logprobs
+    model.fused_loss = run.cfg.model.fused_loss
     if lora and not run.info.distributed:
         bf16_base = la.base_dtype == "bfloat16" or (la.base_dtype == "auto" and run.autocast_dtype == torch.bfloat16)
         apply_lora(model, la, base_dtype=torch.bfloat16 if bf16_base else None, seed=seed)
@@ -106,7 +107,7 @@ def random_base(run: Run):
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, torch_dtype="float32")
     model = Transformer(config)
     model.init_weights(seed=run.cfg.train.seed, std=m.init_std)
-    model.fused_logprobs = m.fused_logprobs  # read by sdpo.logprobs
+    model.fused_logprobs, model.fused_loss = m.fused_logprobs, m.fused_loss  # read by sdpo.logprobs
     if run.info.distributed:
         return D.compile_blocks(D.apply_fsdp(model, run.mesh, mp_policy=mp_policy(run),
                                              reshard_after_forward=run.cfg.train.reshard_after_forward,

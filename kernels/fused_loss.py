@@ -1,0 +1,144 @@
+"""Fused lm_head + log-prob + loss: the lm_head's gradient taken while each group's logits are at hand.
+
+kernels/fused_linear.py keeps only the row statistics in forward and recomputes every chunk's logits in
+backward, because the upstream gradient g of a token's log-prob is unknown until the whole batch's loss
+is. Most preference losses are sums over pairs, and a pair's loss reads only its own two sequences:
+
+    L = Σ_k L_k(lp[rows of group k]),   lp_i = log softmax(W h_i)[t_i]                      (1)
+
+so once group k's logits z = h W^T are computed, L_k and g = dL_k / d lp are known, and the gradient
+(eq. (3)-(4) of fused_linear) can be taken right away:
+
+    D_i = g_i (onehot(t_i) - softmax(z_i)),   grad h_i = D_i W,   grad W += D_iᵀ h_i          (2)
+
+Three GEMMs per row instead of four, and two sweeps over [c, V] instead of two in forward plus two in
+backward. Forward returns L (and the log-probs, for metrics); backward hands back the stored gradients
+times its incoming gradient over the `grad_scale` they were taken with (exactly 1 when it is that).
+
+Rows are walked in chunks of whole groups (at most `rows` rows; a group longer than that alone, by the
+recompute of fused_linear: its log-probs first, then its logits again once g is known). Within a chunk
+the elementwise work runs in row blocks of about 2^20 logits (4 MiB in float32, in cache): max, z - m,
+Σ exp and the target's entry in one sweep; exp(z - m - log Σ) · -g and + g at the target in the other.
+The arithmetic per element is fused_linear's own (same ops, same order), so lp and D are the same
+numbers; only grad W's sum over chunks is cut at other rows.
+
+CPU and float32 here (the caller checks): grad W is a [V, H] float32 buffer from forward to backward,
+which on a GPU with 16-bit weights would be a float32 copy the size of two bf16 weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .fused_linear import _chunk_backward_torch, _chunk_forward_torch
+
+# Logits per row block of the elementwise sweeps: 4 MiB in float32, inside this CPU's 8 MiB L3.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def chunks_of_groups(bounds: Sequence[int], rows: int) -> list[tuple[int, int]]:
+    """Group boundaries [0, b_1, ..., R] -> (first group, end group) runs of whole groups of at most
+    `rows` rows each; a group longer than `rows` is a run of its own."""
+    runs, k, n = [], 0, len(bounds) - 1
+    while k < n:
+        j = k + 1
+        while j < n and bounds[j + 1] - bounds[k] <= rows:
+            j += 1
+        runs.append((k, j))
+        k = j
+    return runs
+
+
+class FusedLinearGroupLoss(torch.autograd.Function):
+    """(1)-(2) over hidden [R, H], weight [V, H] (float32), targets [R], groups [bounds[k], bounds[k+1])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bounds: list[int], group_loss: Callable, ignore_index: int,
+                rows: int, grad_scale: float):
+        R, V = hidden.shape[0], weight.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        lp = torch.empty(R, dtype=hidden.dtype)                        # log p(target), eq. (1)
+        g = torch.zeros(R, dtype=hidden.dtype)                         # dL/d lp · grad_scale
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        losses = []
+        buf = torch.empty(min(rows, R) * V, dtype=hidden.dtype)        # one [c, V] chunk, reused
+        blk = max(1, BLOCK_ELEMENTS // V)
+        tmp = torch.empty(blk * V, dtype=hidden.dtype)                 # exp of one row block
+
+        def take_loss(k0, k1):   # the chunk's groups: L_k, and g on their rows
+            for k in range(k0, k1):
+                a, b = bounds[k], bounds[k + 1]
+                with torch.enable_grad():
+                    x = lp[a:b].detach().requires_grad_()
+                    loss = group_loss(k, x)
+                    (gk,) = torch.autograd.grad(loss, x, torch.full_like(loss, grad_scale))
+                losses.append(loss.detach())
+                g[a:b] = torch.where(valid[a:b], gk, 0.0)
+
+        def apply_grads(s, e, d):   # (2)'s GEMMs for rows s:e, d = D of those rows
+            if want_h:
+                torch.mm(d, weight, out=grad_h[s:e])
+            if want_w:
+                grad_w.addmm_(d.t(), hidden[s:e])
+
+        for k0, k1 in chunks_of_groups(bounds, rows):
+            s, e = bounds[k0], bounds[k1]
+            if e - s <= rows:
+                z = torch.mm(hidden[s:e], weight.t(), out=buf[:(e - s) * V].view(e - s, V))
+                m, logsum = torch.empty(e - s, dtype=z.dtype), torch.empty(e - s, dtype=z.dtype)
+                for i in range(0, e - s, blk):             # sweep 1: z - m in place, the row statistics
+                    x = z[i:i + blk]
+                    mi = x.amax(dim=-1)
+                    m[i:i + blk] = torch.where(mi == float("-inf"), 0.0, mi)
+                    x.sub_(m[i:i + blk, None])
+                    picked = x.gather(1, safe[s + i:s + i + x.shape[0], None]).squeeze(1)
+                    ls = torch.exp(x, out=tmp[:x.numel()].view(x.shape)).sum(dim=-1).log_()
+                    logsum[i:i + blk] = ls
+                    lp[s + i:s + i + x.shape[0]] = torch.where(valid[s + i:s + i + x.shape[0]], picked - ls, 0.0)
+                take_loss(k0, k1)
+                if not (want_h or want_w):
+                    continue
+                gs = g[s:e]
+                hit = torch.where(valid[s:e], gs, 0.0)
+                for i in range(0, e - s, blk):             # sweep 2: D in place
+                    x = z[i:i + blk]
+                    x.sub_(logsum[i:i + blk, None]).exp_().mul_(-gs[i:i + blk, None])
+                    x.scatter_add_(1, safe[s + i:s + i + x.shape[0], None], hit[i:i + blk, None])
+                apply_grads(s, e, z)
+            else:                                           # one group over `rows`: fused_linear's recompute
+                stats = []
+                for c0 in range(s, e, rows):
+                    c1 = min(c0 + rows, e)
+                    z = torch.mm(hidden[c0:c1], weight.t(), out=buf[:(c1 - c0) * V].view(c1 - c0, V))
+                    out, m, ls = _chunk_forward_torch(z, safe[c0:c1], valid[c0:c1])
+                    lp[c0:c1] = out
+                    stats.append((m, ls))
+                take_loss(k0, k1)
+                if not (want_h or want_w):
+                    continue
+                for c0, (m, ls) in zip(range(s, e, rows), stats):
+                    c1 = min(c0 + rows, e)
+                    z = torch.mm(hidden[c0:c1], weight.t(), out=buf[:(c1 - c0) * V].view(c1 - c0, V))
+                    gs = g[c0:c1]
+                    d = _chunk_backward_torch(z, safe[c0:c1], m, ls, gs, torch.where(valid[c0:c1], gs, 0.0))
+                    apply_grads(c0, c1, d)
+        ctx.grads, ctx.grad_scale = (grad_h, grad_w), grad_scale
+        total = torch.stack(losses).sum() if losses else hidden.new_zeros(())
+        ctx.mark_non_differentiable(lp)
+        return total, lp
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_lp):
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None   # autograd may take the buffers over instead of copying them
+        # x · (s / s) is x exactly, so the expected grad_scale changes nothing; as a tensor, no host read.
+        factor = grad_total / ctx.grad_scale if ctx.grad_scale else torch.zeros_like(grad_total)
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                grad.mul_(factor)
+        return grad_h, grad_w, None, None, None, None, None, None
