@@ -30,7 +30,7 @@ from sdpo.data.packing import collate, pack  # noqa: E402
 from sdpo.data.pairs import TokenizedPair  # noqa: E402
 from sdpo.logprobs import pack_options, packed_forward, pair_forward  # noqa: E402
 from sdpo.models import attention as A  # noqa: E402
-from sdpo.models import model as M  # noqa: E402
+from sdpo.models import blocks as M  # noqa: E402  (its attend: the spy below)
 from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
 
 # The CUDA row layout (one row padded to FlexAttention's block), also for the CPU stand-in.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sdpo.models.model as model_mod
+import sdpo.models.blocks as blocks
 from sdpo.data.packing import collate, pack
 from sdpo.data.pairs import TokenizedPair
 from sdpo.logprobs import concatenated_forward, packed_forward, sequence_logps
@@ -307,13 +307,13 @@ def test_attention_sees_one_dtype_under_autocast(monkeypatch):
     """Issue 29, finding 1: a float32 model under bf16 autocast (CPU here) hands q, k and v to attend in
     one dtype on the packed, the padded and the generation paths (OLMo 2 keeps float32 cos/sin)."""
     seen = []
-    real = model_mod.attend
+    real = blocks.attend
 
     def spy(q, k, v, mask, **kw):
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, mask, **kw)
 
-    monkeypatch.setattr(model_mod, "attend", spy)
+    monkeypatch.setattr(blocks, "attend", spy)
     for name in ("llama", "olmo2", "phi3", "gemma2"):
         model, ref = fixture(name)
         ps = pairs(model.config.vocab_size)

@@ -23,7 +23,13 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        # imports under `if TYPE_CHECKING:` (annotations only) never run: they close no circle
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for stmt in node.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "sdpo":
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdpo.models.blocks import Attention
+from sdpo.models.layers import RMSNorm
 from sdpo.models.model import (
-    Attention,
+    FAMILIES,
     ModelConfig,
-    RMSNorm,
     Rope,
     Transformer,
     build_attention_mask,
@@ -212,7 +213,7 @@ def test_linear_and_dynamic_scaling_hand_computed():
 def test_gqa_equals_repeated_kv():
     cfg = tiny(num_attention_heads=6, num_key_value_heads=2, hidden_size=24)  # 3 query heads per kv head
     torch.manual_seed(0)
-    attn = Attention(cfg)
+    attn = Attention(cfg, 0, FAMILIES[cfg.model_type])
     B, T, d = 2, 5, cfg.head_dim
     x = torch.randn(B, T, cfg.hidden_size)
     cos, sin = torch.ones(B, T, d), torch.zeros(B, T, d)  # position 0 everywhere: RoPE is the identity
@@ -235,15 +236,15 @@ def test_gqa_equals_repeated_kv():
 @pytest.mark.parametrize("masked", [False, True])
 def test_gqa_without_copies_equals_repeat_interleave_fallback(monkeypatch, masked):
     """enable_gqa (no K/V copies) gives exactly the repeat_interleave path's outputs and gradients."""
-    import sdpo.models.model as model_mod
+    import sdpo.models.blocks as blocks
 
-    if not model_mod.SDPA_GQA:
+    if not blocks.SDPA_GQA:
         pytest.skip("torch < 2.5: only the repeat_interleave path exists")
     x = ids(2, 7)
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5]) if masked else None
     results = []
     for gqa in (True, False):
-        monkeypatch.setattr(model_mod, "SDPA_GQA", gqa)
+        monkeypatch.setattr(blocks, "SDPA_GQA", gqa)
         model = make_model(num_attention_heads=6, num_key_value_heads=2, hidden_size=24).train()
         out = model(x, mask)
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
@@ -264,8 +265,8 @@ def test_gqa_passes_unrepeated_kv_to_sdpa(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     make_model(num_attention_heads=6, num_key_value_heads=2, hidden_size=24)(ids(1, 5))
-    import sdpo.models.model as model_mod
-    assert seen and all(s == ((6, 2, True) if model_mod.SDPA_GQA else (6, 6, False)) for s in seen), seen
+    import sdpo.models.blocks as blocks
+    assert seen and all(s == ((6, 2, True) if blocks.SDPA_GQA else (6, 6, False)) for s in seen), seen
 
 
 def test_sliding_window_mask_exact():

@@ -2,7 +2,7 @@
 
 Each does its arithmetic in the order and dtype of transformers' class of the same role, so the
 same weights give the same logits in float32 and round alike in bf16 (tests/test_checkpoint.py,
-tests/test_families.py). sdpo.models.model.FAMILIES says which family uses which.
+tests/test_families.py). sdpo.models.model.FAMILIES says which family uses which; sdpo/models/blocks.py holds attention and the blocks.
 """
 
 from __future__ import annotations
