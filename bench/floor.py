@@ -10,7 +10,7 @@ log-probs, AdamW. Mixes:
            cut to max_prompt_length 512 (keep the end) and max_length 1024 (responses cut to fit)
 
 The floor is the minimal work at the machine's best float32 GEMM rate, measured in the same run
-with the same threads:
+with the same threads (before and after the steps; the better of the two):
   blocks   each prompt once and each response once through the layers: per token 2·(linear
            parameters per layer) FLOPs, plus attention 4·d·c for a token that sees c keys
            (QKᵀ and AV over its own causal context: its prompt and its response's prefix)
@@ -113,14 +113,15 @@ def rss_kib(field: str) -> int:
 
 
 def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path,
-               compile: bool = False) -> tuple[list[float], dict]:
+               compile: bool = False, baseline: int | None = None) -> tuple[list[float], dict]:
     """Per-step wall seconds of `steps` optimizer steps of sdpo.loop.optimize on `pairs`, and memory
-    (bytes): baseline (RSS before the model), params (count), peak (VmHWM over the run)."""
+    (bytes): baseline (RSS before the model, or the one given: taken before anything else ran),
+    params (count), peak (VmHWM over the run)."""
     try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the peak is this run's
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    baseline = rss_kib("VmRSS") * 1024
+    baseline = rss_kib("VmRSS") * 1024 if baseline is None else baseline
     cfg = Config()
     cfg.train.global_batch_size = PAIRS_PER_STEP
     cfg.train.micro_batch_size = PAIRS_PER_STEP
@@ -181,12 +182,15 @@ def main() -> int:
             per_step = (blocks + head) / args.steps
             tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
             responses = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
-            with tempfile.TemporaryDirectory() as d:
-                times, mem = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run", args.compile)
-            # the GEMM rate right after the steps, at the work's own shapes and a square one
+            # the GEMM rate at the work's own shapes and a square one, right before and right after the steps
+            # (the better of the two: this shared machine's speed drifts by tens of percent within minutes)
             R = int(responses)
-            rate = gemm_rate(args.threads, [(1024, 1024, 1024), (int(tokens), HIDDEN, INTER),
-                                            (R, HIDDEN, vocab), (R, vocab, HIDDEN)])
+            shapes = [(1024, 1024, 1024), (int(tokens), HIDDEN, INTER), (R, HIDDEN, vocab), (R, vocab, HIDDEN)]
+            baseline = rss_kib("VmRSS") * 1024   # before the probe: whatever it leaves behind counts as peak
+            before = gemm_rate(args.threads, shapes)
+            with tempfile.TemporaryDirectory() as d:
+                times, mem = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run", args.compile, baseline)
+            rate = max(before, gemm_rate(args.threads, shapes))
             steady = statistics.median(times[2:]) if len(times) > 2 else statistics.median(times)
             floor_s = per_step / rate
             # the largest micro-batch's response rows set the chunk (R >= c here: chunk rows, not R)
