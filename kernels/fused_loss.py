@@ -61,14 +61,15 @@ class FusedLinearGroupLoss(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets))
-        lp = torch.empty(R, dtype=hidden.dtype)                        # log p(target), eq. (1)
-        g = torch.zeros(R, dtype=hidden.dtype)                         # dL/d lp · grad_scale
+        dev, dt = hidden.device, hidden.dtype
+        lp = torch.empty(R, dtype=dt, device=dev)                      # log p(target), eq. (1)
+        g = torch.zeros(R, dtype=dt, device=dev)                       # dL/d lp · grad_scale
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         losses = []
-        buf = torch.empty(min(rows, R) * V, dtype=hidden.dtype)        # one [c, V] chunk, reused
+        buf = torch.empty(min(rows, R) * V, dtype=dt, device=dev)      # one [c, V] chunk, reused
         blk = max(1, BLOCK_ELEMENTS // V)
-        tmp = torch.empty(blk * V, dtype=hidden.dtype)                 # exp of one row block
+        tmp = torch.empty(blk * V, dtype=dt, device=dev)               # exp of one row block
 
         def take_loss(k0, k1):   # the chunk's groups: L_k, and g on their rows
             for k in range(k0, k1):
@@ -90,7 +91,7 @@ class FusedLinearGroupLoss(torch.autograd.Function):
             s, e = bounds[k0], bounds[k1]
             if e - s <= rows:
                 z = torch.mm(hidden[s:e], weight.t(), out=buf[:(e - s) * V].view(e - s, V))
-                m, logsum = torch.empty(e - s, dtype=z.dtype), torch.empty(e - s, dtype=z.dtype)
+                m, logsum = torch.empty(e - s, dtype=dt, device=dev), torch.empty(e - s, dtype=dt, device=dev)
                 for i in range(0, e - s, blk):             # sweep 1: z - m in place, the row statistics
                     x = z[i:i + blk]
                     mi = x.amax(dim=-1)
