@@ -269,12 +269,13 @@ def packed_pair_loss(model, batch: dict, pair_losses, grad_scale: float = 1.0
     if slot.shape[0] != 2 * B:
         raise ValueError(f"sdpo/logprobs.py: packed_pair_loss: {slot.shape[0]} sequences for {B} pairs")
     R, L = batch["targets"].shape[0], slot.shape[1]
-    spans_ = batch.get("seq_spans")
-    if spans_ is None:   # a batch built without pack's host facts: read them off the tensors
-        spans_ = list(zip(slot[:, 0].tolist(), counts.tolist()))
-    first, n = [f for f, _ in spans_], [c for _, c in spans_]
-    spans = [((first[i], n[i]), (first[B + i], n[B + i])) for i in range(B)]
-    order = sorted(range(B), key=lambda i: min(f for f, c in spans[i] if c) if n[i] or n[B + i] else R)
+    seq = batch.get("seq_spans")   # (first row in [R], count) per sequence
+    if seq is None:   # a batch built without pack's host facts: read them off the tensors
+        seq = list(zip(slot[:, 0].tolist(), counts.tolist()))
+    n = [c for _, c in seq]
+    spans = [(seq[i], seq[B + i]) for i in range(B)]   # a pair's chosen and rejected rows
+    # pairs in row order; their rows one after the other (with a shared prompt they already are: perm = identity)
+    order = sorted(range(B), key=lambda i: min((f for f, c in spans[i] if c), default=R))
     perm = torch.cat([torch.arange(f, f + c) for i in order for f, c in spans[i]] or [torch.zeros(0, dtype=torch.long)])
     bounds = [0]
     for i in order:
