@@ -15,8 +15,10 @@ Three GEMMs per row instead of four, and two sweeps over [c, V] instead of two i
 backward. Forward returns L (and the log-probs, for metrics); backward hands back the stored gradients
 times its incoming gradient over the `grad_scale` they were taken with (exactly 1 when it is that).
 
-Rows are walked in chunks of whole groups (at most `rows` rows; a group longer than that alone, by the
-recompute of fused_linear: its log-probs first, then its logits again once g is known). Within a chunk
+Rows are walked in chunks of whole groups of at most `rows` rows. A group longer than that is a chunk of
+its own, cut into pieces whose last is `rows` long: every piece's log-probs first, then the last piece's
+gradient from the logits still in the buffer, then the earlier pieces' logits again (fused_linear's
+recompute, for the rows beyond one buffer only) once g is known. Within a chunk
 the elementwise work runs in row blocks of about 2^20 logits (4 MiB in float32, in cache): max, z - m,
 Σ exp and the target's entry in one sweep; exp(z - m - log Σ) · -g and + g at the target in the other.
 The arithmetic per element is fused_linear's own (same ops, same order), so lp and D are the same
@@ -31,8 +33,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-
-from .fused_linear import _chunk_backward_torch, _chunk_forward_torch
 
 # Logits per row block of the elementwise sweeps: 4 MiB in float32, inside this CPU's 8 MiB L3.
 BLOCK_ELEMENTS = 1 << 20
@@ -87,47 +87,51 @@ class FusedLinearGroupLoss(torch.autograd.Function):
             if want_w:
                 grad_w.addmm_(d.t(), hidden[s:e])
 
+        def logits(a, b):   # z = h W^T of rows a:b, in the chunk buffer
+            return torch.mm(hidden[a:b], weight.t(), out=buf[:(b - a) * V].view(b - a, V))
+
+        def row_stats(z, a):   # sweep 1 over rows a: of logits z: lp, and (m, log Σ exp(z - m)); z becomes z - m
+            n = z.shape[0]
+            m, logsum = torch.empty(n, dtype=dt, device=dev), torch.empty(n, dtype=dt, device=dev)
+            for i in range(0, n, blk):
+                x, r = z[i:i + blk], slice(a + i, a + i + min(blk, n - i))
+                mi = x.amax(dim=-1)
+                m[i:i + blk] = torch.where(mi == float("-inf"), 0.0, mi)
+                x.sub_(m[i:i + blk, None])
+                picked = x.gather(1, safe[r, None]).squeeze(1)
+                ls = torch.exp(x, out=tmp[:x.numel()].view(x.shape)).sum(dim=-1).log_()
+                logsum[i:i + blk] = ls
+                lp[r] = torch.where(valid[r], picked - ls, 0.0)
+            return m, logsum
+
+        def take_grads(z, a, logsum, m=None):   # sweep 2: z - m (or, with m, z) -> D in place; then (2)
+            n = z.shape[0]
+            gs = g[a:a + n]
+            hit = torch.where(valid[a:a + n], gs, 0.0)
+            for i in range(0, n, blk):
+                x = z[i:i + blk]
+                if m is not None:
+                    x.sub_(m[i:i + blk, None])
+                x.sub_(logsum[i:i + blk, None]).exp_().mul_(-gs[i:i + blk, None])
+                x.scatter_add_(1, safe[a + i:a + i + x.shape[0], None], hit[i:i + blk, None])
+            apply_grads(a, a + n, z)
+
         for k0, k1 in chunks_of_groups(bounds, rows):
             s, e = bounds[k0], bounds[k1]
-            if e - s <= rows:
-                z = torch.mm(hidden[s:e], weight.t(), out=buf[:(e - s) * V].view(e - s, V))
-                m, logsum = torch.empty(e - s, dtype=dt, device=dev), torch.empty(e - s, dtype=dt, device=dev)
-                for i in range(0, e - s, blk):             # sweep 1: z - m in place, the row statistics
-                    x = z[i:i + blk]
-                    mi = x.amax(dim=-1)
-                    m[i:i + blk] = torch.where(mi == float("-inf"), 0.0, mi)
-                    x.sub_(m[i:i + blk, None])
-                    picked = x.gather(1, safe[s + i:s + i + x.shape[0], None]).squeeze(1)
-                    ls = torch.exp(x, out=tmp[:x.numel()].view(x.shape)).sum(dim=-1).log_()
-                    logsum[i:i + blk] = ls
-                    lp[s + i:s + i + x.shape[0]] = torch.where(valid[s + i:s + i + x.shape[0]], picked - ls, 0.0)
-                take_loss(k0, k1)
-                if not (want_h or want_w):
-                    continue
-                gs = g[s:e]
-                hit = torch.where(valid[s:e], gs, 0.0)
-                for i in range(0, e - s, blk):             # sweep 2: D in place
-                    x = z[i:i + blk]
-                    x.sub_(logsum[i:i + blk, None]).exp_().mul_(-gs[i:i + blk, None])
-                    x.scatter_add_(1, safe[s + i:s + i + x.shape[0], None], hit[i:i + blk, None])
-                apply_grads(s, e, z)
-            else:                                           # one group over `rows`: fused_linear's recompute
-                stats = []
-                for c0 in range(s, e, rows):
-                    c1 = min(c0 + rows, e)
-                    z = torch.mm(hidden[c0:c1], weight.t(), out=buf[:(c1 - c0) * V].view(c1 - c0, V))
-                    out, m, ls = _chunk_forward_torch(z, safe[c0:c1], valid[c0:c1])
-                    lp[c0:c1] = out
-                    stats.append((m, ls))
-                take_loss(k0, k1)
-                if not (want_h or want_w):
-                    continue
-                for c0, (m, ls) in zip(range(s, e, rows), stats):
-                    c1 = min(c0 + rows, e)
-                    z = torch.mm(hidden[c0:c1], weight.t(), out=buf[:(c1 - c0) * V].view(c1 - c0, V))
-                    gs = g[c0:c1]
-                    d = _chunk_backward_torch(z, safe[c0:c1], m, ls, gs, torch.where(valid[c0:c1], gs, 0.0))
-                    apply_grads(c0, c1, d)
+            # A group longer than `rows` is cut so that its last piece is `rows` long: that piece's
+            # logits stay in the buffer from its row statistics to its gradient, the pieces before
+            # it are computed again once g is known (fused_linear's recompute, for them only).
+            first = (e - s) % rows if e - s > rows else 0
+            starts = ([s] if first else []) + (list(range(s + first, e, rows)) or [s])
+            pieces = list(zip(starts, starts[1:] + [e]))
+            stats = [row_stats(logits(a, b), a) for a, b in pieces]
+            take_loss(k0, k1)
+            if not (want_h or want_w):
+                continue
+            (a, b), (_, logsum) = pieces[-1], stats[-1]
+            take_grads(buf[:(b - a) * V].view(b - a, V), a, logsum)
+            for (a, b), (m, logsum) in zip(pieces[:-1], stats[:-1]):
+                take_grads(logits(a, b), a, logsum, m)
         ctx.grads, ctx.grad_scale = (grad_h, grad_w), grad_scale
         total = torch.stack(losses).sum() if losses else hidden.new_zeros(())
         ctx.mark_non_differentiable(lp)

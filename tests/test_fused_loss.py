@@ -54,6 +54,36 @@ def test_group_loss_equals_autograd(rows):
     assert hidden.grad[[2, 15]].abs().max() == 0 and hidden.grad.abs().min(dim=1).values.max() > 0
 
 
+
+def test_long_group_recomputes_only_rows_beyond_one_buffer():
+    """A 12-row group over a 9-row buffer: pieces of 3 then 9 rows; the 9-row piece's logits stay in the
+    buffer, so only 3 rows' logits are computed twice (15 rows of logits GEMM, not 24)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LogitRows(TorchDispatchMode):   # rows of every [n, V] product (the logits GEMM's output)
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.out and out.shape[-1] == V:
+                self.rows += out.shape[0]
+            return out
+
+    torch.manual_seed(2)
+    V, H, R = 37, 8, 12
+    hidden = torch.randn(R, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (R,))
+    want, _ = _group_loss_reference(hidden, weight, targets, [0, R], _loss_of)
+    gh, gw = torch.autograd.grad(want, (hidden, weight))
+    with LogitRows() as counted:
+        got, _ = FusedLinearGroupLoss.apply(hidden, weight, targets, [0, R], _loss_of, -100, 9, 1.0)
+        got.backward()
+    assert counted.rows == R + 3
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, gh, rtol=0, atol=1e-12)
+    torch.testing.assert_close(weight.grad, gw, rtol=0, atol=1e-12)
+
 def test_group_loss_other_incoming_gradient_and_frozen_weight():
     torch.manual_seed(1)
     V, H, bounds = 23, 6, [0, 4, 10, 13]
