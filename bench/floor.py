@@ -17,8 +17,10 @@ with the same threads (before and after the steps; the better of the two):
   lm_head  response tokens only: 2·H·V FLOPs each
   ×3       forward + backward (the backward is two GEMMs per forward GEMM)
 The step is sdpo.loop.optimize's own (packing, the fused lm_head + log-prob, the loss, AdamW),
-timed per optimizer step from its metrics (step_time_s with train.log_every = 1); "steady" is
-the median over the steps after the first two.
+timed per optimizer step from its metrics (step_time_s with train.log_every = 1). Each step's floor
+is that of its own pairs, in the order optimize takes them (its seeded batch schedule, reproduced
+here): on the spread mix one step's work differs from the next by up to ±25%. "Steady" is the
+steps after the first two: their mean time, their mean floor and the ratio of the two.
 
 Memory: the peak RSS of the run (VmHWM, reset before each table row) against its floor: the
 process before the model is built (torch imported) + float32 parameters, gradients and both Adam
@@ -27,7 +29,7 @@ moments (4 x 4 bytes per parameter) + one [chunk, V] float32 logits buffer of th
     python bench/floor.py --ab BASE_TREE [--rounds 2]   # A/B: BASE_TREE's sdpo against this one
 
 --ab runs each (mix, V) row in a fresh process per tree, alternating A (BASE_TREE, e.g. an older
-commit unpacked with `git archive`) and B (this tree), and prints the medians and B/A.
+commit unpacked with `git archive`) and B (this tree), and prints each run, the medians and B/A.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 ROOT = Path(os.environ.get("SDPO_TREE") or Path(__file__).resolve().parents[1])
 sys.path.insert(0, str(ROOT))
 
+from sdpo.data.packing import batch_schedule  # noqa: E402
 from sdpo.data.pairs import TokenizedPair  # noqa: E402
 from sdpo.loop import dpo_stage, optimize  # noqa: E402
 from sdpo.models.model import ModelConfig, Transformer  # noqa: E402
@@ -113,10 +116,10 @@ def rss_kib(field: str) -> int:
 
 
 def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path,
-               compile: bool = False, baseline: int | None = None) -> tuple[list[float], dict]:
-    """Per-step wall seconds of `steps` optimizer steps of sdpo.loop.optimize on `pairs`, and memory
-    (bytes): baseline (RSS before the model, or the one given: taken before anything else ran),
-    params (count), peak (VmHWM over the run)."""
+               compile: bool = False, baseline: int | None = None) -> tuple[list[float], list, dict]:
+    """Per-step wall seconds of `steps` optimizer steps of sdpo.loop.optimize on `pairs`, the pair
+    indices of each step (optimize's schedule), and memory (bytes): baseline (RSS before the model, or
+    the one given: taken before anything else ran), params (count), peak (VmHWM over the run)."""
     try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the peak is this run's
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -139,10 +142,14 @@ def sdpo_steps(pairs: list[TokenizedPair], vocab: int, steps: int, out: Path,
               autocast_dtype=None)
     out.mkdir(parents=True, exist_ok=True)
     ref = (torch.full((len(pairs),), -100.0), torch.full((len(pairs),), -100.0))
-    optimize(run, model, pairs, dpo_stage(cfg, 1, 1, ref, torch.device("cpu")))
+    stage = dpo_stage(cfg, 1, 1, ref, torch.device("cpu"))
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    schedule = batch_schedule(len(pairs), PAIRS_PER_STEP, seed=stage.seed, lengths=lengths,
+                              group_by_length=stage.group_by_length)
+    optimize(run, model, pairs, stage)
     mem = {"baseline": baseline, "params": sum(p.numel() for p in model.parameters()), "peak": rss_kib("VmHWM") * 1024}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in rows if r.get("stage") == "dpo"], mem
+    return [r["step_time_s"] for r in rows if r.get("stage") == "dpo"], schedule, mem
 
 
 def chunk_rows(responses: int, vocab: int) -> int:
@@ -173,13 +180,11 @@ def main() -> int:
               f"{HEADS}/{KV_HEADS} heads, intermediate {INTER}; {PAIRS_PER_STEP} pairs per optimizer step; "
               f"load average {os.getloadavg()[0]:.1f}")
         print("| mix | V | real tokens/step | response tokens/step | floor GFLOP | GEMM GFLOP/s | floor s "
-              "| sdpo steady s (median) | ratio | peak RSS MB | memory floor MB | ratio |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| sdpo steady s (mean) | ratio | per-step ratios | peak RSS MB | memory floor MB | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mix in args.mix.split(","):
         for vocab in (int(v) for v in args.vocab.split(",")):
             pairs = make_pairs(mix, PAIRS_PER_STEP * args.steps, vocab)
-            blocks, head = floor_flops(pairs, vocab)
-            per_step = (blocks + head) / args.steps
             tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
             responses = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / args.steps
             # the GEMM rate at the work's own shapes and a square one, right before and right after the steps
@@ -189,19 +194,23 @@ def main() -> int:
             baseline = rss_kib("VmRSS") * 1024   # before the probe: whatever it leaves behind counts as peak
             before = gemm_rate(args.threads, shapes)
             with tempfile.TemporaryDirectory() as d:
-                times, mem = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run", args.compile, baseline)
+                times, schedule, mem = sdpo_steps(pairs, vocab, args.steps, Path(d) / "run", args.compile, baseline)
             rate = max(before, gemm_rate(args.threads, shapes))
-            steady = statistics.median(times[2:]) if len(times) > 2 else statistics.median(times)
-            floor_s = per_step / rate
+            flops = [sum(floor_flops([pairs[i] for i in ids], vocab)) for ids in schedule[:len(times)]]
+            k = 2 if len(times) > 2 else 0   # steady: the steps after the first two
+            per_step = statistics.mean(flops[k:])
+            steady, floor_s = statistics.mean(times[k:]), per_step / rate
             # the largest micro-batch's response rows set the chunk (R >= c here: chunk rows, not R)
             mem_floor = mem["baseline"] + 16 * mem["params"] + 4 * chunk_rows(R, vocab) * vocab
             if args.raw:
                 print(json.dumps({"mix": mix, "V": vocab, "tokens": tokens, "responses": responses, "gflop": per_step / 1e9,
                                   "rate": rate / 1e9, "floor_s": floor_s, "steady": steady, "times": times,
+                                  "step_floor_s": [f / rate for f in flops],
                                   "peak_mb": mem["peak"] / 1e6, "mem_floor_mb": mem_floor / 1e6}), flush=True)
                 continue
             print(f"| {mix} | {vocab} | {tokens:.0f} | {responses:.0f} | {per_step / 1e9:.1f} | {rate / 1e9:.0f} "
-                  f"| {floor_s:.3f} | {steady:.3f} | {steady / floor_s:.2f}× | {mem['peak'] / 1e6:.0f} "
+                  f"| {floor_s:.3f} | {steady:.3f} | {steady / floor_s:.2f}× "
+                  f"| {', '.join(f'{t * rate / f:.2f}' for t, f in zip(times[k:], flops[k:]))} | {mem['peak'] / 1e6:.0f} "
                   f"| {mem_floor / 1e6:.0f} | {mem['peak'] / mem_floor:.2f}× |", flush=True)
     return 0
 
@@ -211,8 +220,8 @@ def ab(args) -> int:
     trees = {"A": Path(args.ab).resolve(), "B": Path(__file__).resolve().parents[1]}
     print(f"A = {trees['A']}, B = {trees['B']}; {args.threads} threads, --steps {args.steps}, {args.rounds} rounds; "
           f"load average at start {os.getloadavg()[0]:.1f}")
-    print("| mix | V | tree | steady s (runs) | GEMM GFLOP/s (runs) | ratio to floor (median) | peak RSS MB | "
-          "memory floor MB | peak / floor | load avg |")
+    print("| mix | V | tree | steady s: median (runs) | GEMM GFLOP/s (runs) | ratio to floor: median (runs) "
+          "| peak RSS MB | memory floor MB | peak / floor | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mix in args.mix.split(","):
         for vocab in args.vocab.split(","):
@@ -230,12 +239,13 @@ def ab(args) -> int:
             med = {}
             join = lambda runs, key, fmt: ", ".join(format(r[key], fmt) for r in runs)  # noqa: E731
             for name, runs in got.items():
-                ratio = statistics.median(r["steady"] / r["floor_s"] for r in runs)
+                ratios = [r["steady"] / r["floor_s"] for r in runs]
                 med[name] = statistics.median(r["steady"] for r in runs)
                 peak = max(r["peak_mb"] for r in runs)
                 floor_mb = runs[0]["mem_floor_mb"]
                 print(f"| {mix} | {vocab} | {name} | {med[name]:.3f} ({join(runs, 'steady', '.2f')}) "
-                      f"| {join(runs, 'rate', '.0f')} | {ratio:.2f}× | {peak:.0f} | {floor_mb:.0f} "
+                      f"| {join(runs, 'rate', '.0f')} | {statistics.median(ratios):.2f}× "
+                      f"({', '.join(f'{x:.2f}' for x in ratios)}) | {peak:.0f} | {floor_mb:.0f} "
                       f"| {peak / floor_mb:.2f}× | {join(runs, 'load', '.1f')} |", flush=True)
             print(f"| {mix} | {vocab} | B/A | {med['B'] / med['A']:.2f} | | | | | | |", flush=True)
     return 0
