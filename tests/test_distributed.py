@@ -5,13 +5,13 @@ values and gradients; reshard_root frees the root after a no-grad pass."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,11 +94,7 @@ def fsdp_cases(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("fsdp")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    return torchrun(script, cwd=tmp_path, timeout=600, check=False)
 
 
 @pytest.mark.parametrize("tied, fused", [("untied", "unfused"), ("tied", "unfused"), ("untied", "fused"),
@@ -230,13 +226,7 @@ def test_load_sharded_equals_load_model_and_holds_one_shard(tmp_path):
 
     script = tmp_path / "load_worker.py"
     script.write_text(LOAD_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(script), str(tmp_path / "small"), str(tmp_path / "big"), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(script, tmp_path / "small", tmp_path / "big", tmp_path, cwd=tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(r["untied"][0][0] for r in results) == [25, 26]
     for r in results:
@@ -455,10 +445,5 @@ def test_deferred_gradient_reduction_gives_the_same_gradients(tmp_path):
     every-micro-batch reduction and the one-process gradient (gloo, 4 ranks)."""
     script = tmp_path / "worker.py"
     script.write_text(DEFER_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE="4")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun(script, nproc=4, cwd=tmp_path, env={"LOCAL_WORLD_SIZE": "4"})
     assert "OK" in proc.stdout

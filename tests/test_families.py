@@ -5,7 +5,6 @@ tools/make_hf_greedy_fixtures.py); these tests never import transformers.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,13 @@ import sdpo.models.blocks as blocks
 from sdpo.data.packing import collate, pack
 from sdpo.data.pairs import TokenizedPair
 from sdpo.logprobs import concatenated_forward, packed_forward, sequence_logps
-from sdpo.models.checkpoint import load_model, save_model
+from sdpo.models.checkpoint import load_model
 from sdpo.models.generate import generate
 from sdpo.models.hf_config import config_from_dict, load_model_config, model_config_to_dict
 from sdpo.models.kv_cache import KVCache
 from sdpo.models.lora import apply_lora, peft_state_dict
 from sdpo.models.model import FAMILIES, Transformer
+from runs import torchrun, train_two_dpo_steps
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "hf_reference"
@@ -346,23 +346,7 @@ def test_rope_reads_nothing_to_the_host(monkeypatch):
 def test_train_two_steps_with_model_path(tmp_path, name, capsys):
     """train.py --model.path DIR on a tiny random model of the family (the fixture's config with the
     demo tokenizer's vocabulary): two optimizer steps, finite loss, M1 written and loadable."""
-    sys.path.insert(0, str(REPO))
-    import train
-
-    raw = json.loads((FIXTURES / name / "config.json").read_text())
-    raw["vocab_size"] = 308  # data/tokenizer
-    model = Transformer(config_from_dict(raw))
-    model.init_weights(0, std=0.1)
-    save_model(model, tmp_path / "base", tokenizer_dir=REPO / "data" / "tokenizer")
-    out = tmp_path / "run"
-    rc = train.main([f"--model.path={tmp_path / 'base'}", f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]',
-                     f"--train.output_dir={out}", "--model.chat_template=none", "--data.max_examples=4",
-                     "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.max_steps=2",
-                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3"])
-    assert rc == 0, capsys.readouterr().err
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r.get("stage") == "dpo"]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    out = train_two_dpo_steps(tmp_path, json.loads((FIXTURES / name / "config.json").read_text()), capsys)
     m1 = load_model(out / "M1")
     assert m1.config.model_type == name
 
@@ -370,49 +354,10 @@ def test_train_two_steps_with_model_path(tmp_path, name, capsys):
 # ---------------------------------------------------------------------------------------------
 # FSDP2 (two gloo ranks on CPU): the families' pieces shard like Llama's blocks
 
-FSDP_WORKER = r"""
-import sys
-import torch
-from sdpo.logprobs import packed_forward
-from sdpo.data.packing import pack
-from sdpo.data.pairs import TokenizedPair
-from sdpo.models.checkpoint import load_model
-from sdpo.runtime.distributed import apply_fsdp, build_mesh, destroy, init_distributed
-
-info = init_distributed("cpu")
-for name in sys.argv[1:]:
-    ref = load_model(f"tests/fixtures/hf_reference/{name}")
-    model = load_model(f"tests/fixtures/hf_reference/{name}")
-    apply_fsdp(model, build_mesh(info), activation_checkpointing="full")
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda k: torch.randint(3, 96, (k,), generator=g).tolist()
-    pairs = [TokenizedPair(rnd(4), rnd(3) + [2], rnd(5) + [2], index=i) for i in range(4)]
-    mine = pairs[2 * info.rank: 2 * info.rank + 2]
-    c, r = packed_forward(model, pack(mine, pad_id=0))
-    ((c.logps - r.logps).sum() / 2).backward()  # FSDP averages the ranks: the mean of the halves
-    c0, r0 = packed_forward(ref, pack(pairs, pad_id=0))
-    ((c0.logps - r0.logps).sum() / 4).backward()
-    torch.testing.assert_close(c.logps, c0.logps[2 * info.rank: 2 * info.rank + 2], rtol=1e-5, atol=1e-4)
-    for (n, p), (_, p0) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad.full_tensor(), p0.grad, rtol=1e-4, atol=1e-5, msg=name + " " + n)
-print("OK")
-destroy()
-"""
-
-
 @pytest.mark.slow
 def test_fsdp_matches_unsharded(tmp_path):
-    import os
-    import subprocess
-
-    script = tmp_path / "worker.py"
-    script.write_text(FSDP_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), "gemma2", "phi3", "olmo3", "smollm3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "OK" in proc.stdout
+    dirs = [f"tests/fixtures/hf_reference/{name}" for name in ("gemma2", "phi3", "olmo3", "smollm3")]
+    assert "OK" in torchrun(REPO / "tests" / "fsdp_worker.py", *dirs).stdout
 
 
 def test_ministral3_without_its_query_scale_is_refused():

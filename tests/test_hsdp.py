@@ -6,9 +6,6 @@ depend on the mesh shape.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from sdpo.models.checkpoint import hash_weights
 from sdpo.runtime import distributed as D
 from sdpo.runtime.config import ConfigError, load_config
 from sdpo.stepwise import check_setup, train
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
@@ -78,13 +76,8 @@ def test_hsdp_2x2_under_torchrun_equals_one_process(tmp_path, monkeypatch):
     """4 gloo ranks as mesh (replicate 2, shard 2): SFT, both reference passes (M_1 loaded from its
     shard rows with load_sharded), both DPO steps; S, M1, M2 equal the one-process run's."""
     monkeypatch.chdir(REPO)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-         str(REPO / "train.py"), *SMALL, "--train.dp_shard=2", "--train.timeout_s=600",
-         f"--train.output_dir={tmp_path / 'hsdp'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = torchrun(REPO / "train.py", *SMALL, "--train.dp_shard=2", "--train.timeout_s=600",
+                    f"--train.output_dir={tmp_path / 'hsdp'}", nproc=4, timeout=600)
     assert "world size 4" in proc.stderr and "mesh 2 x 2" in proc.stderr, proc.stderr[-3000:]
     train(load_config(REPO / "configs" / "tiny.toml", SMALL + [f"--train.output_dir={tmp_path / 'one'}"]))
     # Float32 sums in another order (4 ranks, two reduction groups), then Adam: an element whose

@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from sdpo.models import lora as L
 from sdpo.models.checkpoint import load_model, save_model
 from sdpo.models.model import ModelConfig, Transformer
 from sdpo.runtime.config import Config, ConfigError, load_config, parse_args
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "peft" / "peft_0.21.2_llama_r4.json"  # tools/make_peft_fixture.py
@@ -344,12 +344,7 @@ def test_lora_under_torchrun_two_ranks_equals_one_process(tmp_path, monkeypatch)
 
     args = SMALL + ["--data.max_examples=16", "--sft.max_steps=4", "--train.device=cpu", "--lora.enabled=true",
                     "--lora.rank=4", "--lora.dropout=0.0", "--optim.lr=1e-3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(REPO / "train.py", *args, f"--train.output_dir={tmp_path / 'two'}")
     train(load_config(TINY, args + [f"--train.output_dir={tmp_path / 'one'}"]))
     for d, name in (("M1", "model.safetensors"), ("M2", "model.safetensors"),
                     ("M1/adapter", "adapter_model.safetensors"), ("M2/adapter", "adapter_model.safetensors")):

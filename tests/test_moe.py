@@ -6,8 +6,6 @@ tests never import transformers.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +29,7 @@ from sdpo.models.hf_config import (
 from sdpo.models.lora import LORA_TARGETS, apply_lora, peft_state_dict
 from sdpo.models.model import FAMILIES, Transformer
 from sdpo.models.moe import Experts, load_balancing_loss, router_z_loss
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "moe"
@@ -439,11 +438,7 @@ def test_torchrun_train_two_ranks_equals_one_process(tmp_path, capsys):
 
     tiny_mixtral_base(tmp_path / "base")
     args = [f"--model.path={tmp_path / 'base'}", *TRAIN_ARGS]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(REPO / "train.py", *args, f"--train.output_dir={tmp_path / 'two'}", timeout=600)
     assert train.main([*args, f"--train.output_dir={tmp_path / 'one'}"]) == 0, capsys.readouterr().err
     a, b = load_file(str(tmp_path / "one" / "M1" / "model.safetensors")), \
         load_file(str(tmp_path / "two" / "M1" / "model.safetensors"))
@@ -534,12 +529,7 @@ def test_fsdp_two_gloo_ranks_match_one_process(tmp_path):
     Slow: 22-29 s on 2 busy cores (two torchrun workers start, import torch, build 4 models)."""
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(script), "mixtral", "qwen3_moe"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "OK" in proc.stdout
+    assert "OK" in torchrun(script, "mixtral", "qwen3_moe").stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ run killed mid-sampling that resumes to the same step file and the same M_t."""
 
 import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,6 +19,7 @@ from sdpo.models.hf_config import CheckpointError
 from sdpo.online import CommandJudge, ExactMatch, JudgeError, mix_share, pick_pair
 from sdpo.runtime.config import ConfigError, load_config
 from sdpo.runtime.run import StopRequested
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -209,13 +208,9 @@ def test_samples_are_the_same_for_one_and_two_ranks(tmp_path, random_model):
     step file, which holds no batch or rank, is the same to the byte."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     files = {}
     for n, batch_prompts in ((1, 4), (2, 3)):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(n), str(worker), str(random_model), str(tmp_path / f"w{n}"), str(batch_prompts)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        torchrun(worker, random_model, tmp_path / f"w{n}", batch_prompts, nproc=n)
         files[n] = (tmp_path / f"w{n}" / "online" / "step2.jsonl").read_text()
         assert not (tmp_path / f"w{n}" / "online" / ".step2.parts").exists()
     assert files[1] == files[2]

@@ -7,6 +7,7 @@ import torch
 from sdpo.data.packing import IGNORE_INDEX, batch_schedule, collate
 from sdpo.data.pairs import TokenizedPair
 from sdpo.data.read import DataError
+from runs import torchrun
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +290,6 @@ def test_torchrun_token_budget_two_ranks_equal_one_process(tmp_path):
     runs as many forwards as the busiest (else FSDP's collectives hang), and the result is the
     one-process run's."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -304,11 +303,7 @@ def test_torchrun_token_budget_two_ranks_equal_one_process(tmp_path):
             "--sft.global_batch_size=16", "--sft.micro_batch_size=8", "--train.global_batch_size=8",
             "--train.micro_batch_size=4", "--train.tokens_per_micro_batch=90", "--train.epochs=1",
             "--eval.summary=false", "--train.device=cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(repo / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(repo / "train.py", *args, f"--train.output_dir={tmp_path / 'two'}", cwd=repo, timeout=600)
     old = os.getcwd()
     os.chdir(repo)
     try:

@@ -6,9 +6,6 @@ reference R on a char-level `tokenizers` BPE with another vocabulary. A few opti
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from sdpo.models.model import ModelConfig, Transformer
 from sdpo.reference import keep_common, mix_into, pair_logps
 from sdpo.runtime.config import ConfigError, load_config
 from sdpo.stepwise import train
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -212,12 +210,7 @@ def test_torchrun_two_ranks_equal_one_process(models, tmp_path):
     args = ARGS + [f"--model.path={models / 'S'}"]
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(models), str(tmp_path / "two"), json.dumps(args), json.dumps(runs)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(script, models, tmp_path / "two", json.dumps(args), json.dumps(runs), timeout=400)
     for name, extra in runs.items():
         train(load_config(TINY, args + [f"--train.output_dir={tmp_path / 'one' / name}", *extra]))
         ra, rb = dpo_rows(tmp_path / "one" / name), dpo_rows(tmp_path / "two" / name)

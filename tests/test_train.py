@@ -16,6 +16,7 @@ from sdpo import loop, reference, stepwise
 from sdpo.runtime.config import load_config
 from sdpo.runtime.run import StopRequested, TrainingError
 from sdpo.stepwise import train
+from runs import torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.toml"
@@ -216,12 +217,7 @@ def test_bad_data_record_fails_before_any_work(tmp_path):
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     args = SMALL + ["--data.max_examples=16", "--sft.max_steps=4", "--train.device=cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "train.py"), *args, f"--train.output_dir={tmp_path / 'two'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun(REPO / "train.py", *args, f"--train.output_dir={tmp_path / 'two'}")
     train(load_config(TINY, args + [f"--train.output_dir={tmp_path / 'one'}"]))
     for d in ("sft", "M1", "M2"):
         a, b = weights(tmp_path / "one" / d), weights(tmp_path / "two" / d)
