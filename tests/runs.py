@@ -34,10 +34,10 @@ def torchrun(script, *args, nproc: int = 2, cwd=REPO, timeout: int = 300, env: d
     return proc
 
 
-def train_two_dpo_steps(tmp_path: Path, raw_config: dict, capsys) -> Path:
+def train_two_dpo_steps(tmp_path: Path, raw_config: dict, capsys, extra: tuple = ()) -> Path:
     """A random model of an HF config (its vocabulary set to data/tokenizer's 308) saved with the demo
     tokenizer, then `train.py --model.path` on 4 demo pairs: two DPO steps. Asserts exit 0 (else shows
-    capsys's stderr) and two finite losses -> the run's output directory."""
+    capsys's stderr) and two finite losses -> the run's output directory. extra: more overrides, last."""
     sys.path.insert(0, str(REPO))
     import train
     from sdpo.models.checkpoint import save_model
@@ -51,7 +51,7 @@ def train_two_dpo_steps(tmp_path: Path, raw_config: dict, capsys) -> Path:
     rc = train.main([f"--model.path={tmp_path / 'base'}", f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]',
                      f"--train.output_dir={out}", "--model.chat_template=none", "--data.max_examples=4",
                      "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.max_steps=2",
-                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3"])
+                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3", *extra])
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("stage") == "dpo"]

@@ -29,7 +29,7 @@ from sdpo.models.hf_config import (
 from sdpo.models.lora import LORA_TARGETS, apply_lora, peft_state_dict
 from sdpo.models.model import FAMILIES, Transformer
 from sdpo.models.moe import Experts, load_balancing_loss, router_z_loss
-from runs import torchrun
+from runs import torchrun, train_two_dpo_steps
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "moe"
@@ -373,21 +373,8 @@ def test_dpo_micro_loss_adds_the_policy_aux_loss_only():
 def test_train_two_dpo_steps_logs_aux_loss(tmp_path, capsys):
     """train.py --model.path DIR on a tiny random Mixtral: two optimizer steps, finite loss, aux_loss in
     every DPO row of metrics.jsonl, M1 written in the hub's per-expert layout and loadable."""
-    sys.path.insert(0, str(REPO))
-    import train
-
-    raw = json.loads((FIXTURES / "mixtral" / "config.json").read_text())
-    raw["vocab_size"] = 308  # data/tokenizer
-    model = Transformer(config_from_dict(raw))
-    model.init_weights(0, std=0.1)
-    save_model(model, tmp_path / "base", tokenizer_dir=REPO / "data" / "tokenizer")
-    out = tmp_path / "run"
-    rc = train.main([f"--model.path={tmp_path / 'base'}", f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]',
-                     f"--train.output_dir={out}", "--model.chat_template=none", "--data.max_examples=4",
-                     "--train.global_batch_size=2", "--train.micro_batch_size=1", "--train.max_steps=2",
-                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3",
-                     "--model.activation_checkpointing=full"])
-    assert rc == 0, capsys.readouterr().err
+    out = train_two_dpo_steps(tmp_path, json.loads((FIXTURES / "mixtral" / "config.json").read_text()), capsys,
+                              ("--train.micro_batch_size=1", "--model.activation_checkpointing=full"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dpo = [r for r in rows if r.get("stage") == "dpo"]
     assert len(dpo) == 2 and all(torch.isfinite(torch.tensor([r["loss"], r["aux_loss"]])).all() for r in dpo)

@@ -8,7 +8,6 @@ checkpoint layouts, the shared-prompt packing, generation, LoRA and a train.py r
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,8 +22,8 @@ from sdpo.models.checkpoint import CheckpointError, checked_tensors, load_model,
 from sdpo.models.generate import generate
 from sdpo.models.hf_config import config_from_dict, model_config_to_dict
 from sdpo.models.lora import LORA_TARGETS, apply_lora, merge_lora, peft_state_dict
-from sdpo.models.model import Transformer
 from sdpo.models.moe import SparseMoE, load_balancing_loss
+from runs import train_two_dpo_steps
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = REPO / "tests" / "fixtures" / "qwen35_moe"
@@ -255,21 +254,7 @@ def test_lora_names_equal_peft():
 def test_train_two_dpo_steps_logs_aux_loss(tmp_path, capsys):
     """train.py --model.path DIR on a tiny random Qwen3.5-MoE (the fixture's config, the demo tokenizer's
     vocabulary): two optimizer steps, finite loss and aux_loss, M1 written and loadable."""
-    sys.path.insert(0, str(REPO))
-    import train
-
-    raw = json.loads((FIX / "text" / "config.json").read_text())
-    raw["vocab_size"] = 308  # data/tokenizer
-    model = Transformer(config_from_dict(raw))
-    model.init_weights(0, std=0.1)
-    save_model(model, tmp_path / "base", tokenizer_dir=REPO / "data" / "tokenizer")
-    out = tmp_path / "run"
-    data = f'--data.datasets=["{REPO}/data/demo/orca_pairs/train.jsonl"]'
-    rc = train.main([f"--model.path={tmp_path / 'base'}", data, f"--train.output_dir={out}",
-                     "--model.chat_template=none", "--data.max_examples=4",
-                     "--train.global_batch_size=2", "--train.micro_batch_size=2", "--train.max_steps=2",
-                     "--train.epochs=1", "--train.device=cpu", "--data.max_length=24", "--optim.lr=1e-3"])
-    assert rc == 0, capsys.readouterr().err
+    out = train_two_dpo_steps(tmp_path, json.loads((FIX / "text" / "config.json").read_text()), capsys)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dpo = [r for r in rows if r.get("stage") == "dpo"]
     assert len(dpo) == 2 and all(torch.isfinite(torch.tensor([r["loss"], r["aux_loss"]])).all() for r in dpo)
