@@ -10,24 +10,9 @@ from pathlib import Path
 import pytest
 
 import train as train_cli
-from sdpo.models.checkpoint import save_model
-from sdpo.models.model import ModelConfig, Transformer
 from sdpo.runtime import tracking
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def user_model(tmp_path):
-    model = Transformer(ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=2, max_position_embeddings=256, bos_token_id=1,
-                                    eos_token_id=2, pad_token_id=0))
-    model.init_weights(seed=0)
-    save_model(model, tmp_path / "model", tokenizer_dir=REPO / "data" / "tokenizer")
-    data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} + 1?\n", "chosen": f"{i + 1}",
-                                        "rejected": f"{i + 2}"}) + "\n" for i in range(16)))
-    return tmp_path / "model", data
 
 
 def _forget_trackio():
