@@ -4,11 +4,10 @@ tied embeddings, autocast, chunk-sized allocations; Triton per chunk under TRITO
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import kernels
 from kernels.reference import naive_token_logprobs
+from probes import FreshAllocations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100
@@ -180,23 +179,6 @@ def test_bad_inputs_raise_clear_errors(bad, message):
         kernels.linear_token_logprobs(**kwargs)
 
 
-class _FreshAllocations(TorchDispatchMode):
-    """Byte sizes of every op output whose storage is new (aliases no input)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                  if isinstance(a, torch.Tensor)}
-        for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(o.untyped_storage().nbytes())
-        return out
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_allocation_of_rv_size(impl):
     """Forward + backward allocate nothing bigger than the [V, H] weight gradient and one
@@ -205,10 +187,10 @@ def test_no_allocation_of_rv_size(impl):
     h, w, t, g = make_case(R, H, V, torch.float32, seed=5)
     h, w = h.requires_grad_(True), w.requires_grad_(True)
     rv_bytes = R * V * 4
-    with _FreshAllocations() as rec:
+    with FreshAllocations() as rec:
         torch.autograd.grad(kernels.linear_token_logprobs(h, w, t, chunk_size=chunk, impl=impl), (h, w), g)
     assert max(rec.sizes) <= max(chunk * V * 4, V * H * 4) < rv_bytes / 8, (max(rec.sizes), rv_bytes)
-    with _FreshAllocations() as rec:
+    with FreshAllocations() as rec:
         torch.autograd.grad(kernels.token_logprobs(h @ w.t(), t, impl=impl), (h, w), g)
     assert max(rec.sizes) >= rv_bytes
 
@@ -271,7 +253,7 @@ def test_softcap_no_allocation_of_rv_size(impl):
     R, H, V, chunk = 512, 8, 2048, 32
     h, w, t, g = make_case(R, H, V, torch.float32, seed=5)
     h, w = h.requires_grad_(True), w.requires_grad_(True)
-    with _FreshAllocations() as rec:
+    with FreshAllocations() as rec:
         torch.autograd.grad(kernels.linear_token_logprobs(h, w, t, chunk_size=chunk, impl=impl, softcap=30.0),
                             (h, w), g)
     assert max(rec.sizes) <= max(chunk * V * 4, V * H * 4) < R * V * 4 / 8, max(rec.sizes)

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import kernels
 from kernels import reference
 from kernels.reference import naive_token_logprobs
+from probes import FreshAllocations
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -284,24 +283,6 @@ def test_aot_compile_sm80_sm90_without_spills():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
 
 
-class _FreshAllocations(TorchDispatchMode):
-    """Records the byte size of every op output whose storage is new (aliases
-    no input): an exact list of what an op sequence allocates."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                  if isinstance(a, torch.Tensor)}
-        for o in tree_flatten(out)[0]:
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(o.untyped_storage().nbytes())
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_allocations_are_chunk_sized(dtype):
     n, v = 256, 4096
@@ -310,7 +291,7 @@ def test_reference_allocations_are_chunk_sized(dtype):
     targets = torch.randint(0, v, (n,))
     nv_bytes = n * v * logits.element_size()
     for inplace in (True, False):
-        with _FreshAllocations() as rec:
+        with FreshAllocations() as rec:
             out = reference.chunked_token_logprobs(logits, targets, IGNORE, inplace, chunk_elements=chunk)
             torch.autograd.grad(out, logits, torch.randn(n))
         biggest = max(rec.sizes)
